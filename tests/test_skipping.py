@@ -1,0 +1,170 @@
+"""Exactness of the skip engine: cached generation == a no-cache reference where each position runs its own set."""
+
+import pytest
+import torch
+from conftest import load
+from transformers import DynamicCache
+
+from hsd_exp.families import decoder_layers
+from hsd_exp.policies import build_policy
+from hsd_exp.skipping import SkipCache, layer_skipping
+
+PROMPTS = ["The quick brown fox jumps over", "Hello", "In 1905 Albert Einstein published a paper", "a b"]
+TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, scaled down
+    ("full", {}),
+    ("skipdecode", {"min": 1, "max": 4}),
+    ("hsd", {"s": 1, "min": 0, "max": 4}),
+    ("hsd", {"s": 2, "min": 0, "max": 3}),
+]
+T = 12
+
+
+def generate(lm, policy, batch, beams, use_cache, **kw):
+    enc = lm.tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
+    with layer_skipping(lm.model, policy, max_new_tokens=T) as stats:
+        out = lm.model.generate(**enc, max_new_tokens=T, min_new_tokens=T, num_beams=beams,
+                                use_cache=use_cache, **kw)
+    return out, stats
+
+
+@pytest.mark.parametrize("name,params", TINY_POLICIES)
+@pytest.mark.parametrize("batch,beams", [(1, 1), (4, 1), (1, 4), (4, 4)])
+def test_cached_equals_no_cache_reference(tiny, name, params, batch, beams):
+    policy = build_policy(name, num_layers=6, **params)
+    cached, stats = generate(tiny, policy, batch, beams, use_cache=True, do_sample=False)
+    reference, ref_stats = generate(tiny, policy, batch, beams, use_cache=False, do_sample=False)
+    assert torch.equal(cached, reference)
+    assert stats.per_step == ref_stats.per_step
+
+
+def test_sampling_is_exact_too(tiny):
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    torch.manual_seed(0)
+    cached, _ = generate(tiny, policy, 4, 1, use_cache=True, do_sample=True, top_k=50)
+    torch.manual_seed(0)
+    reference, _ = generate(tiny, policy, 4, 1, use_cache=False, do_sample=True, top_k=50)
+    assert torch.equal(cached, reference)
+
+
+def test_full_policy_equals_plain_generate(tiny):
+    enc = tiny.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    for beams in (1, 4):
+        plain = tiny.model.generate(**enc, max_new_tokens=T, do_sample=False, num_beams=beams)
+        full, stats = generate(tiny, build_policy("full"), 4, beams, use_cache=True, do_sample=False)
+        assert torch.equal(plain, full)
+        assert stats.avg_layers == 6
+
+
+def test_stats_and_layer_sets_follow_the_policy(tiny):
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    _, stats = generate(tiny, policy, 2, 1, use_cache=True, do_sample=False)
+    # Generated tokens 0..T-2 are fed back through the model; token T-1 is produced but never processed.
+    expected = [policy.layers(t, T, 6) for t in range(T - 1)]
+    assert stats.step_layers == expected
+    assert stats.per_step == [len(s) for s in expected]
+    assert stats.avg_layers == pytest.approx(sum(map(len, expected)) / len(expected))
+    assert all(0 not in s for s in stats.step_layers)  # layer 1 really skipped
+
+
+def test_skipped_layers_hold_no_cache_and_context_restores_the_model(tiny):
+    model = tiny.model
+    enc = tiny.tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    with layer_skipping(model, policy, max_new_tokens=T):
+        assert "generate" in model.__dict__
+        out = model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=False,
+                             return_dict_in_generate=True)
+    lengths = [layer.get_seq_length() for layer in out.cache.layers]
+    final = set(policy.layers(T - 2, T, 6))
+    total = enc.input_ids.shape[1] + T - 1
+    assert all(lengths[i] == total for i in final)
+    assert all(lengths[i] == 0 for i in range(6) if i not in final)  # dropped: no memory, no reorder copies
+    assert "generate" not in model.__dict__
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+
+
+def test_engine_without_skipcache_would_be_corrupted(tiny, monkeypatch):
+    """Sensitivity check: with transformers' default length (layer 0's cache), HSD decoding breaks."""
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    reference, _ = generate(tiny, policy, 2, 1, use_cache=False, do_sample=False)
+    monkeypatch.setattr(SkipCache, "get_seq_length", DynamicCache.get_seq_length)
+    monkeypatch.setattr(SkipCache, "get_mask_sizes", DynamicCache.get_mask_sizes)
+    monkeypatch.setattr(SkipCache, "get_query_offset", DynamicCache.get_query_offset)
+    try:
+        broken, _ = generate(tiny, policy, 2, 1, use_cache=True, do_sample=False)
+    except (RuntimeError, IndexError, ValueError):
+        return  # shape errors are one way to break
+    assert not torch.equal(broken, reference)
+
+
+def test_plain_dynamic_cache_is_refused_when_layers_are_skipped(tiny):
+    enc = tiny.tokenizer(PROMPTS[:1], return_tensors="pt")
+    with layer_skipping(tiny.model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T):
+        with pytest.raises(ValueError, match="SkipCache"):
+            tiny.model.generate(**enc, max_new_tokens=T, cache=DynamicCache(config=tiny.model.config))
+
+
+# ------------------------------------------------------------------------------------------------------ CALM
+def test_calm_keeps_the_cache_complete_after_every_step(tiny):
+    lengths_per_step = []
+
+    def check(module, args, kwargs, output):
+        lengths_per_step.append([layer.get_seq_length() for layer in output.cache.layers])
+
+    handle = tiny.model.register_forward_hook(check, with_kwargs=True)
+    try:
+        policy = build_policy("calm", d=0.05, criterion="state")
+        out, stats = generate(tiny, policy, 4, 2, use_cache=True, do_sample=False)
+    finally:
+        handle.remove()
+    assert len(lengths_per_step) == T
+    for lengths in lengths_per_step:
+        assert len(set(lengths)) == 1  # every layer holds K/V for every position
+    assert lengths_per_step[-1][0] == out.shape[1] - 1
+    assert len(stats.calm_exits) == T - 1
+
+
+@pytest.mark.parametrize("criterion,d", [("state", 0.05), ("softmax", 0.2)])
+def test_calm_exits_follow_the_threshold(tiny, criterion, d):
+    policy = build_policy("calm", d=d, criterion=criterion)
+    _, stats = generate(tiny, policy, 4, 1, use_cache=True, do_sample=False)
+    for e in stats.calm_exits:
+        lam = [policy.threshold(i, e.step, T) for i in range(1, len(e.confidences) + 1)]
+        assert e.thresholds == pytest.approx(lam)
+        below = e.confidences[:-1] if e.exit_layer < 6 else e.confidences
+        assert all(c < t for c, t in zip(below, lam, strict=False))  # no earlier layer was confident
+        if e.exit_layer < 6:
+            assert e.confidences[-1] >= lam[-1]
+            assert len(e.confidences) == e.exit_layer  # first_exit=1: one confidence per layer run
+    assert stats.per_step == [e.exit_layer for e in stats.calm_exits]
+
+
+def test_calm_confidence_matches_an_independent_forward(tiny):
+    """Step 0's hidden-state saturation, recomputed from a plain forward's hidden states."""
+    policy = build_policy("calm", d=0.05, criterion="state")
+    enc = tiny.tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with layer_skipping(tiny.model, policy, max_new_tokens=T) as stats:
+        out = tiny.model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    seq = out[:, : enc.input_ids.shape[1] + 1]  # prompt + generated token 0 (the one step 0 processes)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(seq[:, -1:])], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hs = tiny.model(seq, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
+    first = stats.calm_exits[0]
+    for i, conf in enumerate(first.confidences, start=1):
+        cos = torch.nn.functional.cosine_similarity(hs[i][:, -1], hs[i - 1][:, -1], dim=-1).min().item()
+        assert conf == pytest.approx(cos, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ smollm2
+@pytest.mark.slow
+@pytest.mark.parametrize("name,params", [("hsd", {"s": 1, "min": 0, "max": 18}), ("skipdecode", {"min": 10, "max": 20}),
+                                         ("hsd", {"s": 2, "min": 0, "max": 8})])
+@pytest.mark.parametrize("batch,beams", [(1, 1), (4, 1), (4, 4)])
+def test_smollm2_cached_equals_reference(name, params, batch, beams):
+    lm = load("smollm2-135m")
+    policy = build_policy(name, num_layers=30, **params)
+    cached, stats = generate(lm, policy, batch, beams, use_cache=True, do_sample=False)
+    reference, _ = generate(lm, policy, batch, beams, use_cache=False, do_sample=False)
+    assert torch.equal(cached, reference)
+    assert stats.avg_layers < 30

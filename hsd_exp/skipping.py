@@ -80,7 +80,7 @@ class SkipStats:
 class SkipEngine:
     """Installs the wrappers; see the module docstring. Use through ``layer_skipping``."""
 
-    def __init__(self, model, policy: Policy, max_new_tokens: int | None = None):
+    def __init__(self, model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None):
         self.model = unwrap(model)
         self.family = family_of(self.model)
         self.layers = decoder_layers(self.model)
@@ -93,6 +93,7 @@ class SkipEngine:
         self.lm_head = submodule(self.model, self.family.lm_head)
         self._plan: list = [True] * self.L  # per layer: True (run), False (skip) or a (Q,) bool tensor
         self._prompt_len: int | None = None
+        self._fixed_prompt_len = prompt_len  # training: batches laid out with every prompt ending at one column
         self._call_tmax: int | None = None
         self._step = -1
         self._exited = False
@@ -127,7 +128,7 @@ class SkipEngine:
         self._prompt_len = None
         self.stats.last_call = []
         use_cache = kwargs.get("use_cache", gen_config.use_cache)
-        if use_cache and kwargs.get("cache") is None:
+        if use_cache is not False and kwargs.get("cache") is None:  # None means generate()'s default: cached
             # Layer 0 may be skipped: give generate() a cache that reports the true length.
             kwargs["cache"] = SkipCache(config=self.model.config)
         return self._orig_generate(*args, **kwargs)
@@ -142,7 +143,9 @@ class SkipEngine:
         q = x.shape[1]  # query positions in this forward
         cache = kwargs.get("cache")
         past = cache.get_seq_length() if cache is not None else 0
-        if past == 0 and (cache is not None or self._prompt_len is None):
+        if self._fixed_prompt_len is not None:
+            self._prompt_len = self._fixed_prompt_len
+        elif past == 0 and (cache is not None or self._prompt_len is None):
             self._prompt_len = q  # a new prompt: prefill
         tmax = self._call_tmax or self.max_new_tokens
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
@@ -255,13 +258,14 @@ class SkipEngine:
 
 
 @contextmanager
-def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None):
+def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None):
     """Apply ``policy`` to every ``model.generate()`` (and forward) inside the block; yields SkipStats.
 
     ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used.
+    ``prompt_len`` fixes where generated tokens start for plain forwards (skip-aware training batches).
     On exit the model is exactly as before (plain ``generate()`` again), even after an exception.
     """
-    engine = SkipEngine(model, policy, max_new_tokens)
+    engine = SkipEngine(model, policy, max_new_tokens, prompt_len)
     engine.install()
     try:
         yield engine.stats

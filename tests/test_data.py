@@ -270,6 +270,41 @@ def test_offline_without_env_probe_fails_fast(monkeypatch):
     assert time.perf_counter() - start < 30
 
 
+def test_hub_path_with_a_stub_hub(monkeypatch, tmp_path):
+    """The Hub branch on in-memory `datasets.Dataset`s: same examples as the local files give."""
+    import datasets
+
+    import hsd_exp.data as data
+
+    hub = {
+        ("lavita/ChatDoctor-HealthCareMagic-100k", "train"): HCM_ROWS,
+        ("allenai/common_gen", "validation"): [
+            {"concept_set_idx": 0, "concepts": ["a", "b"], "target": "t1"},
+            {"concept_set_idx": 1, "concepts": ["c"], "target": "t2"},
+            {"concept_set_idx": 0, "concepts": ["a", "b"], "target": "t3"},
+        ],
+    }
+    calls = []
+
+    def load_dataset(hub_id, hub_config=None, split=None):
+        calls.append((hub_id, hub_config, split))
+        if (hub_id, split) not in hub:
+            raise ValueError(f"Unknown split \"{split}\". Should be one of ['train'].")
+        return datasets.Dataset.from_list(hub[(hub_id, split)])
+
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    (tmp_path / "HealthCareMagic-100k.json").write_text(json.dumps(HCM_ROWS))
+    for split in ("train", "test"):
+        from_hub = load_examples(cfg("healthcaremagic"), split=split)
+        assert from_hub == load_examples(cfg("healthcaremagic", path=str(tmp_path)), split=split)
+    assert calls[0] == ("lavita/ChatDoctor-HealthCareMagic-100k", None, "train")  # derived from train
+    grouped = load_examples(cfg("common_gen", split="validation"))
+    assert grouped == [Example("0", "a, b", ["t1", "t3"]), Example("1", "c", ["t2"])]
+    with pytest.raises(ConfigError, match=r"split 'test' not found in Hub dataset 'abisee/cnn_dailymail'"):
+        load_examples(cfg("cnn_dm"))
+
+
 # -----------------------------------------------------------------------------
 # the real data (dev/CI machines only)
 

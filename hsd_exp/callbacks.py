@@ -1,0 +1,118 @@
+"""Lightning callbacks: apply the skip policy while decoding; stream predictions and write metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from hsd_exp.metrics import summarize_run
+from hsd_exp.policies import Policy
+from hsd_exp.predictions import PredictionWriter, read_predictions, write_metrics
+from hsd_exp.skipping import layer_skipping
+
+
+class SkipPolicyCallback(pl.Callback):
+    """Enters ``layer_skipping`` when testing/predicting starts and leaves it when it ends.
+
+    Training and validation are untouched; after ``on_test_end`` the model's ``generate()`` is plain again.
+    """
+
+    def __init__(self, policy: Policy, max_new_tokens: int):
+        self.policy = policy
+        self.max_new_tokens = max_new_tokens
+        self._ctx = None
+        self.stats = None
+
+    def _enter(self, pl_module) -> None:
+        self._ctx = layer_skipping(pl_module.model, self.policy, max_new_tokens=self.max_new_tokens)
+        self.stats = self._ctx.__enter__()
+        pl_module.skip_stats = self.stats
+
+    def _exit(self, pl_module) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+        pl_module.skip_stats = None
+
+    def on_test_start(self, trainer, pl_module):
+        self._enter(pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        self._exit(pl_module)
+
+    def on_predict_start(self, trainer, pl_module):
+        self._enter(pl_module)
+
+    def on_predict_end(self, trainer, pl_module):
+        self._exit(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._exit(pl_module)
+
+
+class PredictionsCallback(pl.Callback):
+    """Streams every prediction to ``predictions.jsonl`` as it is made; at the end scores all of them.
+
+    Resume: the writer reopens the same file and keeps what is there; the data module was built without
+    those ids, so nothing is recomputed and nothing lost. Metrics cover every record in the file.
+    """
+
+    def __init__(self, run_dir: str, bertscore: dict | None, meta: dict, wandb_samples: int = 32):
+        self.run_dir = Path(run_dir)
+        self.bertscore = bertscore
+        self.meta = meta  # policy, policy_label, dataset, model, num_layers, ... -> metrics.json
+        self.wandb_samples = wandb_samples
+        self.writer: PredictionWriter | None = None
+        self.metrics: dict | None = None
+        self._t0 = 0.0
+
+    def _file(self, trainer) -> Path:
+        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.jsonl"
+        return self.run_dir / name
+
+    def _start(self, trainer, pl_module) -> None:
+        self.writer = PredictionWriter(self._file(trainer))
+        pl_module.on_generated = self._write
+        pl_module.generate_seconds, pl_module.generated_tokens = 0.0, 0
+        self._t0 = time.perf_counter()
+
+    def _write(self, batch, texts, layers) -> None:
+        for i, text in enumerate(texts):
+            self.writer.write(batch["ids"][i], batch["sources"][i], batch["references"][i], text, layers[i])
+
+    def _end(self, trainer, pl_module) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        pl_module.on_generated = None
+        trainer.strategy.barrier()
+        if trainer.global_rank != 0:
+            return
+        files = sorted(self.run_dir.glob("predictions*.jsonl"))
+        records = [r for f in files for r in read_predictions(f)]
+        tokens = [n for r in records for n in r["layers_per_token"]]
+        tok_s = pl_module.generated_tokens / pl_module.generate_seconds if pl_module.generate_seconds else None
+        self.metrics = summarize_run(
+            records, self.bertscore,
+            avg_layers=sum(tokens) / len(tokens) if tokens else None,
+            tokens_per_s=tok_s,
+            generated_tokens_this_run=pl_module.generated_tokens,
+            wall_seconds=time.perf_counter() - self._t0,
+            complete=True,
+            **self.meta,
+        )
+        write_metrics(self.run_dir, self.metrics)
+        numeric = {f"test/{k}": float(v) for k, v in self.metrics.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        for logger in trainer.loggers:
+            logger.log_metrics(numeric, step=trainer.global_step)
+            if hasattr(logger, "log_table"):  # W&B: a table of sample predictions
+                rows = [[r["id"], r["source"], " || ".join(r["references"]), r["prediction"]]
+                        for r in records[: self.wandb_samples]]
+                logger.log_table(key="predictions", columns=["id", "source", "references", "prediction"], data=rows)
+
+    on_test_start = _start
+    on_predict_start = _start
+    on_test_end = _end
+    on_predict_end = _end

@@ -1,0 +1,210 @@
+"""What ``python -m hsd_exp task=...`` runs: generate, evaluate, finetune, finetune_evaluate, compare."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback
+from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.errors import ConfigError
+from hsd_exp.models import LoadedModel
+from hsd_exp.module import CausalLMModule
+from hsd_exp.policies import Policy
+from hsd_exp.predictions import PredictionWriter
+from hsd_exp.prompts import build_prompt
+from hsd_exp.skipping import layer_skipping
+
+log = logging.getLogger(__name__)
+TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
+
+
+def build(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that lets our ConfigError through unwrapped (one clear message)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def build_policy(policy_cfg: DictConfig, num_layers: int | None) -> Policy:
+    """Validated before any model is loaded (``model.num_layers`` gives L for the max <= L check)."""
+    return build(policy_cfg, num_layers=num_layers)
+
+
+def run(cfg: DictConfig) -> dict | None:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task} is unknown; choose one of {', '.join(TASKS)}")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    policy = build_policy(cfg.policy, cfg.model.get("num_layers"))
+    compare = [build_policy(p, cfg.model.get("num_layers")) for p in cfg.get("compare_policies") or []]
+    if cfg.task == "compare" and not compare:
+        raise ConfigError("task=compare needs compare_policies: a list of policy configs (see conf/experiment/demo.yaml)")
+    if cfg.task in ("evaluate", "finetune_evaluate", "compare", "finetune"):
+        _check_dataset(cfg)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a Lightning .ckpt written by task=finetune")
+    if cfg.task == "evaluate" and cfg.finetune.mode != "none" and not cfg.get("ckpt_path"):
+        raise ConfigError(f"task=evaluate with finetune={cfg.finetune.mode} needs ckpt_path=/path/to/last.ckpt "
+                          "(or finetune=none to evaluate the base model)")
+
+    lm: LoadedModel = build(cfg.model)
+    if cfg.task == "generate":
+        return generate(cfg, lm, policy)
+    module = CausalLMModule(lm.model, lm.tokenizer, finetune=_plain(cfg.finetune), decode=_plain(cfg.decode),
+                            skip_policy=policy)
+    ckpt = cfg.get("ckpt_path")
+    if cfg.task in ("finetune", "finetune_evaluate"):
+        ckpt = finetune(cfg, lm, module, ckpt)
+    if cfg.task == "finetune":
+        return {"ckpt_path": ckpt}
+    if ckpt:
+        load_checkpoint(module, ckpt)
+    if cfg.task == "compare":
+        return {p.label: evaluate(cfg, lm, module, p, Path(cfg.paths.output_dir) / _slug(p.label)) for p in compare}
+    return evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir))
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in label).strip("_")
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    """Fail fast on a bad dataset.path before the model loads."""
+    path = cfg.dataset.get("path")
+    if path and path != "sample" and not Path(path).expanduser().exists():
+        raise ConfigError(f"dataset.path={path} does not exist; point dataset.path at a folder with the "
+                          f"{cfg.dataset.name} files, or dataset.path=sample for the bundled sample")
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def generate(cfg: DictConfig, lm: LoadedModel, policy: Policy) -> dict:
+    prompt = build_prompt(cfg.prompt, {"instruction": ""}, lm.tokenizer, lm.chat) if lm.chat else cfg.prompt
+    enc = lm.tokenizer([prompt], return_tensors="pt", add_special_tokens=not lm.chat).to(lm.model.device)
+    module = CausalLMModule(lm.model, lm.tokenizer, decode=_plain(cfg.decode))
+    gen = module.generation_config()
+    start = time.perf_counter()
+    with layer_skipping(lm.model, policy, max_new_tokens=gen.max_new_tokens) as stats, torch.no_grad():
+        out = lm.model.generate(**enc, generation_config=gen)
+    seconds = time.perf_counter() - start
+    text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    result = {"model": lm.name, "policy": policy.label, "prompt": cfg.prompt, "completion": text,
+              "avg_layers": stats.avg_layers, "num_layers": lm.num_layers, "seconds": round(seconds, 3)}
+    print(f"\n[{lm.name} | {policy.label} | Avg. Layer {stats.avg_layers:.2f} of {lm.num_layers}]")
+    print(f"> {cfg.prompt}\n{text}\n")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- Lightning
+def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = False) -> pl.Trainer:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        node = OmegaConf.to_container(node, resolve=True)
+        node["save_dir"] = str(run_dir)
+        if name == "wandb" and node.get("offline") is None:
+            node["offline"] = not _wandb_key_available()
+        loggers.append(instantiate(node))
+    for lg in loggers:
+        lg.log_hyperparams(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    overrides = dict(callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
+    if not fit:
+        overrides["enable_checkpointing"] = False
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.update(overrides)
+    return instantiate(trainer_cfg)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Dotted keys: W&B's run comparer and parallel-coordinates panels want flat configs."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, list) else str(v)
+    return out
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: str | None) -> str:
+    ft = cfg.finetune
+    if ft.mode == "none":
+        raise ConfigError("task=finetune needs finetune=full or finetune=lora")
+    run_dir = Path(cfg.paths.output_dir)
+    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, train_batch_size=ft.batch_size,
+                       max_length=ft.max_length, train_limit=ft.train_limit, val_limit=ft.val_limit)
+    dm.setup("fit")
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                           save_top_k=0, every_n_train_steps=None)
+    callbacks = [ckpt_cb, pl.callbacks.RichProgressBar()] if _rich_ok() else [ckpt_cb]
+    trainer = make_trainer(cfg, callbacks, run_dir, fit=True)
+    if not dm.val_pairs:
+        trainer.limit_val_batches = 0
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    last = ckpt_cb.last_model_path or str(run_dir / "checkpoints" / "last.ckpt")
+    log.info("checkpoint: %s", last)
+    return last
+
+
+def _rich_ok() -> bool:
+    return os.environ.get("HSD_PROGRESS", "rich") == "rich" and not os.environ.get("CI")
+
+
+def load_checkpoint(module: CausalLMModule, path: str) -> None:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from checkpoints
+    if "state_dict" not in ckpt:
+        raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict)")
+    state = ckpt["state_dict"]
+    if ckpt.get("hsd_adapter_only"):
+        if module.ft.get("mode") != "lora":
+            raise ConfigError(f"ckpt_path={path} holds a LoRA adapter only: evaluate it with finetune=lora")
+        missing_ok = True
+    else:
+        missing_ok = False
+    result = module.load_state_dict(state, strict=not missing_ok)
+    if missing_ok and result.unexpected_keys:
+        raise ConfigError(f"ckpt_path={path}: adapter keys do not match this model ({result.unexpected_keys[:3]})")
+
+
+def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with PredictionWriter(run_dir / "predictions.jsonl") as w:
+        done = w.done_ids()
+    if done:
+        log.info("resuming: %d predictions already in %s", len(done), run_dir)
+    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)
+    meta = {"policy": policy.name, "policy_label": policy.label, "policy_params": policy.params(),
+            "dataset": cfg.dataset.name, "split": cfg.dataset.split, "model": lm.name,
+            "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams, "ckpt_path": cfg.get("ckpt_path")}
+    preds = PredictionsCallback(str(run_dir), _plain(cfg.bertscore), meta)
+    callbacks = [SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
+    trainer = make_trainer(cfg, callbacks, run_dir)
+    trainer.test(module, datamodule=dm, verbose=False)
+    m = preds.metrics or {}
+    log.info("%s: Avg. Layer %.2f | R-L %.2f | BLEU-1 %.2f | %s tok/s", policy.label, m.get("avg_layers") or 0,
+             m.get("rougeL") or 0, m.get("bleu1") or 0, f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-")
+    return m

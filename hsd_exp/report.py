@@ -2,8 +2,11 @@
 
 Each DIR is a Hydra multirun dir (job subfolders with ``.hydra/config.yaml``, ``metrics.json``,
 ``predictions.jsonl``; see DEVELOPERS.md "Run directory format") or a single run dir. Every folder below
-DIR holding ``.hydra/config.yaml`` or ``metrics.json`` is one run. A run without ``metrics.json`` (or with
-``"complete": false``) is half-finished: it gets a row marked ``partial (N predictions)``, never dropped.
+DIR holding ``.hydra/config.yaml``, ``metrics.json`` or ``predictions*.jsonl`` is one run (``task=compare``
+subfolders included; they take model/dataset/decode from the parent's config). ``metrics.json`` says what
+ran; the config (read raw: interpolations are not resolved) fills in what it lacks. A run without
+``metrics.json`` (or with ``"complete": false``) is half-finished: it gets a row marked
+``partial (N predictions)``, never dropped.
 
 The table follows the HSD paper's layout: one row per decoding setting, one table per (model, dataset).
 
@@ -132,14 +135,28 @@ def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunRecord]:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Folders at or below ``root`` that hold ``.hydra/config.yaml`` or ``metrics.json`` (hidden dirs skipped)."""
-    found = []
+    """Run folders at or below ``root`` (hidden dirs skipped).
+
+    A run folder holds ``.hydra/config.yaml``, ``metrics.json`` or ``predictions*.jsonl``. A folder whose
+    config has no results of its own but run folders below it is the parent of a ``task=compare`` run
+    (one subfolder per policy): only the subfolders are runs.
+    """
+    marked = []
     for here, subdirs, files in os.walk(root):
         subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
         here = Path(here)
-        if METRICS_FILE in files or (here / CONFIG_FILE).is_file():
-            found.append(here)
-    return found
+        if _has_results(files) or (here / CONFIG_FILE).is_file():
+            marked.append(here)
+    return [d for d in marked if _has_results(os.listdir(d)) or not any(d in m.parents for m in marked)]
+
+
+def _has_results(files: Iterable[str]) -> bool:
+    return any(f == METRICS_FILE or _is_predictions_file(f) for f in files)
+
+
+def _is_predictions_file(name: str) -> bool:  # predictions.jsonl, or predictions.rank<N>.jsonl under DDP
+    stem, suffix = os.path.splitext(PREDICTIONS_FILE)
+    return name.startswith(stem) and name.endswith(suffix)
 
 
 def read_run(run_dir: Path) -> RunRecord:
@@ -147,7 +164,7 @@ def read_run(run_dir: Path) -> RunRecord:
     record = RunRecord(path=run_dir, status="complete")
     problems = []
     try:
-        _apply_config(record, _load_config(run_dir / CONFIG_FILE))
+        _apply_config(record, run_dir)
     except Exception as e:  # a broken config must not hide the other runs
         problems.append(f"unreadable {CONFIG_FILE} ({type(e).__name__})")
     try:
@@ -157,8 +174,11 @@ def read_run(run_dir: Path) -> RunRecord:
         problems.append(f"unreadable {METRICS_FILE} ({type(e).__name__})")
     if metrics is not None:
         _apply_metrics(record, metrics)
-    record.complete = bool(metrics and metrics.get("complete") is True)
-    record.num_predictions = count_predictions(run_dir / PREDICTIONS_FILE)
+    if record.s is None and record.min is None and record.d is None and record.policy_label:
+        _set_params(record, parse_policy_label(record.policy_label))
+    # metrics.json is written when a run finishes; only an explicit "complete": false says otherwise.
+    record.complete = metrics is not None and metrics.get("complete", True) is not False
+    record.num_predictions = count_predictions(run_dir)
     if not record.complete:
         record.status = f"partial ({record.num_predictions} predictions)"
     if problems:
@@ -166,27 +186,30 @@ def read_run(run_dir: Path) -> RunRecord:
     return record
 
 
-def _load_config(path: Path) -> Any:
-    """The config as an OmegaConf object (None if absent). Interpolations are kept, not resolved."""
+CONFIG_KEYS = (("model", "model.name"), ("dataset", "dataset.name"), ("num_beams", "decode.num_beams"),
+               ("ckpt_path", "ckpt_path"))
+POLICY_KEYS = ("s", "min", "max", "d", "criterion")
+
+
+def _apply_config(record: RunRecord, run_dir: Path) -> None:
+    """Fields from the run's own config or, for a ``task=compare`` subfolder, its parent's (whose policy
+    group is not the subfolder's policy: that one is the ``compare_policies`` entry named like the folder)."""
+    own = run_dir / CONFIG_FILE
+    path = own if own.is_file() else run_dir.parent / CONFIG_FILE
     if not path.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(path)
-
-
-def _apply_config(record: RunRecord, cfg: Any) -> None:
-    if cfg is None:
         return
     from omegaconf import OmegaConf
 
+    cfg = OmegaConf.load(path)  # interpolations stay unresolved: they may use resolvers not registered here
     raw = OmegaConf.to_container(cfg, resolve=False)
     record.config = raw if isinstance(raw, dict) else {}
-    for attr, key in (("model", "model.name"), ("dataset", "dataset.name"), ("policy", "policy.name"),
-                      ("s", "policy.s"), ("min", "policy.min"), ("max", "policy.max"), ("d", "policy.d"),
-                      ("criterion", "policy.criterion"), ("num_beams", "decode.num_beams"),
-                      ("ckpt_path", "ckpt_path")):
+    for attr, key in CONFIG_KEYS:
         setattr(record, attr, _config_value(cfg, record.config, key))
+    if path == own:
+        record.policy = _config_value(cfg, record.config, "policy.name")
+        _set_params(record, {k: _config_value(cfg, record.config, f"policy.{k}") for k in POLICY_KEYS})
+    else:
+        _apply_compare_policy(record, record.config.get("compare_policies"), run_dir.name)
 
 
 def _config_value(cfg: Any, raw: dict, key: str) -> Any:
@@ -208,6 +231,36 @@ def _config_value(cfg: Any, raw: dict, key: str) -> Any:
     return value
 
 
+def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
+    """The ``compare_policies`` entry whose label slug names ``folder`` (how task=compare names them)."""
+    from hsd_exp.policies import build_policy
+
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or "name" not in entry:
+            continue
+        params = {k: v for k, v in entry.items() if k not in ("_target_", "name")}
+        try:
+            label = build_policy(entry["name"], **params).label
+        except Exception:  # e.g. an unresolved interpolation as a parameter
+            continue
+        if _slug(label) == folder:
+            record.policy, record.policy_label = entry["name"], label
+            _set_params(record, params)
+            return
+    record.policy_label = folder  # unknown policy: at least name the row after its folder
+
+
+def _slug(label: str) -> str:
+    """hsd_exp.tasks._slug (a copy: importing tasks would load Lightning)."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in label).strip("_")
+
+
+def _set_params(record: RunRecord, params: dict) -> None:
+    for key in POLICY_KEYS:
+        if params.get(key) is not None:
+            setattr(record, key, params[key])
+
+
 def _load_metrics(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -218,21 +271,26 @@ def _load_metrics(path: Path) -> dict | None:
 
 
 def _apply_metrics(record: RunRecord, metrics: dict) -> None:
-    """metrics.json values as they are; its model/dataset/policy win over the config's (they are what ran)."""
+    """metrics.json values as they are; what it says ran (model, dataset, policy, decode) wins over the config."""
     for key in METRIC_FIELDS:
         setattr(record, key, metrics.get(key))
-    for key in ("model", "dataset", "policy", "policy_label"):
+    for key in ("model", "dataset", "policy", "policy_label", "num_beams", "ckpt_path"):
         if metrics.get(key) is not None:
             setattr(record, key, metrics[key])
-    if record.s is None and record.min is None and record.d is None and record.policy_label:
-        for key, value in parse_policy_label(record.policy_label).items():
-            setattr(record, key, value)
+    if isinstance(metrics.get("policy_params"), dict):
+        _set_params(record, metrics["policy_params"])
 
 
-def count_predictions(path: Path) -> int:
-    """Complete JSON lines in predictions.jsonl (a torn last line from a crash does not count)."""
-    if not path.is_file():
-        return 0
+def count_predictions(run_dir: Path) -> int:
+    """Complete JSON lines in the run's predictions*.jsonl (a torn last line from a crash does not count)."""
+    n = 0
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file() and _is_predictions_file(path.name):
+            n += _count_lines(path)
+    return n
+
+
+def _count_lines(path: Path) -> int:
     n = 0
     with open(path, "rb") as f:
         for line in f:
@@ -393,15 +451,13 @@ def _row(run: RunRecord, full: RunRecord | None, several_settings: bool) -> dict
 
 
 def retention_vs_full(run: RunRecord, full: RunRecord) -> dict[str, float | None]:
-    """{metric: metric / metric(full) * 100}; None where either is missing, full is 0, or the BERTScore
-    backbones differ (such scores are not comparable)."""
-    out = {}
-    for k in QUALITY_KEYS:
-        if k == "bertscore_f1" and run.bertscore_model != full.bertscore_model:
-            out[k] = None
-            continue
-        ratio = _ratio(getattr(run, k), getattr(full, k))
-        out[k] = None if ratio is None else ratio * 100
+    """{metric: metric / metric(full) * 100} (hsd_exp.metrics.quality_retention); None where either is
+    missing or full is 0, and for BERTScore when the backbones differ (such scores are not comparable)."""
+    from hsd_exp.metrics import quality_retention
+
+    out = quality_retention({k: getattr(run, k) for k in QUALITY_KEYS}, {k: getattr(full, k) for k in QUALITY_KEYS})
+    if run.bertscore_model != full.bertscore_model:
+        out["bertscore_f1"] = None
     return out
 
 

@@ -74,7 +74,8 @@ def metrics_for(policy: str, label: str, layers: float, speed: float, scale: flo
                 dataset="e2e", backbone="all-MiniLM-L6-v2") -> dict:
     return {**{k: v * scale for k, v in FULL_QUALITY.items()}, "bertscore_model": backbone,
             "avg_layers": layers, "tokens_per_s": speed, "num_examples": 5, "num_layers": 30, "policy": policy,
-            "policy_label": label, "dataset": dataset, "model": model, "complete": True}
+            "policy_label": label, "policy_params": report.parse_policy_label(label), "dataset": dataset,
+            "split": "test", "model": model, "num_beams": 4, "ckpt_path": None, "complete": True}
 
 
 def make_multirun(root: Path, *, dataset: str = "e2e", with_full: bool = True, partial: bool = True) -> Path:
@@ -196,7 +197,7 @@ def test_no_full_run_leaves_speedup_blank(tmp_path):
 
 
 def test_speedup_baseline_needs_same_decode_settings(multirun):
-    metrics = metrics_for("hsd", "hsd(s=1,0,18)", 16.7, 50.0, 1.0)
+    metrics = {**metrics_for("hsd", "hsd(s=1,0,18)", 16.7, 50.0, 1.0), "num_beams": 1}
     write_run(multirun / "6_greedy", "name: hsd\n  s: 1\n  min: 0\n  max: 18", metrics, beams=1)
     rows = report.build_table(report.collect_runs([multirun]))
     greedy = next(r for r in rows if r["num_beams"] == 1)
@@ -270,3 +271,40 @@ def test_wandb_offline(multirun, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     assert report.main([str(multirun), "--out", str(tmp_path / "out"), "--wandb", "--wandb-project", "t"]) == 0
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_metrics_without_complete_key_is_complete_and_interpolated_params(tmp_path):
+    metrics = metrics_for("skipdecode", "skipdecode(10,30)", 20.0, 150.0, 1.0)
+    del metrics["complete"]
+    write_run(tmp_path / "a", "name: skipdecode\n  min: 10\n  max: ${model.num_layers}", metrics)
+    write_run(tmp_path / "b", "name: skipdecode\n  min: ${oops:}\n  max: 20", None)
+    a, b = report.collect_runs([tmp_path])
+    assert a.complete and a.status == "complete" and a.max == 30  # plain interpolation: resolved for this key
+    assert b.min == "${oops:}" and b.status == "partial (5 predictions)"  # unknown resolver: kept raw
+
+
+def test_compare_task_subfolders_are_runs_and_inherit_the_parent_config(tmp_path):
+    """task=compare: one config in the run dir, one subfolder per compare_policies entry (label slug)."""
+    parent = write_run(tmp_path / "cmp", "name: full", None, predictions=0, beams=1)
+    (parent / "predictions.jsonl").unlink()
+    with open(parent / ".hydra" / "config.yaml", "a") as f:
+        f.write("compare_policies:\n  - {name: full}\n  - {name: hsd, s: 1, min: 0, max: 18}\n")
+    full = {**metrics_for("full", "full", 30.0, 100.0, 1.0), "num_beams": 1}
+    (parent / "full").mkdir()
+    (parent / "full" / "metrics.json").write_text(json.dumps(full))
+    (parent / "hsd_s_1_0_18").mkdir()  # crashed mid-way: predictions only
+    (parent / "hsd_s_1_0_18" / "predictions.rank0.jsonl").write_text('{"id": "a"}\n')
+    (parent / "hsd_s_1_0_18" / "predictions.rank1.jsonl").write_text('{"id": "b"}\n{"id": "c"}\n')
+    runs = report.collect_runs([parent])
+    assert [r.path.name for r in runs] == ["full", "hsd_s_1_0_18"]  # the parent itself is no row
+    full_run, hsd = runs
+    assert (full_run.method, full_run.status, full_run.num_beams) == ("Full", "complete", 1)
+    assert (hsd.method, hsd.status, hsd.dataset, hsd.num_beams) == ("HSD (s=1, 0, 18)", "partial (3 predictions)",
+                                                                    "e2e", 1)
+
+
+def test_job_that_crashed_before_predicting_is_a_partial_row(multirun):
+    write_run(multirun / "7_calm", "name: calm\n  d: 0.005", None, predictions=0)
+    runs = report.collect_runs([multirun])
+    crashed = next(r for r in runs if r.path.name == "7_calm")
+    assert (crashed.method, crashed.status) == ("CALM (d=0.005)", "partial (0 predictions)")

@@ -137,6 +137,15 @@ class CausalLMModule(pl.LightningModule):
             layers.append(per_step[:n] if per_step else [self.num_layers] * max(n - 1, 0))
         return texts, layers
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """A 2-token generate() once per process before anything is timed."""
+        if getattr(self, "_warm", False):
+            return
+        enc = self.tokenizer(["warm up"], return_tensors="pt").to(self.model.device)
+        self.model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        self._warm = True
+
     @property
     def num_layers(self) -> int:
         return len(decoder_layers(self.model))

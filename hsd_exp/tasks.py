@@ -74,7 +74,10 @@ def run(cfg: DictConfig) -> dict | None:
     if ckpt:
         load_checkpoint(module, ckpt)
     if cfg.task == "compare":
-        return {p.label: evaluate(cfg, lm, module, p, Path(cfg.paths.output_dir) / _slug(p.label)) for p in compare}
+        out_dir = Path(cfg.paths.output_dir)
+        results = {p.label: evaluate(cfg, lm, module, p, out_dir / _slug(p.label)) for p in compare}
+        print_comparison(out_dir)
+        return results
     return evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir))
 
 
@@ -190,6 +193,24 @@ def load_checkpoint(module: CausalLMModule, path: str) -> None:
         raise ConfigError(f"ckpt_path={path}: adapter keys do not match this model ({result.unexpected_keys[:3]})")
 
 
+def print_comparison(out_dir: Path) -> None:
+    """task=compare: the report table of the policies just run, plus a few predictions side by side."""
+    from hsd_exp.predictions import read_predictions
+    from hsd_exp.report import collect_runs, write_report
+
+    paths = write_report(collect_runs([str(out_dir)]), out_dir)
+    print("\n" + Path(paths["md"]).read_text())
+    runs = sorted(p for p in out_dir.iterdir() if (p / "predictions.jsonl").is_file())
+    preds = {run.name: read_predictions(run / "predictions.jsonl") for run in runs}
+    first = next(iter(preds.values()), [])
+    for i, rec in enumerate(first[:2]):
+        print(f"input: {rec['source']}\nreference: {rec['references'][0] if rec['references'] else ''}")
+        for name, records in preds.items():
+            print(f"  {name:>24}: {records[i]['prediction'] if i < len(records) else ''}")
+        print()
+    print(f"report: {paths['md']}  plot: {paths['png']}")
+
+
 def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     with PredictionWriter(run_dir / "predictions.jsonl") as w:
@@ -203,6 +224,7 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     preds = PredictionsCallback(str(run_dir), _plain(cfg.bertscore), meta)
     callbacks = [SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
     trainer = make_trainer(cfg, callbacks, run_dir)
+    module.warm_up()  # one-time costs (allocator, first kernels) must not land in the first policy's tokens/s
     trainer.test(module, datamodule=dm, verbose=False)
     m = preds.metrics or {}
     log.info("%s: Avg. Layer %.2f | R-L %.2f | BLEU-1 %.2f | %s tok/s", policy.label, m.get("avg_layers") or 0,

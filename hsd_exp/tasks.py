@@ -161,8 +161,9 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, train_batch_size=ft.batch_size,
                        max_length=ft.max_length, train_limit=ft.train_limit, val_limit=ft.val_limit)
     dm.setup("fit")
-    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
-                                           save_top_k=0, every_n_train_steps=None)
+    # last.ckpt every N steps: a run that dies resumes from there (ckpt_path=.../last.ckpt task=finetune)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                           every_n_train_steps=ft.get("checkpoint_every_n_steps") or None)
     callbacks = [ckpt_cb, pl.callbacks.RichProgressBar()] if _rich_ok() else [ckpt_cb]
     trainer = make_trainer(cfg, callbacks, run_dir, fit=True)
     if not dm.val_pairs:

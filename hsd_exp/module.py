@@ -67,6 +67,10 @@ class CausalLMModule(pl.LightningModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
         return self.model(**inputs).loss
 
+    def on_train_epoch_start(self) -> None:
+        # Models load in eval mode; Lightning >= 2.2 keeps submodule modes, so switch dropout on here.
+        self.model.train()
+
     def training_step(self, batch, batch_idx):
         skip = self.ft.get("skip_aware") and self.skip_policy is not None
         if skip and random.random() >= self.ft.get("full_depth_rate", 0.5):

@@ -1,0 +1,45 @@
+"""End to end: a tiny Hydra multirun over two policies, then the report built from its folders."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CACHE_DIR, ROOT
+
+
+def run(args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR, "HSD_PROGRESS": "plain"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_multirun_then_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = run(["-m", "hsd_exp", "-m", "task=evaluate", "model=tiny-gpt2", "model.tiny.layers=24",
+               "model.num_layers=24", "dataset.path=sample", "dataset.limit=4", "decode.max_new_tokens=6",
+               "decode.batch_size=2", "bertscore.enabled=false", "policy=full,hsd_s1_max12",
+               f"hydra.sweep.dir={sweep}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0_full", "1_hsd"]
+    metrics = {j.name: json.loads((j / "metrics.json").read_text()) for j in jobs}
+    for m in metrics.values():
+        assert m["num_examples"] == 4 and m["complete"] is True
+    assert metrics["0_full"]["avg_layers"] == 24
+    assert metrics["1_hsd"]["avg_layers"] < 24
+
+    out = tmp_path / "report"
+    res = run(["-m", "hsd_exp.report", str(sweep), "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert len(rows) == 2
+    by_policy = {"full" if r["method"].lower().startswith("full") else "hsd": r for r in rows}
+    for name, job in (("full", "0_full"), ("hsd", "1_hsd")):
+        for key in ("avg_layers", "rouge1", "rougeL", "bleu1", "tokens_per_s"):
+            assert float(by_policy[name][key]) == metrics[job][key], (name, key)
+    speedup = metrics["1_hsd"]["tokens_per_s"] / metrics["0_full"]["tokens_per_s"]
+    assert float(by_policy["hsd"]["speedup"]) == speedup
+    assert (out / "quality_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Avg. Layer" in (out / "report.md").read_text()

@@ -10,7 +10,9 @@ tokens. It prints tokens/s, the measured speedup over plain generate, and the id
 
 with P_i the parameters of decoder layer i, R = batch x beams rows, ctx_T the attended length, d the
 hidden size, V the vocabulary (LM head). The prefill runs every layer in both and is counted the same.
-Embedding lookups are gathers (no multiply-adds) and count 0; norms are negligible.
+Embedding lookups are gathers (no multiply-adds) and count 0; norms are negligible. CALM adds, per token,
+its confidence checks (an LM head each for ``softmax``; counted as one for ``state`` too, an upper bound)
+and the attention blocks of the layers above the exit, which still write K/V.
 """
 
 from __future__ import annotations
@@ -29,22 +31,25 @@ from transformers import GenerationConfig
 import hsd_exp  # noqa: F401  (registers ${hsd_root:})
 from hsd_exp.data import load_examples
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import decoder_layers
+from hsd_exp.families import decoder_layers, family_of
 from hsd_exp.policies import build_policy
 from hsd_exp.prompts import build_prompt
 from hsd_exp.skipping import SkipStats, layer_skipping
 
 
-def layer_flops(model) -> tuple[list[int], int, int]:
-    """(2 * params of each decoder layer, hidden size d, vocabulary V)."""
+def layer_flops(model) -> tuple[list[int], list[int], int, int]:
+    """(2 * params of each decoder layer, 2 * params of its attention block, hidden size d, vocabulary V)."""
     text = model.config.get_text_config()
-    per_layer = [2 * sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
-    return per_layer, text.hidden_size, text.vocab_size
+    attn = family_of(model).attn
+    layers = decoder_layers(model)
+    per_layer = [2 * sum(p.numel() for p in layer.parameters()) for layer in layers]
+    per_attn = [2 * sum(p.numel() for p in getattr(layer, attn).parameters()) for layer in layers]
+    return per_layer, per_attn, text.hidden_size, text.vocab_size
 
 
 def call_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats | None) -> float:
     """FLOPs of one generate() call; ``stats`` None = plain generate (every layer every step)."""
-    per_layer, d, vocab = layer_flops(model)
+    per_layer, per_attn, d, vocab = layer_flops(model)
     L = len(per_layer)
     prefill = rows * sum(f + 4 * prompt_len * d for f in per_layer) + rows * 2 * d * vocab
     total = prefill
@@ -52,8 +57,10 @@ def call_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipSt
         ctx = prompt_len + t + 1
         run = range(L) if stats is None else stats.step_layers[t]
         step = sum(per_layer[i] + 4 * ctx * d for i in run) + 2 * d * vocab
-        if stats is not None and stats.kv_only:  # CALM: propagated K/V + confidence heads
-            step += stats.kv_only[t] * (per_layer[0] // 3) + stats.confidence_evals[t] * 2 * d * vocab
+        if stats is not None and stats.kv_only[t]:  # CALM: the top layers' attention writes K/V (propagation)
+            step += sum(per_attn[i] + 4 * ctx * d for i in range(L - stats.kv_only[t], L))
+        if stats is not None:  # CALM: one LM-head (softmax) or cosine per confidence check
+            step += stats.confidence_evals[t] * 2 * d * vocab
         total += rows * step
     return float(total)
 
@@ -104,7 +111,7 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
     flops_plain = call_flops(model, prompt_len, rows, new_tokens, None)
     base = statistics.median(times["plain generate()"])
     out = []
-    for label, policy, fn in runners:
+    for label, _, fn in runners:
         t = statistics.median(times[label])
         stats = getattr(fn, "stats", None)
         ideal = flops_plain / call_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0

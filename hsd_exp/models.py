@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from hsd_exp.data import hub_reachable  # one Hub probe for models and datasets
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import FAMILIES, MODEL_TYPES
-
-HUB_HOST = ("huggingface.co", 443)
 
 
 @dataclass
@@ -131,17 +129,6 @@ def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool)
     )
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
     return model, tok
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine fails in seconds instead of retrying for minutes."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _from_hub(name: str, hub_id: str | None, revision: str | None, dtype: torch.dtype, trust_remote_code: bool):

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback
+from hsd_exp.data import load_examples
 from hsd_exp.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
 from hsd_exp.models import LoadedModel
@@ -53,6 +54,8 @@ def run(cfg: DictConfig) -> dict | None:
     compare = [build_policy(p, cfg.model.get("num_layers")) for p in cfg.get("compare_policies") or []]
     if cfg.task == "compare" and not compare:
         raise ConfigError("task=compare needs compare_policies: a list of policy configs (see conf/experiment/demo.yaml)")
+    if cfg.task in ("finetune", "finetune_evaluate") and cfg.finetune.mode == "none":
+        raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or finetune=lora")
     if cfg.task in ("evaluate", "finetune_evaluate", "compare", "finetune"):
         _check_dataset(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
@@ -95,6 +98,11 @@ def _check_dataset(cfg: DictConfig) -> None:
     if path and path != "sample" and not Path(path).expanduser().exists():
         raise ConfigError(f"dataset.path={path} does not exist; point dataset.path at a folder with the "
                           f"{cfg.dataset.name} files, or dataset.path=sample for the bundled sample")
+    # A missing split (or sample, or column) would otherwise surface only inside trainer.fit/test.
+    if cfg.task in ("finetune", "finetune_evaluate"):
+        load_examples(cfg.dataset, split="train", limit=1)
+    if cfg.task != "finetune":
+        load_examples(cfg.dataset, limit=1)
 
 
 # ---------------------------------------------------------------------------------------------- generate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -54,6 +55,11 @@ def run(cfg: DictConfig) -> dict | None:
     compare = [build_policy(p, cfg.model.get("num_layers")) for p in cfg.get("compare_policies") or []]
     if cfg.task == "compare" and not compare:
         raise ConfigError("task=compare needs compare_policies: a list of policy configs (see conf/experiment/demo.yaml)")
+    dirs = [_slug(p.label) for p in compare]  # one run dir per policy: two sharing one would merge (resume)
+    if len(set(dirs)) < len(dirs):
+        dup = next(p.label for p, d in zip(compare, dirs, strict=True) if dirs.count(d) > 1)
+        raise ConfigError(f"compare_policies: more than one policy is labelled {dup} (run dir {_slug(dup)}); "
+                          "each entry must differ in the parameters its label shows")
     if cfg.task in ("finetune", "finetune_evaluate") and cfg.finetune.mode == "none":
         raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or finetune=lora")
     if cfg.task in ("evaluate", "finetune_evaluate", "compare", "finetune"):
@@ -78,10 +84,10 @@ def run(cfg: DictConfig) -> dict | None:
         load_checkpoint(module, ckpt)
     if cfg.task == "compare":
         out_dir = Path(cfg.paths.output_dir)
-        results = {p.label: evaluate(cfg, lm, module, p, out_dir / _slug(p.label)) for p in compare}
+        results = {p.label: evaluate(cfg, lm, module, p, out_dir / _slug(p.label), ckpt) for p in compare}
         print_comparison(out_dir)
         return results
-    return evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir))
+    return evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir), ckpt)
 
 
 def _plain(node) -> dict:
@@ -129,6 +135,8 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
     for name, node in (cfg.get("logger") or {}).items():
         node = OmegaConf.to_container(node, resolve=True)
         node["save_dir"] = str(run_dir)
+        if name == "csv" and not fit:  # finetune_evaluate: keep the training curves in csv/metrics.csv
+            node["version"] = "eval"
         if name == "wandb" and node.get("offline") is None:
             node["offline"] = not _wandb_key_available()
         loggers.append(instantiate(node))
@@ -178,6 +186,10 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
         trainer.limit_val_batches = 0
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     last = ckpt_cb.last_model_path or str(run_dir / "checkpoints" / "last.ckpt")
+    # With every_n_train_steps, ModelCheckpoint saves last.ckpt only at multiples of N (and at train end only
+    # if it never saved): the final steps would be missing from the checkpoint that gets evaluated.
+    if getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step or not Path(last).is_file():
+        trainer.save_checkpoint(last)
     log.info("checkpoint: %s", last)
     return last
 
@@ -187,8 +199,12 @@ def _rich_ok() -> bool:
 
 
 def load_checkpoint(module: CausalLMModule, path: str) -> None:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from checkpoints
-    if "state_dict" not in ckpt:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from checkpoints
+    except Exception as err:  # noqa: BLE001 - not a torch file, truncated, or pickled objects: bad input
+        raise ConfigError(f"ckpt_path={path} cannot be read as a Lightning checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict)")
     state = ckpt["state_dict"]
     if ckpt.get("hsd_adapter_only"):
@@ -197,7 +213,13 @@ def load_checkpoint(module: CausalLMModule, path: str) -> None:
         missing_ok = True
     else:
         missing_ok = False
-    result = module.load_state_dict(state, strict=not missing_ok)
+    try:
+        result = module.load_state_dict(state, strict=not missing_ok)
+    except RuntimeError as err:  # key or shape mismatch: another model, or a full checkpoint with finetune=lora
+        first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))[:300]
+        raise ConfigError(f"ckpt_path={path} does not fit model={module.model.config.model_type} with "
+                          f"finetune={module.ft.get('mode')}: use the model it was trained from, and "
+                          f"finetune=full (or none) for a full checkpoint ({first})") from None
     if missing_ok and result.unexpected_keys:
         raise ConfigError(f"ckpt_path={path}: adapter keys do not match this model ({result.unexpected_keys[:3]})")
 
@@ -220,7 +242,9 @@ def print_comparison(out_dir: Path) -> None:
     print(f"report: {paths['md']}  plot: {paths['png']}")
 
 
-def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path) -> dict:
+def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path,
+             ckpt_path: str | None = None) -> dict:
+    """``ckpt_path``: the checkpoint loaded into ``module`` (finetune_evaluate's own last.ckpt), for metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with PredictionWriter(run_dir / "predictions.jsonl") as w:
         done = w.done_ids()
@@ -229,12 +253,20 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)
     meta = {"policy": policy.name, "policy_label": policy.label, "policy_params": policy.params(),
             "dataset": cfg.dataset.name, "split": cfg.dataset.split, "model": lm.name,
-            "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams, "ckpt_path": cfg.get("ckpt_path")}
+            "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams,
+            "ckpt_path": ckpt_path or cfg.get("ckpt_path")}
     preds = PredictionsCallback(str(run_dir), _plain(cfg.bertscore), meta)
     callbacks = [SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
     trainer = make_trainer(cfg, callbacks, run_dir)
     module.warm_up()  # one-time costs (allocator, first kernels) must not land in the first policy's tokens/s
     trainer.test(module, datamodule=dm, verbose=False)
+    if not dm.test_examples:  # nothing left to generate (resumed run): Lightning skips the loop and its hooks
+        done_metrics = run_dir / "metrics.json"
+        if done_metrics.is_file():  # finished before: keep its numbers (tokens/s of the run that generated)
+            preds.metrics = json.loads(done_metrics.read_text())
+        else:  # crashed after the last prediction, before metrics.json: score now
+            preds.on_test_start(trainer, module)
+            preds.on_test_end(trainer, module)
     m = preds.metrics or {}
     log.info("%s: Avg. Layer %.2f | R-L %.2f | BLEU-1 %.2f | %s tok/s", policy.label, m.get("avg_layers") or 0,
              m.get("rougeL") or 0, m.get("bleu1") or 0, f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-")

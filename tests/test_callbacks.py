@@ -1,0 +1,211 @@
+"""SkipPolicyCallback (engine attached only while testing/predicting) and PredictionsCallback (streamed
+predictions.jsonl, metrics.json, resume after a crash), through Lightning and through task=evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+from hsd_exp import tasks
+from hsd_exp.callbacks import SkipPolicyCallback
+from hsd_exp.data import load_examples
+from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.families import decoder_layers, unwrap
+from hsd_exp.module import CausalLMModule
+from hsd_exp.policies import build_policy
+from hsd_exp.predictions import read_predictions
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW = 8
+BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=5", "decode.batch_size=2",
+        f"decode.max_new_tokens={MAX_NEW}", "bertscore.enabled=false", "trainer.accelerator=cpu",
+        "policy=hsd", "policy.s=1", "policy.min=0", "policy.max=4"]
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setenv("HSD_PROGRESS", "plain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*BASE, *overrides, f"paths.output_dir={tmp}"])
+
+
+def installed(model) -> dict:
+    """What the skip engine puts on a model: an instance ``generate`` and instance ``forward`` per layer."""
+    base = unwrap(model)
+    return {"generate": "generate" in base.__dict__,
+            "layers": [("forward" in layer.__dict__) for layer in decoder_layers(base)]}
+
+
+class Probe(pl.Callback):
+    """Records, at every test/predict batch, whether the engine is installed."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _record(self, pl_module):
+        self.seen.append({**installed(pl_module.model), "stats": pl_module.skip_stats is not None})
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._record(pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._record(pl_module)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cfg = make_cfg(tmp_path)
+    lm = tasks.build(cfg.model)  # a fresh model: a leaked engine must not reach other tests
+    module = CausalLMModule(lm.model, lm.tokenizer, decode=tasks._plain(cfg.decode))
+    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=2)
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    return lm, module, dm, policy
+
+
+def trainer_with(*callbacks) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+
+
+# ---------------------------------------------------------------------------------------------- SkipPolicyCallback
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_skip_policy_attached_only_while_decoding(setup, stage):
+    lm, module, dm, policy = setup
+    assert installed(lm.model) == {"generate": False, "layers": [False] * 6}
+    skip, probe = SkipPolicyCallback(policy, MAX_NEW), Probe()
+    trainer = trainer_with(skip, probe)
+    getattr(trainer, stage)(module, datamodule=dm)
+
+    assert len(probe.seen) == 3  # 5 examples, batches of 2
+    for seen in probe.seen:  # during: generate() and every layer wrapped, stats readable by the module
+        assert seen == {"generate": True, "layers": [True] * 6, "stats": True}
+    # after: the plain model again
+    assert installed(lm.model) == {"generate": False, "layers": [False] * 6}
+    assert module.skip_stats is None
+    # the policy really ran: HSD skips layer 1 for every generated token
+    assert skip.stats.per_step and max(skip.stats.per_step) < 6
+    assert all(0 not in layers for layers in skip.stats.step_layers)
+    # and fit/validate would see the plain model: a forward is the same as before
+    x = lm.tokenizer(["name[Blue Spice]"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(**x).logits).all()
+
+
+def test_skip_policy_detached_after_an_exception(setup, monkeypatch):
+    lm, module, dm, policy = setup
+    probe = Probe()
+
+    def boom(batch, batch_idx):
+        raise RuntimeError("boom in test_step")
+
+    monkeypatch.setattr(module, "test_step", boom)
+    trainer = trainer_with(SkipPolicyCallback(policy, MAX_NEW), probe)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.test(module, datamodule=dm)
+    assert probe.seen and probe.seen[0]["generate"]
+    assert installed(lm.model) == {"generate": False, "layers": [False] * 6}
+    assert module.skip_stats is None
+
+
+# ---------------------------------------------------------------------------------------------- predictions / metrics
+def count_generated(monkeypatch, run_dir: Path) -> list[tuple[int, int]]:
+    """Wrap generate_batch: (lines already in predictions.jsonl, examples in this batch) per batch."""
+    calls = []
+    orig = CausalLMModule.generate_batch
+
+    def wrapped(self, batch):
+        file = run_dir / "predictions.jsonl"
+        lines = len(file.read_text().splitlines()) if file.exists() else 0
+        calls.append((lines, len(batch["ids"])))
+        return orig(self, batch)
+
+    monkeypatch.setattr(CausalLMModule, "generate_batch", wrapped)
+    return calls
+
+
+def test_predictions_stream_and_metrics_match(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "task=evaluate")
+    calls = count_generated(monkeypatch, tmp_path)
+    metrics = tasks.run(cfg)
+
+    # one line per example, on disk as soon as its batch is done (before the next batch starts)
+    assert calls == [(0, 2), (2, 2), (4, 1)]
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(records) == 5
+    expected_ids = [ex.id for ex in load_examples(cfg.dataset)]
+    assert [r["id"] for r in records] == expected_ids
+    for r in records:
+        assert set(r) >= {"id", "source", "references", "prediction", "layers_per_token"}
+        assert r["references"]
+        # token t was produced by the forward of token t-1, which ran HSD's set for T = t-1
+        policy = build_policy("hsd", s=1, min=0, max=4)
+        want = [len(policy.layers(t, MAX_NEW, 6)) for t in range(len(r["layers_per_token"]))]
+        assert r["layers_per_token"] == want
+        assert 0 < len(r["layers_per_token"]) < MAX_NEW + 1
+
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    tokens = [n for r in records for n in r["layers_per_token"]]
+    assert on_disk["avg_layers"] == pytest.approx(sum(tokens) / len(tokens))
+    assert on_disk["avg_layers"] < 6
+    assert on_disk["num_examples"] == 5 and on_disk["complete"] is True
+    assert on_disk["num_layers"] == 6 and on_disk["policy_label"] == "hsd(s=1,0,4)"
+    for key in ("rouge1", "rouge2", "rougeL", "bleu1", "tokens_per_s", "model", "dataset", "policy"):
+        assert key in on_disk, key
+    assert metrics["avg_layers"] == pytest.approx(on_disk["avg_layers"])
+
+
+def test_evaluation_resumes_after_a_crash(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "task=evaluate")
+    tasks.run(cfg)
+    file = tmp_path / "predictions.jsonl"
+    first = read_predictions(file)
+    all_ids = [r["id"] for r in first]
+
+    # the crash: two complete lines (marked, to tell kept from regenerated), a torn third, no metrics.json
+    kept = [dict(r, prediction=f"KEPT {r['id']}") for r in first[:2]]
+    torn = json.dumps(first[2])[:25]
+    file.write_text("".join(json.dumps(r) + "\n" for r in kept) + torn)
+    (tmp_path / "metrics.json").unlink()
+
+    calls = count_generated(monkeypatch, tmp_path)
+    metrics = tasks.run(cfg)
+
+    assert sum(n for _, n in calls) == 3  # only the three missing ids are generated
+    records = read_predictions(file)
+    ids = [r["id"] for r in records]
+    assert sorted(ids) == sorted(all_ids) and len(ids) == len(set(ids)) == 5  # each id exactly once
+    assert [r["prediction"] for r in records[:2]] == [f"KEPT {i}" for i in all_ids[:2]]
+    assert all(json.loads(line) for line in file.read_text().splitlines())  # the torn line is gone
+    assert metrics["num_examples"] == 5
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_examples"] == 5
+
+    # crashed after the last prediction, before metrics.json (e.g. during BERTScore): the rerun only scores
+    calls.clear()
+    before = (tmp_path / "metrics.json").read_text()
+    (tmp_path / "metrics.json").unlink()
+    metrics = tasks.run(cfg)
+    assert calls == []
+    assert metrics["num_examples"] == 5 and metrics["complete"] is True
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_examples"] == 5
+    assert json.loads(before)["avg_layers"] == pytest.approx(metrics["avg_layers"])
+
+    # and a finished run rerun: nothing generated, its metrics.json returned as it is
+    calls.clear()
+    finished = (tmp_path / "metrics.json").read_text()
+    assert tasks.run(cfg)["num_examples"] == 5
+    assert calls == []
+    assert (tmp_path / "metrics.json").read_text() == finished
+    assert len(read_predictions(file)) == 5

@@ -1,0 +1,313 @@
+"""The Hydra CLI: every config group member and experiment composes; bad input fails with one clear line.
+
+Composition is checked in-process with Hydra's compose API (fast). The bad-input cases run the real
+``python -m hsd_exp`` in subprocesses, all started at once (each pays ~5-10 s importing Lightning).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from hsd_exp.errors import ConfigError
+from hsd_exp.policies import Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GROUPS = ("model", "dataset", "policy", "decode", "finetune", "trainer", "logger", "paths", "hydra")
+TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
+
+
+def members(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str], tmp: Path | str = "/tmp/hsd-compose", hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, f"paths.output_dir={tmp}"],
+                       return_hydra_config=hydra_cfg)
+
+
+def resolved(cfg) -> dict:
+    """Every interpolation of the job config resolves (no missing keys, no unknown resolvers)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def build_policies(cfg) -> list[Policy]:
+    """``policy`` and every ``compare_policies`` entry, validated against the model's layer count."""
+    nodes = [cfg.policy, *(cfg.get("compare_policies") or [])]
+    return [instantiate(node, num_layers=cfg.model.num_layers) for node in nodes]
+
+
+# ---------------------------------------------------------------------------------------------- compose
+GROUP_MEMBERS = [(g, m) for g in GROUPS if g != "hydra" for m in members(g)]
+
+
+def test_every_group_has_members():
+    for group in GROUPS:
+        assert members(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize(("group", "member"), GROUP_MEMBERS, ids=[f"{g}={m}" for g, m in GROUP_MEMBERS])
+def test_group_member_composes(group, member):
+    cfg = compose_cfg([f"{group}={member}"])
+    job = resolved(cfg)
+    assert job["task"] in TASKS
+    if group == "model":
+        assert cfg.model.name == member
+        assert cfg.model._target_ == "hsd_exp.models.load_model"
+        assert isinstance(cfg.model.num_layers, int) and cfg.model.num_layers > 0
+        from hsd_exp.families import FAMILIES
+
+        assert cfg.model.family in FAMILIES
+    elif group == "dataset":
+        assert cfg.dataset.name == member
+        for key in ("source_field", "target_field", "split", "max_new_tokens", "separator"):
+            assert cfg.dataset.get(key) is not None, f"dataset={member}: {key} unset"
+        assert job["decode"]["max_new_tokens"] == cfg.dataset.max_new_tokens
+    elif group == "policy":
+        # the default model (smollm2-135m, 30 layers) takes every preset, paper grid included
+        (policy,) = build_policies(cfg)
+        assert isinstance(policy, Policy)
+        assert policy.name == cfg.policy.name
+        assert member.startswith(policy.name)
+    elif group == "decode":
+        from transformers import GenerationConfig
+
+        d = job["decode"]
+        assert d["batch_size"] >= 1 and d["num_beams"] >= 1 and d["max_new_tokens"] > 0
+        GenerationConfig(max_new_tokens=d["max_new_tokens"], num_beams=d["num_beams"], do_sample=d["do_sample"],
+                         temperature=d["temperature"], top_p=d["top_p"]).validate()
+    elif group == "finetune":
+        assert cfg.finetune.mode == member
+        if member != "none":
+            assert cfg.finetune.lr > 0 and cfg.finetune.batch_size >= 1
+        if member == "lora":
+            assert cfg.finetune.lora.r > 0
+    elif group == "trainer":
+        assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+        if member in ("default", "cpu"):  # the others need GPUs
+            import pytorch_lightning as pl
+
+            trainer = instantiate(job["trainer"], logger=False, enable_progress_bar=False)
+            assert isinstance(trainer, pl.Trainer)
+    elif group == "logger":
+        assert job["logger"], "logger group member defines no logger"
+        for node in job["logger"].values():
+            assert node["_target_"].startswith("pytorch_lightning.loggers.")
+
+
+def test_hydra_group_composes():
+    cfg = compose_cfg(["model=tiny-llama"], hydra_cfg=True)
+    hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)
+    assert hydra_node["job"]["chdir"] is False  # relative dataset/model paths stay relative to the launch dir
+    assert "${task_name}" in hydra_node["run"]["dir"] and "${task_name}" in hydra_node["sweep"]["dir"]
+    assert "${policy.name}" in hydra_node["sweep"]["subdir"]  # multirun folders name their policy
+    assert hydra_node["job_logging"]["handlers"]["file"]["filename"].startswith("${hydra.runtime.output_dir}")
+
+
+EXPERIMENTS = members("experiment") if (CONF / "experiment").is_dir() else []
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS or [pytest.param(None, marks=pytest.mark.skip("no experiments"))])
+def test_experiment_composes(experiment):
+    cfg = compose_cfg([f"+experiment={experiment}"])
+    job = resolved(cfg)
+    assert job["task"] in TASKS
+    policies = build_policies(cfg)  # every policy fits the experiment's model
+    if cfg.task == "compare":
+        assert len(policies) >= 2, f"experiment={experiment}: task=compare needs compare_policies"
+    if cfg.task in ("finetune", "finetune_evaluate"):
+        assert cfg.finetune.mode in ("full", "lora"), f"experiment={experiment}: {cfg.task} with finetune=none"
+    if cfg.dataset.get("path") == "sample":
+        assert (ROOT / "hsd_exp" / "samples" / cfg.dataset.name).is_dir()
+
+
+SWEEPS = members("sweep") if (CONF / "sweep").is_dir() else []
+
+
+@pytest.mark.parametrize("sweep", SWEEPS or [pytest.param(None, marks=pytest.mark.skip("no sweeps"))])
+def test_sweep_composes(sweep):
+    cfg = compose_cfg(["+experiment=smollm2_e2e" if "smollm2_e2e" in EXPERIMENTS else "model=smollm2-135m",
+                       f"+sweep={sweep}"], hydra_cfg=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params
+    if "policy" in params:  # a list of policy presets: each must compose and fit the model
+        for preset in str(params.policy).split(","):
+            sub = compose_cfg([f"policy={preset.strip()}"])
+            build_policies(sub)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HSD_PROGRESS="plain", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, tmp: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hsd_exp", *args, f"hydra.run.dir={tmp}"], cwd=ROOT,
+                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_groups(tmp_path):
+    out = run_cli("--help", tmp=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for group in ("model", "dataset", "policy", "decode", "finetune", "trainer", "logger"):
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith(f"{group}: ")), None)
+        assert line is not None, f"--help does not list the {group} group:\n{out.stdout[:2000]}"
+        assert set(members(group)) <= {m.strip() for m in line.split(":", 1)[1].split(",")}
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    out = run_cli("--cfg", "job", "model=tiny-llama", "policy=hsd", "policy.max=4", "decode=beam4",
+                  tmp=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert "hydra" not in cfg
+    assert cfg["model"]["name"] == "tiny-llama"
+    assert cfg["policy"]["name"] == "hsd" and cfg["policy"]["max"] == 4
+    assert cfg["decode"]["num_beams"] == 4
+    assert set(GROUPS) - {"hydra"} <= set(cfg)
+    assert not list(tmp_path.iterdir()), "--cfg job must not run the task"
+
+
+# Bad input: id -> (overrides, strings the error must contain, exit code or None for "not 0").
+# Cases that add model=phi2 (not cached, offline) prove the check runs before the model loads: were it
+# checked after, the run would fail on the model instead.
+BAD = {
+    "unknown-model": (["model=nope"], ["model", "nope"], None),
+    "missing-model-path": (["task=evaluate", "model=gpt2", "model.path=/nonexistent/gpt2", "dataset.path=sample"],
+                           ["model.path=/nonexistent/gpt2"], 2),
+    "offline-hub-id": (["task=evaluate", "model=phi2", "dataset.path=sample"], ["microsoft/phi-2"], 2),
+    "hsd-negative-s": (["model=phi2", "policy=hsd", "policy.s=-1"], ["policy.s=-1"], 2),
+    "hsd-max-over-layers": (["model=smollm2-135m", "policy=hsd", "policy.max=40"], ["policy.max=40", "30"], 2),
+    "calm-zero-d": (["model=phi2", "policy=calm", "policy.d=0"], ["policy.d=0"], 2),
+    "lora-eval-no-ckpt": (["task=evaluate", "model=phi2", "finetune=lora", "dataset.path=sample"],
+                          ["ckpt_path", "finetune=lora"], 2),
+    "missing-ckpt": (["task=evaluate", "model=phi2", "dataset.path=sample", "ckpt_path={tmp}/gone/last.ckpt"],
+                     ["ckpt_path={tmp}/gone/last.ckpt"], 2),
+    "missing-split": (["task=evaluate", "model=phi2", "dataset.path=sample", "dataset.split=nosuch"],
+                      ["nosuch", "train"], 2),
+}
+# Run for real as `python -m hsd_exp` (each pays ~5-10 s of Lightning import, so only these two; they start
+# in the background when this module's first test runs). The rest call the same entry point in-process.
+SUBPROCESS = ("unknown-model", "missing-split")
+
+
+def check_failure(name: str, code: int, stdout: str, stderr: str, tmp: Path) -> None:
+    """Exit status != 0 (2 for ConfigError), one clear line naming the value, no traceback, no model load."""
+    _, expected, want = BAD[name]
+    output = stdout + stderr
+    assert code != 0, output[-3000:]
+    if want is not None:
+        assert code == want, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    if want == 2:  # our ConfigError path: exactly one `error: ...` line on stderr
+        errors = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1, stderr[-3000:]
+        message = errors[0]
+    else:
+        message = stderr
+    for text in expected:
+        assert text.format(tmp=tmp) in message, f"{name}: {text.format(tmp=tmp)!r} not in {message!r}"
+    assert "Loading weights" not in output, f"{name}: the model was loaded before the input was checked"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_runs(tmp_path_factory):
+    """Start the real-CLI runs at once, in the background; their tests (at the end) wait for them."""
+    procs = {}
+    for name in SUBPROCESS:
+        tmp = tmp_path_factory.mktemp(name)
+        args = [a.format(tmp=tmp) for a in BAD[name][0]]
+        procs[name] = (tmp, subprocess.Popen([sys.executable, "-m", "hsd_exp", *args, f"hydra.run.dir={tmp}/run"],
+                                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True))
+    yield procs
+    for _, proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def main_in_process(args: list[str], tmp: Path, capfd) -> tuple[int, str, str]:
+    """``python -m hsd_exp ARGS`` in this process: runpy runs hsd_exp/__main__.py as ``__main__``."""
+    import logging
+    import runpy
+    from unittest import mock
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capfd.readouterr()
+    code = 0
+    try:
+        with mock.patch.object(sys, "argv", ["hsd_exp", *args, f"hydra.run.dir={tmp}/run"]):
+            runpy.run_module("hsd_exp", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        for h in root.handlers[:]:  # Hydra's job logging: console + file handler in the run dir
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", [n for n in BAD if n not in SUBPROCESS])
+def test_bad_input_fails_with_one_clear_message(name, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [a.format(tmp=tmp_path) for a in BAD[name][0]]
+    code, out, err = main_in_process(args, tmp_path, capfd)
+    check_failure(name, code, out, err, tmp_path)
+
+
+@pytest.mark.parametrize("name", SUBPROCESS)
+def test_bad_input_cli(cli_runs, name):
+    tmp, proc = cli_runs[name]
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{name}: python -m hsd_exp did not finish")
+    check_failure(name, proc.returncode, stdout, stderr, tmp)
+
+
+# ---------------------------------------------------------------------------------------------- in-process errors
+def _run(overrides: list[str], tmp_path):
+    from hsd_exp.tasks import run
+
+    return run(compose_cfg(["bertscore.enabled=false", *overrides], tmp=tmp_path))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["task=nope"], "task=nope"),
+    (["task=compare", "model=phi2"], "compare_policies"),
+    (["task=finetune", "model=phi2", "finetune=none", "dataset.path=sample"], "finetune=full"),
+    (["task=evaluate", "model=phi2", "dataset.path=/nonexistent/data"], "/nonexistent/data"),
+    (["task=finetune", "model=phi2", "finetune=full", "dataset.path=sample", "dataset.name=xsum"], "sample"),
+], ids=["unknown-task", "compare-without-policies", "finetune-none", "missing-dataset-path", "no-sample"])
+def test_config_errors_before_model_load(tmp_path, overrides, expected):
+    """ConfigError (-> `error: ...`, exit 2) naming the value, raised before model=phi2 would fail to load."""
+    with pytest.raises(ConfigError) as err:
+        _run(overrides, tmp_path)
+    assert expected in str(err.value)
+    assert "microsoft/phi-2" not in str(err.value)

@@ -1,0 +1,284 @@
+"""CausalLMModule: fine-tuning (full / LoRA), checkpoints and resume, skip-aware training.
+
+Every test loads its own tiny model (``tasks.build(cfg.model)``, seeded): training changes weights in place
+and LoRA wraps the model, so the session-cached models of conftest.load must not be used here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load
+from hydra import compose, initialize_config_dir
+
+from hsd_exp import tasks
+from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.errors import ConfigError
+from hsd_exp.families import decoder_layers, unwrap
+from hsd_exp.module import CausalLMModule
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["model=tiny-llama", "dataset.path=sample", "bertscore.enabled=false", "decode.max_new_tokens=8",
+        "dataset.limit=3", "finetune.batch_size=4", "finetune.train_limit=4", "finetune.max_length=96",
+        "finetune.lr=1e-3", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logger=csv"]
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setenv("HSD_PROGRESS", "plain")  # no rich progress bar in logs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend with the other jobs on the machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*BASE, *overrides, f"paths.output_dir={tmp}"])
+
+
+def make_module(cfg) -> tuple:
+    lm = tasks.build(cfg.model)
+    policy = tasks.build_policy(cfg.policy, cfg.model.num_layers)
+    module = CausalLMModule(lm.model, lm.tokenizer, finetune=tasks._plain(cfg.finetune),
+                            decode=tasks._plain(cfg.decode), skip_policy=policy)
+    return lm, module
+
+
+def fixed_batch(cfg, lm, n: int = 4) -> dict:
+    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, train_batch_size=n, max_length=cfg.finetune.max_length,
+                       train_limit=cfg.finetune.train_limit)
+    dm.setup("fit")
+    return dm.collate_train(dm.train_pairs[:n])
+
+
+@torch.no_grad()
+def eval_loss(module, batch) -> float:
+    was = module.model.training
+    module.model.eval()
+    loss = module._loss(batch).item()
+    module.model.train(was)
+    return loss
+
+
+def record_training_steps(module, monkeypatch) -> list[dict]:
+    """Wrap ``module.training_step``: what each step saw (batch, train mode, loss)."""
+    seen = []
+    orig = module.training_step
+
+    def step(batch, batch_idx):
+        entry = {"batch": batch, "training": module.model.training}
+        loss = orig(batch, batch_idx)
+        entry["loss"] = float(loss.detach())
+        seen.append(entry)
+        return loss
+
+    monkeypatch.setattr(module, "training_step", step)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------- full fine-tuning
+def test_full_finetune_lowers_loss_in_train_mode(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "task=finetune", "finetune=full", "finetune.lr=3e-3", "trainer.max_steps=10")
+    lm, module = make_module(cfg)
+    batch = fixed_batch(cfg, lm)
+    before = eval_loss(module, batch)
+    steps = record_training_steps(module, monkeypatch)
+
+    ckpt = tasks.finetune(cfg, lm, module, None)
+
+    after = eval_loss(module, batch)
+    assert len(steps) == 10
+    # from_pretrained() returns a model in eval mode; training must still run with dropout on
+    assert all(s["training"] for s in steps), [s["training"] for s in steps]
+    assert after < before - 1.0, (before, after)  # random init: ~ln(vocab) = 10.8 before
+    first, last = steps[:3], steps[-3:]
+    assert sum(s["loss"] for s in last) / 3 < sum(s["loss"] for s in first) / 3 - 0.5, [s["loss"] for s in steps]
+    assert Path(ckpt).is_file()
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 10
+    # loss is logged per step (CSV logger under the run dir)
+    metrics_csv = next(tmp_path.glob("csv/**/metrics.csv"))
+    assert "train/loss_step" in metrics_csv.read_text().splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def test_lora_checkpoint_holds_adapter_only_reloads_and_evaluates(tmp_path):
+    train_dir = tmp_path / "train"
+    cfg = make_cfg(train_dir, "task=finetune", "finetune=lora", "trainer.max_steps=3")
+    out = tasks.run(cfg)
+    path = out["ckpt_path"]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert ckpt.get("hsd_adapter_only") is True
+    assert keys and all("lora_" in k for k in keys), keys[:5]
+    # q/k/v/o of 6 layers, A and B each: the frozen base is not saved
+    assert len(keys) == 4 * 6 * 2, len(keys)
+    assert any(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if "lora_B" in k), "adapter did not train"
+
+    # a fresh module (same seeded base) takes the adapter back
+    fresh_cfg = make_cfg(tmp_path / "x", "finetune=lora")
+    lm, module = make_module(fresh_cfg)
+    x = fixed_batch(fresh_cfg, lm, n=2)
+    inputs = {k: x[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        untrained = module.model(**inputs).logits  # lora_B = 0: the base model's logits
+    tasks.load_checkpoint(module, path)
+    state = module.state_dict()
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(state[k], v), k
+    with torch.no_grad():
+        assert not torch.allclose(module.model(**inputs).logits, untrained)
+
+    # an adapter checkpoint is refused by a module without LoRA: one clear message
+    _, full_module = make_module(make_cfg(tmp_path / "y", "finetune=full"))
+    with pytest.raises(ConfigError, match="finetune=lora"):
+        tasks.load_checkpoint(full_module, path)
+
+    # task=evaluate with the adapter
+    eval_dir = tmp_path / "eval"
+    metrics = tasks.run(make_cfg(eval_dir, "task=evaluate", "finetune=lora", f"ckpt_path={path}"))
+    assert metrics["num_examples"] == 3
+    assert metrics["ckpt_path"] == path
+    assert (eval_dir / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(("model", "targets", "missing", "existing"), [
+    ("tiny-llama", ["q_proj", "nope_proj"], ["nope_proj"], ["q_proj", "o_proj", "gate_proj"]),
+    ("tiny-gpt2", ["q_proj"], ["q_proj"], ["c_attn", "c_proj", "c_fc"]),
+])
+def test_lora_unknown_target_modules_name_the_existing_ones(model, targets, missing, existing):
+    lm = load(model)  # raises before peft touches the model
+    with pytest.raises(ConfigError) as err:
+        CausalLMModule(lm.model, lm.tokenizer, finetune={"mode": "lora", "lora": {"target_modules": targets}})
+    message = str(err.value)
+    assert "target_modules" in message
+    named, _, listed = message.partition("not found")
+    for name in missing:
+        assert name in named, message
+    for name in existing:
+        assert name in listed, message
+    assert not hasattr(lm.model, "peft_config")
+
+
+def test_lora_unknown_target_modules_via_config(tmp_path):
+    cfg = make_cfg(tmp_path, "task=finetune", "finetune=lora", "finetune.lora.target_modules=[qkv]")
+    with pytest.raises(ConfigError, match="qkv.*q_proj"):
+        tasks.run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_training_resumes_from_last_checkpoint(tmp_path, monkeypatch, mode):
+    first = tasks.run(make_cfg(tmp_path / "a", "task=finetune", f"finetune={mode}", "trainer.max_steps=2"))
+    last = first["ckpt_path"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+
+    calls = []
+    orig = CausalLMModule.training_step
+
+    def counting(self, batch, batch_idx):
+        calls.append(self.global_step)
+        return orig(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMModule, "training_step", counting)
+    second = tasks.run(make_cfg(tmp_path / "b", "task=finetune", f"finetune={mode}", "trainer.max_steps=4",
+                                f"ckpt_path={last}"))
+    assert calls == [2, 3]  # continued at step 2, not restarted at 0
+    resumed = torch.load(second["ckpt_path"], map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 4
+    assert bool(resumed.get("hsd_adapter_only")) == (mode == "lora")
+
+
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """Periodic checkpoints (every N steps) must not leave last.ckpt behind the end of training."""
+    out = tasks.run(make_cfg(tmp_path / "a", "task=finetune", "finetune=full", "trainer.max_steps=3",
+                             "++finetune.checkpoint_every_n_steps=2"))
+    assert torch.load(out["ckpt_path"], map_location="cpu", weights_only=True)["global_step"] == 3
+    # and training resumes from it
+    out = tasks.run(make_cfg(tmp_path / "b", "task=finetune", "finetune=full", "trainer.max_steps=5",
+                             "++finetune.checkpoint_every_n_steps=2", f"ckpt_path={out['ckpt_path']}"))
+    assert torch.load(out["ckpt_path"], map_location="cpu", weights_only=True)["global_step"] == 5
+
+
+# ---------------------------------------------------------------------------------------------- skip-aware training
+@pytest.mark.parametrize("full_depth_rate", [0.0, 1.0])
+def test_skip_aware_training_runs_the_decode_time_layer_sets(tmp_path, monkeypatch, full_depth_rate):
+    """Target position with generated-token index T runs exactly policy.layers(T); prompt positions run all."""
+    cfg = make_cfg(tmp_path, "task=finetune", "finetune=full", "trainer.max_steps=2", "policy=hsd", "policy.s=1",
+                   "policy.min=0", "policy.max=4", "finetune.skip_aware=true",
+                   f"finetune.full_depth_rate={full_depth_rate}")
+    lm, module = make_module(cfg)
+    steps = record_training_steps(module, monkeypatch)
+    layers = decoder_layers(unwrap(module.model))
+    L = len(layers)
+    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per step, per layer: (input, output)
+
+    def hook(idx):
+        def fn(layer, args, kwargs, output):
+            if not layer.training:  # training steps only
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            if idx == 0:
+                seen.append([])
+            seen[-1].append((hidden.detach().clone(), out.detach().clone()))
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        tasks.finetune(cfg, lm, module, None)
+    finally:
+        for h in handles:
+            h.remove()
+
+    assert len(steps) == 2 and len(seen) == 2
+    skipping = full_depth_rate == 0.0
+    assert module.train_steps_skipped == (2 if skipping else 0)
+    policy, tmax = module.skip_policy, int(cfg.finetune.skip_max_new_tokens)
+    assert not any("forward" in layer.__dict__ for layer in layers), "engine left installed after training"
+    skipped_at_target = 0
+    for step, per_layer in zip(steps, seen, strict=True):
+        batch = step["batch"]
+        P = int(batch["prompt_len"])
+        mask = batch["attention_mask"].bool()  # (B, P + S)
+        assert len(per_layer) == L
+        for idx, (h_in, h_out) in enumerate(per_layer):
+            for b, c in mask.nonzero().tolist():
+                T = c - P
+                runs = T < 0 or not skipping or idx in policy.layers(T, tmax, L)
+                unchanged = torch.equal(h_in[b, c], h_out[b, c])
+                assert unchanged == (not runs), f"layer {idx + 1} at T={T} (row {b}): ran={not unchanged}"
+                skipped_at_target += unchanged
+    if skipping:
+        assert skipped_at_target > 0
+        # HSD s=1 skips layer 1 for every generated token, so it must have been dropped at every target position
+        assert 0 not in policy.layers(0, tmax, L)
+
+
+def test_checkpoint_that_does_not_fit_is_a_config_error(tmp_path):
+    cfg = make_cfg(tmp_path, "finetune=full")
+    _, trained = make_module(cfg)
+    with torch.no_grad():
+        for p in trained.model.parameters():
+            p.add_(0.01)
+    full = tmp_path / "full.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "global_step": 1}, full)
+
+    plain_lm = tasks.build(cfg.model)
+    plain = CausalLMModule(plain_lm.model, plain_lm.tokenizer)  # finetune=none takes a full checkpoint too
+    tasks.load_checkpoint(plain, str(full))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), trained.state_dict().values(),
+                                                  strict=True))
+
+    _, lora = make_module(make_cfg(tmp_path, "finetune=lora"))
+    with pytest.raises(ConfigError, match="finetune=lora"):
+        tasks.load_checkpoint(lora, str(full))
+    _, other = make_module(make_cfg(tmp_path, "finetune=full", "model=tiny-gpt2"))
+    with pytest.raises(ConfigError, match="model=gpt2"):
+        tasks.load_checkpoint(other, str(full))
+    garbage = tmp_path / "notes.ckpt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="notes.ckpt"):
+        tasks.load_checkpoint(plain, str(garbage))

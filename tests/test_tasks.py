@@ -1,0 +1,134 @@
+"""The tasks end to end on a tiny model: generate, compare (one run dir per policy), finetune_evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import runpy
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from hsd_exp import tasks
+from hsd_exp.errors import ConfigError
+from hsd_exp.predictions import read_predictions
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=4", "decode.batch_size=2",
+        "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu"]
+FULL = "{_target_:hsd_exp.policies.build_policy,name:full}"
+HSD = "{_target_:hsd_exp.policies.build_policy,name:hsd,s:1,min:0,max:4}"
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setenv("HSD_PROGRESS", "plain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*BASE, *overrides, f"paths.output_dir={tmp}"])
+
+
+def cli(args: list[str], run_dir: Path) -> int:
+    """``python -m hsd_exp ARGS hydra.run.dir=RUN_DIR`` in this process (runpy runs __main__.py)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with mock.patch.object(sys, "argv", ["hsd_exp", *args, f"hydra.run.dir={run_dir}"]):
+            runpy.run_module("hsd_exp", run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        GlobalHydra.instance().clear()
+        for h in root.handlers[:]:  # Hydra's job logging handlers (console + file in the run dir)
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def test_generate_applies_the_policy(tmp_path):
+    full = tasks.run(make_cfg(tmp_path, "task=generate", "policy=full"))
+    hsd = tasks.run(make_cfg(tmp_path, "task=generate", "policy=hsd", "policy.s=1", "policy.min=0", "policy.max=4"))
+    assert full["avg_layers"] == 6.0 and full["num_layers"] == 6
+    assert hsd["avg_layers"] < 6.0
+    assert hsd["policy"] == "hsd(s=1,0,4)" and isinstance(hsd["completion"], str)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def test_compare_writes_one_run_dir_per_policy(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "task=compare", f"compare_policies=[{FULL},{HSD}]")
+    results = tasks.run(cfg)
+
+    assert list(results) == ["full", "hsd(s=1,0,4)"]
+    subdirs = {"full": tmp_path / "full", "hsd(s=1,0,4)": tmp_path / "hsd_s_1_0_4"}
+    for label, run_dir in subdirs.items():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["policy_label"] == label
+        assert metrics["num_examples"] == 4 and metrics["complete"] is True
+        assert metrics["avg_layers"] == pytest.approx(results[label]["avg_layers"])
+        records = read_predictions(run_dir)
+        assert len(records) == 4 and len({r["id"] for r in records}) == 4
+    full = json.loads((subdirs["full"] / "metrics.json").read_text())
+    hsd = json.loads((subdirs["hsd(s=1,0,4)"] / "metrics.json").read_text())
+    assert full["avg_layers"] == 6.0
+    assert hsd["avg_layers"] < 6.0
+    # same inputs for every policy
+    assert [r["id"] for r in read_predictions(subdirs["full"])] == [r["id"] for r in read_predictions(
+        subdirs["hsd(s=1,0,4)"])]
+    assert not (tmp_path / "predictions.jsonl").exists()  # nothing for the top-level `policy`
+
+
+def test_compare_rejects_policies_sharing_a_run_dir(tmp_path):
+    """Two entries with one label would share a run dir: the second would 'resume' the first's predictions."""
+    decay = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02,decay:true}"
+    plain = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02}"
+    with pytest.raises(ConfigError, match="calm"):
+        tasks.run(make_cfg(tmp_path, "task=compare", "model=phi2", f"compare_policies=[{plain},{decay}]"))
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- finetune_evaluate
+def test_finetune_evaluate_end_to_end_cli(tmp_path):
+    """``python -m hsd_exp task=finetune_evaluate ...``: trains, checkpoints, evaluates the trained weights."""
+    run_dir = tmp_path / "run"
+    code = cli([*BASE, "task=finetune_evaluate", "finetune=full", "finetune.lr=1e-3", "finetune.batch_size=4",
+                "finetune.train_limit=4", "finetune.max_length=96", "trainer.max_steps=2", "policy=hsd",
+                "policy.s=1", "policy.min=0", "policy.max=4"], run_dir)
+    assert code == 0
+
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_examples"] == 4 and metrics["complete"] is True
+    assert metrics["policy_label"] == "hsd(s=1,0,4)" and metrics["avg_layers"] < 6.0
+    assert metrics["ckpt_path"] == str(ckpt)  # the fine-tuned weights were evaluated, and the report can tell
+    assert len(read_predictions(run_dir)) == 4
+    saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert saved["task"] == "finetune_evaluate" and saved["model"]["name"] == "tiny-llama"
+    assert (run_dir / "hsd.log").is_file()
+    assert list(run_dir.glob("csv/**/metrics.csv"))
+
+
+def test_finetune_evaluate_keeps_training_curves(tmp_path):
+    tasks.run(make_cfg(tmp_path, "task=finetune_evaluate", "finetune=full", "finetune.batch_size=4",
+                       "finetune.train_limit=4", "finetune.max_length=96", "trainer.max_steps=2",
+                       "trainer.log_every_n_steps=1"))
+    header = "".join(p.read_text().splitlines()[0] for p in tmp_path.glob("csv/**/metrics.csv"))
+    assert "test/avg_layers" in header
+    assert "train/loss_step" in header

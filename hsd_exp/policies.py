@@ -138,7 +138,9 @@ class CALM(Policy):
 
     @property
     def label(self) -> str:
-        return f"calm(d={self.d:g},{self.criterion})"
+        extra = "" if self.first_exit == 1 else f",first_exit={self.first_exit}"
+        extra += f",decay(tau={self.tau:g})" if self.decay else ""
+        return f"calm(d={self.d:g},{self.criterion}{extra})"
 
     def check_num_layers(self, num_layers: int) -> None:
         if not 1 <= self.first_exit <= num_layers:

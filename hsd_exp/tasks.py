@@ -23,6 +23,7 @@ from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import Policy
 from hsd_exp.predictions import PredictionWriter
 from hsd_exp.prompts import build_prompt
+from hsd_exp.runs import slug
 from hsd_exp.skipping import layer_skipping
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ def run(cfg: DictConfig) -> dict | None:
     compare = [build_policy(p, cfg.model.get("num_layers")) for p in cfg.get("compare_policies") or []]
     if cfg.task == "compare" and not compare:
         raise ConfigError("task=compare needs compare_policies: a list of policy configs (see conf/experiment/demo.yaml)")
-    dirs = [_slug(p.label) for p in compare]  # one run dir per policy: two sharing one would merge (resume)
+    dirs = [slug(p.label) for p in compare]  # one run dir per policy: two sharing one would merge (resume)
     if len(set(dirs)) < len(dirs):
         dup = next(p.label for p, d in zip(compare, dirs, strict=True) if dirs.count(d) > 1)
-        raise ConfigError(f"compare_policies: more than one policy is labelled {dup} (run dir {_slug(dup)}); "
+        raise ConfigError(f"compare_policies: more than one policy is labelled {dup} (run dir {slug(dup)}); "
                           "each entry must differ in the parameters its label shows")
     if cfg.task in ("finetune", "finetune_evaluate") and cfg.finetune.mode == "none":
         raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or finetune=lora")
@@ -84,7 +85,7 @@ def run(cfg: DictConfig) -> dict | None:
         load_checkpoint(module, ckpt)
     if cfg.task == "compare":
         out_dir = Path(cfg.paths.output_dir)
-        results = {p.label: evaluate(cfg, lm, module, p, out_dir / _slug(p.label), ckpt) for p in compare}
+        results = {p.label: evaluate(cfg, lm, module, p, out_dir / slug(p.label), ckpt) for p in compare}
         print_comparison(out_dir)
         return results
     return evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir), ckpt)
@@ -92,10 +93,6 @@ def run(cfg: DictConfig) -> dict | None:
 
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in label).strip("_")
 
 
 def _check_dataset(cfg: DictConfig) -> None:

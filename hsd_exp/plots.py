@@ -1,0 +1,68 @@
+"""The paper's Fig. 1: quality vs. Avg. Layer, one line per method family, one panel per (model, dataset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hsd_exp.runs import FAMILY_ORDER, RunRecord, as_text, group_key, is_number
+
+METRIC_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu1": "BLEU-1",
+                "bertscore_f1": "BERTScore F1"}
+
+FAMILY_STYLE = {"HSD s=1": ("tab:red", "o"), "HSD s=2": ("tab:orange", "s"), "SkipDecode": ("tab:blue", "^"),
+                "CALM": ("tab:green", "D")}
+
+
+def plot_quality_vs_layers(runs: list[RunRecord], rows: list[dict], path: Path, metric: str = "rougeL",
+                           title: str | None = None) -> Path:
+    """One panel per (model, dataset): x = Avg. Layer, y = ``metric``; a line per family, Full as a star."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = sorted({group_key(r) for r in runs})
+    fig = Figure(figsize=(6.4 * len(keys), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=True):
+        group = [row for row in rows if (as_text(row["model"]) or "?", as_text(row["dataset"]) or "?") == key]
+        _plot_group(ax, group, metric)
+        ax.set_title(f"{key[0]} on {key[1]}")
+        ax.set_xlabel("Avg. Layer (decoder layers per generated token)")
+        ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
+    points = [r for r in rows if r["status"] == "complete" and is_number(r["avg_layers"]) and is_number(r[metric])]
+    if not points:
+        ax.text(0.5, 0.5, "no complete runs with this metric", ha="center", va="center", transform=ax.transAxes)
+        return
+    several_settings = len({setting_text(r) for r in rows}) > 1
+    lines: dict[tuple, list[dict]] = {}
+    for row in points:
+        key = (FAMILY_ORDER.get(row["policy"], len(FAMILY_ORDER)), row["family"], setting_text(row))
+        lines.setdefault(key, []).append(row)
+    for (_, family, setting), members in sorted(lines.items()):
+        members.sort(key=lambda r: r["avg_layers"])
+        xs, ys = [r["avg_layers"] for r in members], [r[metric] for r in members]
+        label = f"{family} [{setting}]" if several_settings else family
+        if family == "Full":  # the reference: a star and a horizontal line at its quality
+            ax.axhline(ys[0], color="black", linestyle="--", linewidth=0.8, alpha=0.6)
+            ax.scatter(xs, ys, marker="*", s=220, color="black", zorder=3, label=label)
+            continue
+        color, marker = FAMILY_STYLE.get(family, (None, "o"))
+        ax.plot(xs, ys, marker=marker, color=color, label=label)
+    ax.legend(loc="best", fontsize="small")
+
+
+def setting_text(row: dict) -> str:
+    """A table row's decode settings: "beams=4" or "beams=4, ckpt=PATH" (what a speedup baseline shares)."""
+    parts = [f"beams={as_text(row['num_beams']) or '?'}"]
+    if row["ckpt_path"]:
+        parts.append(f"ckpt={row['ckpt_path']}")
+    return ", ".join(parts)

@@ -1,0 +1,92 @@
+"""hsd_exp.runs on synthetic run dirs (no models, no network): finding runs, reading config and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FULL_QUALITY, metrics_for, write_run
+
+from hsd_exp.runs import collect_runs, parse_policy_label, slug
+
+
+def test_collect_runs_reads_raw_config_and_metrics(multirun):
+    runs = collect_runs([multirun])
+    assert [r.path.name for r in runs] == ["0_full", "1_calm", "2_skipdecode", "3_hsd", "4_hsd", "5_hsd"]
+    hsd = runs[3]
+    assert (hsd.policy, hsd.s, hsd.min, hsd.max, hsd.num_beams, hsd.ckpt_path) == ("hsd", 1, 0, 18, 4, None)
+    assert hsd.config["paths"]["root_dir"] == "${hsd_root:}"  # kept raw, never resolved
+    assert (hsd.model, hsd.dataset, hsd.complete, hsd.status) == ("smollm2-135m", "e2e", True, "complete")
+    assert hsd.rougeL == FULL_QUALITY["rougeL"] * 0.95
+    assert runs[1].d == 0.02 and runs[1].criterion == "softmax"
+    partial = runs[5]
+    assert (partial.complete, partial.num_predictions, partial.rougeL) == (False, 3, None)
+    assert (partial.model, partial.dataset, partial.max) == ("smollm2-135m", "e2e", 8)  # from the config
+
+
+def test_metrics_with_complete_false_is_partial(tmp_path):
+    metrics = metrics_for("hsd", "hsd(s=1,0,18)", 16.7, 170.0, 1.0)
+    write_run(tmp_path / "run", "name: hsd\n  s: 1\n  min: 0\n  max: 18", {**metrics, "complete": False}, 4)
+    (run,) = collect_runs([tmp_path / "run"])
+    assert run.status == "partial (4 predictions)" and run.rougeL == metrics["rougeL"]
+
+
+def test_single_run_dir_and_metrics_only_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_for("calm", "calm(d=0.005,state)", 25.0, 90, 1)))
+    (run,) = collect_runs([run_dir])
+    assert (run.method, run.family, run.d, run.num_predictions) == ("CALM (d=0.005, state)", "CALM (state)",
+                                                                     0.005, 0)
+
+
+@pytest.mark.parametrize("label, expected", [
+    ("hsd(s=2,0,12)", {"s": 2, "min": 0, "max": 12}),
+    ("skipdecode(10,24)", {"min": 10, "max": 24}),
+    ("calm(d=0.02,softmax)", {"d": 0.02, "criterion": "softmax"}),
+    ("full", {}),
+])
+def test_parse_policy_label(label, expected):
+    assert parse_policy_label(label) == expected
+
+
+def test_metrics_without_complete_key_is_complete_and_interpolated_params(tmp_path):
+    metrics = metrics_for("skipdecode", "skipdecode(10,30)", 20.0, 150.0, 1.0)
+    del metrics["complete"]
+    write_run(tmp_path / "a", "name: skipdecode\n  min: 10\n  max: ${model.num_layers}", metrics)
+    write_run(tmp_path / "b", "name: skipdecode\n  min: ${oops:}\n  max: 20", None)
+    a, b = collect_runs([tmp_path])
+    assert a.complete and a.status == "complete" and a.max == 30  # plain interpolation: resolved for this key
+    assert b.min == "${oops:}" and b.status == "partial (5 predictions)"  # unknown resolver: kept raw
+
+
+def test_slug_names_compare_subfolders_after_policy_labels():
+    assert slug("hsd(s=1,0,18)") == "hsd_s_1_0_18"
+    assert slug("calm(d=0.02,softmax)") == "calm_d_0.02_softmax"
+
+
+def test_compare_task_subfolders_are_runs_and_inherit_the_parent_config(tmp_path):
+    """task=compare: one config in the run dir, one subfolder per compare_policies entry (label slug)."""
+    parent = write_run(tmp_path / "cmp", "name: full", None, predictions=0, beams=1)
+    (parent / "predictions.jsonl").unlink()
+    with open(parent / ".hydra" / "config.yaml", "a") as f:
+        f.write("compare_policies:\n  - {name: full}\n  - {name: hsd, s: 1, min: 0, max: 18}\n")
+    full = {**metrics_for("full", "full", 30.0, 100.0, 1.0), "num_beams": 1}
+    (parent / "full").mkdir()
+    (parent / "full" / "metrics.json").write_text(json.dumps(full))
+    (parent / "hsd_s_1_0_18").mkdir()  # crashed mid-way: predictions only
+    (parent / "hsd_s_1_0_18" / "predictions.rank0.jsonl").write_text('{"id": "a"}\n')
+    (parent / "hsd_s_1_0_18" / "predictions.rank1.jsonl").write_text('{"id": "b"}\n{"id": "c"}\n')
+    runs = collect_runs([parent])
+    assert [r.path.name for r in runs] == ["full", "hsd_s_1_0_18"]  # the parent itself is no row
+    full_run, hsd = runs
+    assert (full_run.method, full_run.status, full_run.num_beams) == ("Full", "complete", 1)
+    assert (hsd.method, hsd.status, hsd.dataset, hsd.num_beams) == ("HSD (s=1, 0, 18)", "partial (3 predictions)",
+                                                                    "e2e", 1)
+
+
+def test_job_that_crashed_before_predicting_is_a_partial_row(multirun):
+    write_run(multirun / "7_calm", "name: calm\n  d: 0.005", None, predictions=0)
+    runs = collect_runs([multirun])
+    crashed = next(r for r in runs if r.path.name == "7_calm")
+    assert (crashed.method, crashed.status) == ("CALM (d=0.005)", "partial (0 predictions)")

@@ -95,10 +95,11 @@ def test_compare_writes_one_run_dir_per_policy(tmp_path, capsys):
 
 def test_compare_rejects_policies_sharing_a_run_dir(tmp_path):
     """Two entries with one label would share a run dir: the second would 'resume' the first's predictions."""
-    decay = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02,decay:true}"
+    # tau only matters with decay on, so these two are the same policy under one label
+    tau = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02,tau:2.0}"
     plain = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02}"
     with pytest.raises(ConfigError, match="calm"):
-        tasks.run(make_cfg(tmp_path, "task=compare", "model=phi2", f"compare_policies=[{plain},{decay}]"))
+        tasks.run(make_cfg(tmp_path, "task=compare", "model=phi2", f"compare_policies=[{plain},{tau}]"))
     assert not list(tmp_path.iterdir())
 
 

@@ -138,3 +138,23 @@ def make_multirun(root: Path, *, dataset: str = "e2e", with_full: bool = True, p
 @pytest.fixture
 def multirun(tmp_path: Path) -> Path:
     return make_multirun(tmp_path / "multirun")
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models on one thread (more only contend with other jobs), plain progress output."""
+    import torch
+
+    monkeypatch.setenv("HSD_PROGRESS", "plain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_config(tmp, *overrides: str):
+    """The composed Hydra config, as `python -m hsd_exp OVERRIDES` would see it, writing into ``tmp``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, f"paths.output_dir={tmp}"])

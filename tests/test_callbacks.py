@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
 from hsd_exp import tasks
 from hsd_exp.callbacks import SkipPolicyCallback
@@ -27,18 +27,11 @@ BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=5", "decode.ba
         "policy=hsd", "policy.s=1", "policy.min=0", "policy.max=4"]
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    monkeypatch.setenv("HSD_PROGRESS", "plain")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*BASE, *overrides, f"paths.output_dir={tmp}"])
+    return compose_config(tmp, *BASE, *overrides)
 
 
 def installed(model) -> dict:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, load
 
 from hsd_exp import tasks
 from hsd_exp.datamodule import HSDDataModule
@@ -25,18 +24,11 @@ BASE = ["model=tiny-llama", "dataset.path=sample", "bertscore.enabled=false", "d
         "finetune.lr=1e-3", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logger=csv"]
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    monkeypatch.setenv("HSD_PROGRESS", "plain")  # no rich progress bar in logs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend with the other jobs on the machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*BASE, *overrides, f"paths.output_dir={tmp}"])
+    return compose_config(tmp, *BASE, *overrides)
 
 
 def make_module(cfg) -> tuple:

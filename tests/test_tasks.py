@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.core.global_hydra import GlobalHydra
 
 from hsd_exp import tasks
@@ -26,18 +26,11 @@ FULL = "{_target_:hsd_exp.policies.build_policy,name:full}"
 HSD = "{_target_:hsd_exp.policies.build_policy,name:hsd,s:1,min:0,max:4}"
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    monkeypatch.setenv("HSD_PROGRESS", "plain")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*BASE, *overrides, f"paths.output_dir={tmp}"])
+    return compose_config(tmp, *BASE, *overrides)
 
 
 def cli(args: list[str], run_dir: Path) -> int:

@@ -22,10 +22,18 @@ def main(cfg: DictConfig) -> float | None:
         logging.getLogger("hsd_exp").debug("config error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    # For sweepers (Optuna): the objective is the main quality metric when there is one.
-    if isinstance(result, dict) and isinstance(result.get("rougeL"), int | float):
-        return float(result["rougeL"])
-    return None
+    return objective(result, cfg.get("avg_layer_budget"))
+
+
+def objective(result, budget: float | None) -> float | None:
+    """What sweepers (Optuna) maximise: ROUGE-L, minus 100 * (Avg. Layer - budget) / L over the budget."""
+    if not isinstance(result, dict) or not isinstance(result.get("rougeL"), int | float):
+        return None
+    score = float(result["rougeL"])
+    layers, total = result.get("avg_layers"), result.get("num_layers")
+    if budget is not None and isinstance(layers, int | float) and total and layers > budget:
+        score -= 100.0 * (layers - budget) / total
+    return score
 
 
 if __name__ == "__main__":

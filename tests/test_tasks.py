@@ -126,3 +126,13 @@ def test_finetune_evaluate_keeps_training_curves(tmp_path):
     header = "".join(p.read_text().splitlines()[0] for p in tmp_path.glob("csv/**/metrics.csv"))
     assert "test/avg_layers" in header
     assert "train/loss_step" in header
+
+
+def test_sweep_objective_penalises_runs_over_the_layer_budget():
+    from hsd_exp.__main__ import objective
+
+    run = {"rougeL": 40.0, "avg_layers": 18.0, "num_layers": 30}
+    assert objective(run, None) == 40.0
+    assert objective(run, 20) == 40.0
+    assert objective(run, 15) == pytest.approx(40.0 - 100.0 * 3 / 30)
+    assert objective({"task": "finetune"}, 15) is None

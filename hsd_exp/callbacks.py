@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from hsd_exp.metrics import summarize_run
 from hsd_exp.policies import Policy
@@ -86,18 +87,23 @@ class PredictionsCallback(pl.Callback):
         if self.writer is not None:
             self.writer.close()
         pl_module.on_generated = None
+        # DDP: every rank generated its share in parallel, so throughput = all tokens / the slowest rank's time.
+        counts = pl_module.all_gather(torch.tensor([float(pl_module.generated_tokens), pl_module.generate_seconds]))
+        counts = counts.view(-1, 2)  # (world_size, 2)
+        generated, seconds = int(counts[:, 0].sum()), float(counts[:, 1].max())
         trainer.strategy.barrier()
         if trainer.global_rank != 0:
             return
         files = sorted(self.run_dir.glob("predictions*.jsonl"))
-        records = [r for f in files for r in read_predictions(f)]
+        # DistributedSampler pads uneven splits by repeating examples: score each id once.
+        records = list({str(r["id"]): r for f in files for r in read_predictions(f)}.values())
         tokens = [n for r in records for n in r["layers_per_token"]]
-        tok_s = pl_module.generated_tokens / pl_module.generate_seconds if pl_module.generate_seconds else None
+        tok_s = generated / seconds if seconds else None
         self.metrics = summarize_run(
             records, self.bertscore,
             avg_layers=sum(tokens) / len(tokens) if tokens else None,
             tokens_per_s=tok_s,
-            generated_tokens_this_run=pl_module.generated_tokens,
+            generated_tokens_this_run=generated,
             wall_seconds=time.perf_counter() - self._t0,
             complete=True,
             **self.meta,

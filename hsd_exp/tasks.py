@@ -21,7 +21,7 @@ from hsd_exp.errors import ConfigError
 from hsd_exp.models import LoadedModel
 from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import Policy
-from hsd_exp.predictions import PredictionWriter
+from hsd_exp.predictions import read_predictions
 from hsd_exp.prompts import build_prompt
 from hsd_exp.runs import slug
 from hsd_exp.skipping import layer_skipping
@@ -223,7 +223,6 @@ def load_checkpoint(module: CausalLMModule, path: str) -> None:
 
 def print_comparison(out_dir: Path) -> None:
     """task=compare: the report table of the policies just run, plus a few predictions side by side."""
-    from hsd_exp.predictions import read_predictions
     from hsd_exp.report import collect_runs, write_report
 
     paths = write_report(collect_runs([str(out_dir)]), out_dir)
@@ -243,8 +242,8 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
              ckpt_path: str | None = None) -> dict:
     """``ckpt_path``: the checkpoint loaded into ``module`` (finetune_evaluate's own last.ckpt), for metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with PredictionWriter(run_dir / "predictions.jsonl") as w:
-        done = w.done_ids()
+    # Single process: predictions.jsonl; DDP: predictions.rank<N>.jsonl. Resume skips ids in any of them.
+    done = {str(r["id"]) for f in sorted(run_dir.glob("predictions*.jsonl")) for r in read_predictions(f) if "id" in r}
     if done:
         log.info("resuming: %d predictions already in %s", len(done), run_dir)
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)
@@ -265,6 +264,8 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
             preds.on_test_start(trainer, module)
             preds.on_test_end(trainer, module)
     m = preds.metrics or {}
+    if not trainer.is_global_zero:  # DDP: rank 0 scores every rank's predictions
+        return m
     log.info("%s: Avg. Layer %.2f | R-L %.2f | BLEU-1 %.2f | %s tok/s", policy.label, m.get("avg_layers") or 0,
              m.get("rougeL") or 0, m.get("bleu1") or 0, f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-")
     return m

@@ -136,3 +136,41 @@ def test_sweep_objective_penalises_runs_over_the_layer_budget():
     assert objective(run, 20) == 40.0
     assert objective(run, 15) == pytest.approx(40.0 - 100.0 * 3 / 30)
     assert objective({"task": "finetune"}, 15) is None
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def test_ddp_evaluation_scores_every_example_once_and_resumes(tmp_path):
+    """trainer.devices=2 strategy=ddp on CPU (gloo): the same code path as several GPUs, config alone.
+
+    Lightning re-launches ``python -m hsd_exp ...`` for rank 1, so this runs the real CLI. Each rank streams
+    its own file; DistributedSampler repeats one of the 5 examples to even the ranks out; rank 0 scores
+    each id once. A rerun after losing a rank's last line regenerates only that example.
+    """
+    import subprocess
+
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "hsd_exp", "task=evaluate", *[o for o in BASE if "limit" not in o],
+           "dataset.limit=5", "trainer.devices=2", "trainer.strategy=ddp", "policy=hsd", "policy.s=1",
+           "policy.max=4", f"hydra.run.dir={run_dir}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HSD_PROGRESS": "none"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(run_dir.glob("predictions*.jsonl"))
+    assert [f.name for f in files] == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]
+    per_rank = [read_predictions(f) for f in files]
+    assert [len(r) for r in per_rank] == [3, 3]
+    ids = {r["id"] for recs in per_rank for r in recs}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(ids) == 5 and metrics["num_examples"] == 5
+
+    # Lose one example that only rank 1 holds (not the sampler's repeat): the rerun must generate it again.
+    lost = next(r for r in per_rank[1] if r["id"] not in {x["id"] for x in per_rank[0]})
+    kept = [line for line in files[1].read_text().splitlines(keepends=True) if json.loads(line)["id"] != lost["id"]]
+    files[1].write_text("".join(kept))
+    (run_dir / "metrics.json").unlink()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = [r for f in sorted(run_dir.glob("predictions*.jsonl")) for r in read_predictions(f)]
+    assert lost["id"] in [r["id"] for r in again]  # (on both ranks: the sampler pads 1 example to 2)
+    assert {r["id"] for r in again} == ids
+    assert json.loads((run_dir / "metrics.json").read_text())["num_examples"] == 5

@@ -72,8 +72,9 @@ class CausalLMModule(pl.LightningModule):
         self.model.train()
 
     def training_step(self, batch, batch_idx):
-        skip = self.ft.get("skip_aware") and self.skip_policy is not None
-        if skip and random.random() >= self.ft.get("full_depth_rate", 0.5):
+        skip_aware = bool(self.ft.get("skip_aware")) and self.skip_policy is not None
+        skipped = skip_aware and random.random() >= self.ft.get("full_depth_rate", 0.5)
+        if skipped:
             # LayerDrop-style, but exactly the decode-time computation: prompt positions run every layer,
             # target position with generated-token index T runs only the policy's set for T.
             with layer_skipping(self.model, self.skip_policy, max_new_tokens=self.ft["skip_max_new_tokens"],
@@ -82,7 +83,11 @@ class CausalLMModule(pl.LightningModule):
             self.train_steps_skipped += 1
         else:
             loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["input_ids"]))
+        n = len(batch["input_ids"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        if skip_aware:  # the two kinds of step apart: does the model learn to work with the policy's layers?
+            self.log(f"train/loss_{'skipped' if skipped else 'full_depth'}", loss, on_step=True, on_epoch=True,
+                     batch_size=n)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -243,6 +243,10 @@ def test_skip_aware_training_runs_the_decode_time_layer_sets(tmp_path, monkeypat
                 unchanged = torch.equal(h_in[b, c], h_out[b, c])
                 assert unchanged == (not runs), f"layer {idx + 1} at T={T} (row {b}): ran={not unchanged}"
                 skipped_at_target += unchanged
+    # The two kinds of step are logged apart (train/loss_skipped vs train/loss_full_depth).
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert ("train/loss_skipped_step" in header) == skipping
+    assert ("train/loss_full_depth_step" in header) == (not skipping)
     if skipping:
         assert skipped_at_target > 0
         # HSD s=1 skips layer 1 for every generated token, so it must have been dropped at every target position

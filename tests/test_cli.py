@@ -274,3 +274,30 @@ def test_config_errors_before_model_load(tmp_path, overrides, expected):
         _run(overrides, tmp_path)
     assert expected in str(err.value)
     assert "microsoft/phi-2" not in str(err.value)
+
+
+@pytest.mark.parametrize(("launcher", "target"), [("joblib", "joblib"), ("submitit_slurm", "submitit")])
+def test_launchers_compose(launcher, target):
+    cfg = compose_cfg(["+sweep=paper", f"hydra/launcher={launcher}"], hydra_cfg=True)
+    assert target in cfg.hydra.launcher._target_.lower()
+
+
+def test_optuna_search_space_holds_only_valid_policies():
+    """Optuna's integer ranges include their end: every point of the space must build for a 30-layer model."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_cfg(["+experiment=smollm2_e2e", "+sweep=optuna"], hydra_cfg=True)
+    parser = OverridesParser.create()
+    space = {}
+    for key, value in cfg.hydra.sweeper.params.items():
+        sweep = parser.parse_override(f"{key}={value}")
+        if sweep.is_choice_sweep():
+            space[key] = [int(v) for v in sweep.sweep_string_iterator()]
+        else:  # range(start, stop, step) as Optuna reads it: the end included
+            r = sweep.value()
+            space[key] = list(range(int(r.start), int(r.stop) + 1, int(r.step)))
+    for s in space["policy.s"]:
+        for lo in space["policy.min"]:
+            for hi in space["policy.max"]:
+                instantiate(OmegaConf.create({"_target_": "hsd_exp.policies.build_policy", "name": "hsd",
+                                              "s": s, "min": lo, "max": hi}), num_layers=30)

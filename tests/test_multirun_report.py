@@ -42,3 +42,22 @@ def test_tiny_multirun_then_report(tmp_path):
     assert float(by_policy["hsd"]["speedup"]) == speedup
     assert (out / "quality_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Avg. Layer" in (out / "report.md").read_text()
+
+
+def test_optuna_sweep_searches_under_the_layer_budget(tmp_path):
+    """+sweep=optuna end to end on a tiny model: every trial evaluates, Optuna records the best objective."""
+    import yaml
+
+    from hsd_exp.__main__ import objective
+
+    sweep = tmp_path / "optuna"
+    res = run(["-m", "hsd_exp", "+sweep=optuna", "model=tiny-llama", "dataset.path=sample", "dataset.limit=2",
+               "decode.max_new_tokens=4", "decode.batch_size=2", "bertscore.enabled=false", "avg_layer_budget=4",
+               "hydra.sweeper.n_trials=3",
+               'hydra.sweeper.params={policy.s:"choice(1,2)",policy.min:"choice(0)",policy.max:"range(2,6)"}',
+               f"hydra.sweep.dir={sweep}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = [json.loads((j / "metrics.json").read_text()) for j in sorted(sweep.iterdir()) if j.is_dir()]
+    assert len(trials) == 3 and all(t["policy"] == "hsd" for t in trials)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(objective(t, 4) for t in trials)

@@ -188,6 +188,11 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     if getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step or not Path(last).is_file():
         trainer.save_checkpoint(last)
     log.info("checkpoint: %s", last)
+    if trainer.is_global_zero:  # the trained weights as safetensors, for transformers/peft outside this project
+        export = run_dir / "hf_model"
+        module.model.save_pretrained(export, safe_serialization=True)  # LoRA: the adapter only
+        lm.tokenizer.save_pretrained(export)
+        log.info("weights (safetensors): %s", export)
     return last
 
 

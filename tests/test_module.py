@@ -108,6 +108,8 @@ def test_lora_checkpoint_holds_adapter_only_reloads_and_evaluates(tmp_path):
     # q/k/v/o of 6 layers, A and B each: the frozen base is not saved
     assert len(keys) == 4 * 6 * 2, len(keys)
     assert any(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if "lora_B" in k), "adapter did not train"
+    export = train_dir / "hf_model"  # the adapter for peft, as safetensors
+    assert (export / "adapter_model.safetensors").is_file() and (export / "adapter_config.json").is_file()
 
     # a fresh module (same seeded base) takes the adapter back
     fresh_cfg = make_cfg(tmp_path / "x", "finetune=lora")

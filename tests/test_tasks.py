@@ -108,6 +108,8 @@ def test_finetune_evaluate_end_to_end_cli(tmp_path):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+    export = run_dir / "hf_model"  # the trained weights as safetensors: model=... model.path=<run>/hf_model
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_examples"] == 4 and metrics["complete"] is True
     assert metrics["policy_label"] == "hsd(s=1,0,4)" and metrics["avg_layers"] < 6.0

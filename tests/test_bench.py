@@ -1,0 +1,70 @@
+"""The speed benchmark's arithmetic and plumbing (not its timings: benchmarks are commands, not tests)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import CACHE_DIR, ROOT, load
+
+from hsd_exp.bench import bench_setting, call_flops, layer_flops
+from hsd_exp.policies import build_policy
+from hsd_exp.skipping import SkipStats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_flops_of_plain_decoding_follow_the_formula():
+    lm = load("tiny-llama")
+    per_layer, _, d, vocab = layer_flops(lm.model)
+    P, R, N = 5, 3, 4  # prompt length, rows, new tokens
+    prefill = R * sum(f + 4 * P * d for f in per_layer) + R * 2 * d * vocab
+    decode = sum(R * (sum(f + 4 * (P + t + 1) * d for f in per_layer) + 2 * d * vocab) for t in range(N - 1))
+    assert call_flops(lm.model, P, R, N, None) == prefill + decode
+
+
+def test_ideal_speedup_counts_only_the_layers_run():
+    lm = load("tiny-llama")
+    L, N = 6, 8
+    full = SkipStats(num_layers=L, step_layers=[tuple(range(L))] * (N - 1), kv_only=[0] * (N - 1),
+                     confidence_evals=[0] * (N - 1))
+    assert call_flops(lm.model, 5, 2, N, full) == call_flops(lm.model, 5, 2, N, None)
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    sets = [policy.layers(t, N, L) for t in range(N - 1)]
+    hsd = SkipStats(num_layers=L, step_layers=sets, kv_only=[0] * (N - 1), confidence_evals=[0] * (N - 1))
+    saved = call_flops(lm.model, 5, 2, N, None) - call_flops(lm.model, 5, 2, N, hsd)
+    per_layer, _, d, _ = layer_flops(lm.model)
+    expected = sum(2 * (per_layer[i] + 4 * (5 + t + 1) * d) for t, run in enumerate(sets)
+                   for i in range(L) if i not in run)
+    assert saved == expected > 0
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_bench_setting_reports_every_policy(beams):
+    lm = load("tiny-gpt2")
+    policies = [build_policy("full"), build_policy("hsd", s=1, min=0, max=4)]
+    rows = bench_setting(lm, policies, batch_size=2, beams=beams, new_tokens=5, repeats=1)
+    assert [r["policy"] for r in rows] == ["plain generate()", "full", "hsd(s=1,0,4)"]
+    plain, full, hsd = rows
+    assert plain["measured_speedup"] == 1.0 and plain["ideal_speedup"] == 1.0
+    assert full["avg_layers"] == 6 and full["ideal_speedup"] == pytest.approx(1.0)
+    assert hsd["avg_layers"] < 6 and hsd["ideal_speedup"] > 1.0
+    assert all(r["num_beams"] == beams and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_cli_writes_its_tables_and_rejects_bad_policies(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "hsd_exp.bench", "model=tiny-llama", "bench.batch_sizes=[1]",
+            "bench.num_beams=[1,4]", "bench.max_new_tokens=4", "bench.repeats=1"]
+    ok = subprocess.run([*base, "bench.policies=[{name:full},{name:hsd,s:1,min:0,max:4}]",
+                         f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert {(r["num_beams"], r["policy"]) for r in rows} == {
+        (b, p) for b in (1, 4) for p in ("plain generate()", "full", "hsd(s=1,0,4)")}
+    assert "measured/ideal" in (tmp_path / "bench.md").read_text()
+
+    bad = subprocess.run([*base, "bench.policies=[{name:hsd,s:1,min:0,max:9}]", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "policy.max=9" in bad.stderr

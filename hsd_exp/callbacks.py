@@ -10,7 +10,7 @@ import torch
 
 from hsd_exp.metrics import summarize_run
 from hsd_exp.policies import Policy
-from hsd_exp.predictions import PredictionWriter, read_predictions, write_metrics
+from hsd_exp.predictions import PredictionWriter, read_run_predictions, write_metrics
 from hsd_exp.skipping import layer_skipping
 
 
@@ -94,9 +94,7 @@ class PredictionsCallback(pl.Callback):
         trainer.strategy.barrier()
         if trainer.global_rank != 0:
             return
-        files = sorted(self.run_dir.glob("predictions*.jsonl"))
-        # DistributedSampler pads uneven splits by repeating examples: score each id once.
-        records = list({str(r["id"]): r for f in files for r in read_predictions(f)}.values())
+        records = read_run_predictions(self.run_dir)  # every rank's file, each id once
         tokens = [n for r in records for n in r["layers_per_token"]]
         tok_s = generated / seconds if seconds else None
         self.metrics = summarize_run(

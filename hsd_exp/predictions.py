@@ -68,6 +68,13 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
     return _scan(_file(path))[0]
 
 
+def read_run_predictions(run_dir: str | os.PathLike) -> list[dict]:
+    """Every record of a run dir, each id once: ``predictions.jsonl``, or under DDP ``predictions.rank<N>.jsonl``
+    (DistributedSampler repeats examples to even out the ranks, so an id can be in two files)."""
+    files = sorted(Path(run_dir).glob("predictions*.jsonl"))
+    return list({str(r["id"]): r for f in files for r in read_predictions(f) if "id" in r}.values())
+
+
 class PredictionWriter:
     """Append-only, fsync'ed writer of ``predictions.jsonl``; reopening resumes after a crash.
 

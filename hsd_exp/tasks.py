@@ -21,7 +21,7 @@ from hsd_exp.errors import ConfigError
 from hsd_exp.models import LoadedModel
 from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import Policy
-from hsd_exp.predictions import read_predictions
+from hsd_exp.predictions import read_predictions, read_run_predictions
 from hsd_exp.prompts import build_prompt
 from hsd_exp.runs import slug
 from hsd_exp.skipping import layer_skipping
@@ -247,8 +247,7 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
              ckpt_path: str | None = None) -> dict:
     """``ckpt_path``: the checkpoint loaded into ``module`` (finetune_evaluate's own last.ckpt), for metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Single process: predictions.jsonl; DDP: predictions.rank<N>.jsonl. Resume skips ids in any of them.
-    done = {str(r["id"]) for f in sorted(run_dir.glob("predictions*.jsonl")) for r in read_predictions(f) if "id" in r}
+    done = {r["id"] for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
     if done:
         log.info("resuming: %d predictions already in %s", len(done), run_dir)
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)

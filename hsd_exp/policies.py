@@ -30,6 +30,15 @@ def top_band(step: int, max_steps: int, num_layers: int, min_layers: float, max_
     return set(range(first - 1, num_layers))
 
 
+def bottom_layers(keep_first: int) -> set[int]:
+    """{ i : i <= k } (1-indexed), returned 0-based: the ``keep_first`` ablation's always-run bottom layers."""
+    return set(range(keep_first))
+
+
+def _extra_label(keep_first: int) -> str:
+    return f",keep_first={keep_first}" if keep_first else ""
+
+
 @dataclass(frozen=True)
 class Policy:
     """Base class. ``static`` policies decide from (T, Tmax, L) alone; dynamic ones (CALM) per token."""
@@ -66,22 +75,24 @@ class SkipDecode(Policy):
     """SkipDecode (Del Corro et al. 2023): run the top n(T) layers, skip the bottom ones.
 
         n(T) = (T*min + (Tmax - T)*max) / Tmax
-        run  { i : i >= L - n(T) }
+        run  { i : i >= L - n(T) }  [ U { i : i <= k }  with keep_first = k > 0, an ablation ]
     """
 
     min: float = 10
     max: float = 20
+    keep_first: int = 0
     name = "skipdecode"
 
     @property
     def label(self) -> str:
-        return f"skipdecode({self.min:g},{self.max:g})"
+        return f"skipdecode({self.min:g},{self.max:g}{_extra_label(self.keep_first)})"
 
     def check_num_layers(self, num_layers: int) -> None:
         _check_band(self.min, self.max, num_layers)
+        _check_keep_first(self.keep_first, num_layers)
 
     def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
-        return _cached_skipdecode(step, max_steps, num_layers, self.min, self.max)
+        return _cached_skipdecode(step, max_steps, num_layers, self.min, self.max, self.keep_first)
 
 
 @dataclass(frozen=True)
@@ -92,22 +103,26 @@ class HSD(Policy):
         run  { i : i mod (s+1) = 0 }  U  { i : i >= L - n(T) }
 
     With s >= 1 layer 1 is skipped for every generated token (the engine keeps positions and masks right).
+    ``keep_first = k > 0`` (an ablation, not in the paper) also runs the bottom layers { i : i <= k } for
+    every token, to measure what skipping them costs; the paper's HSD is k = 0.
     """
 
     s: int = 1
     min: float = 0
     max: float = 18
+    keep_first: int = 0
     name = "hsd"
 
     @property
     def label(self) -> str:
-        return f"hsd(s={self.s},{self.min:g},{self.max:g})"
+        return f"hsd(s={self.s},{self.min:g},{self.max:g}{_extra_label(self.keep_first)})"
 
     def check_num_layers(self, num_layers: int) -> None:
         _check_band(self.min, self.max, num_layers)
+        _check_keep_first(self.keep_first, num_layers)
 
     def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
-        return _cached_hsd(step, max_steps, num_layers, self.s, self.min, self.max)
+        return _cached_hsd(step, max_steps, num_layers, self.s, self.min, self.max, self.keep_first)
 
 
 @dataclass(frozen=True)
@@ -163,15 +178,22 @@ def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
         raise ConfigError(f"policy.max={hi:g} is out of range: must be <= L={num_layers} (the model's layers)")
 
 
+def _check_keep_first(keep_first: int, num_layers: int | None) -> None:
+    if not isinstance(keep_first, int) or isinstance(keep_first, bool) or keep_first < 0:
+        raise ConfigError(f"policy.keep_first={keep_first} is out of range: must be an integer >= 0 (0 = the paper)")
+    if num_layers is not None and keep_first > num_layers:
+        raise ConfigError(f"policy.keep_first={keep_first} is out of range: must be <= L={num_layers}")
+
+
 @lru_cache(maxsize=65536)  # the engine asks once per token; this keeps the Python cost off the hot path
-def _cached_skipdecode(step, max_steps, num_layers, lo, hi) -> tuple[int, ...]:
-    return tuple(sorted(top_band(step, max_steps, num_layers, lo, hi)))
+def _cached_skipdecode(step, max_steps, num_layers, lo, hi, keep_first) -> tuple[int, ...]:
+    return tuple(sorted(top_band(step, max_steps, num_layers, lo, hi) | bottom_layers(keep_first)))
 
 
 @lru_cache(maxsize=65536)
-def _cached_hsd(step, max_steps, num_layers, s, lo, hi) -> tuple[int, ...]:
+def _cached_hsd(step, max_steps, num_layers, s, lo, hi, keep_first) -> tuple[int, ...]:
     spaced = {i - 1 for i in range(1, num_layers + 1) if i % (s + 1) == 0}
-    return tuple(sorted(spaced | top_band(step, max_steps, num_layers, lo, hi)))
+    return tuple(sorted(spaced | top_band(step, max_steps, num_layers, lo, hi) | bottom_layers(keep_first)))
 
 
 POLICIES = {"full": Full, "skipdecode": SkipDecode, "hsd": HSD, "calm": CALM}
@@ -200,6 +222,7 @@ def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
     if name in ("hsd", "skipdecode"):
         default = cls()
         _check_band(params.get("min", default.min), params.get("max", default.max), num_layers)
+        _check_keep_first(params.get("keep_first", 0), num_layers)
     if name == "calm":
         d = params.get("d", CALM.d)
         if not d > 0:

@@ -73,13 +73,16 @@ class RunRecord:
 
     @property
     def method(self) -> str:
-        """The paper's row name: "Full", "CALM (d=0.02)", "SkipDecode (10,20)", "HSD (s=1, 0, 18)"."""
-        return method_label(self.policy, self.s, self.min, self.max, self.d, self.criterion, self.policy_label)
+        """The paper's row name: "Full", "CALM (d=0.02)", "SkipDecode (10,20)", "HSD (s=1, 0, 18)"; options
+        beyond the paper's parameters follow them: "HSD (s=1, 0, 18, keep_first=2)"."""
+        return method_label(self.policy, self.s, self.min, self.max, self.d, self.criterion, self.policy_label,
+                            extra=label_extras(self.policy_label))
 
     @property
     def family(self) -> str:
-        """Plot line / sort group: "Full", "CALM", "SkipDecode", "HSD s=1", "HSD s=2"."""
-        return family_label(self.policy, self.s, self.criterion, self.policy_label)
+        """Plot line / sort group: "Full", "CALM", "SkipDecode", "HSD s=1", "HSD s=2", "HSD s=1 (keep_first=2)"."""
+        return family_label(self.policy, self.s, self.criterion, self.policy_label,
+                            extra=label_extras(self.policy_label))
 
     @property
     def setting(self) -> tuple[str, str]:
@@ -178,6 +181,7 @@ def _apply_config(record: RunRecord, run_dir: Path) -> None:
     if path == own:
         record.policy = _config_value(cfg, record.config, "policy.name")
         _set_params(record, {k: _config_value(cfg, record.config, f"policy.{k}") for k in POLICY_KEYS})
+        record.policy_label = _config_label(record.config.get("policy"))  # metrics.json's label, if any, wins
     else:
         _apply_compare_policy(record, record.config.get("compare_policies"), run_dir.name)
 
@@ -199,6 +203,19 @@ def _config_value(cfg: Any, raw: dict, key: str) -> Any:
             return value
         return value if resolved is None else resolved
     return value
+
+
+def _config_label(policy: Any) -> str | None:
+    """The label of the policy a config names (so a run that never wrote metrics.json still shows its options)."""
+    from hsd_exp.policies import build_policy
+
+    if not isinstance(policy, dict) or "name" not in policy:
+        return None
+    params = {k: v for k, v in policy.items() if k not in ("_target_", "name")}
+    try:
+        return build_policy(policy["name"], **params).label
+    except Exception:  # e.g. an unresolved interpolation as a parameter
+        return None
 
 
 def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
@@ -278,20 +295,29 @@ def _count_lines(path: Path) -> int:
 # Labels
 
 
-_LABEL_RE = (  # Policy.label formats (hsd_exp/policies.py)
-    re.compile(r"hsd\(s=(?P<s>[^,]+),(?P<min>[^,]+),(?P<max>[^,)]+)\)"),
-    re.compile(r"skipdecode\((?P<min>[^,]+),(?P<max>[^,)]+)\)"),
-    re.compile(r"calm\(d=(?P<d>[^,)]+)(?:,(?P<criterion>[^,)]+))?\)"),
+_LABEL_RE = (  # Policy.label formats (hsd_exp/policies.py); "extra" = options beyond the paper's parameters
+    re.compile(r"hsd\(s=(?P<s>[^,]+),(?P<min>[^,]+),(?P<max>[^,)]+)(?:,(?P<extra>.+))?\)"),
+    re.compile(r"skipdecode\((?P<min>[^,]+),(?P<max>[^,)]+)(?:,(?P<extra>.+))?\)"),
+    re.compile(r"calm\(d=(?P<d>[^,)]+)(?:,(?P<criterion>[^,)=]+))?(?:,(?P<extra>.+))?\)"),
 )
+
+
+def _match_label(label: str) -> dict:
+    for pattern in _LABEL_RE:
+        m = pattern.fullmatch(label.strip())
+        if m:
+            return {k: v for k, v in m.groupdict().items() if v is not None}
+    return {}
 
 
 def parse_policy_label(label: str) -> dict:
     """Parameters from a ``Policy.label`` ("hsd(s=1,0,18)" -> {"s": 1, "min": 0, "max": 18}); {} if unknown."""
-    for pattern in _LABEL_RE:
-        m = pattern.fullmatch(label.strip())
-        if m:
-            return {k: _number(v) for k, v in m.groupdict().items() if v is not None}
-    return {}
+    return {k: _number(v) for k, v in _match_label(label).items() if k != "extra"}
+
+
+def label_extras(label: str | None) -> str | None:
+    """The options a label shows beyond the paper's parameters ("hsd(s=1,0,18,keep_first=2)" -> "keep_first=2")."""
+    return _match_label(label).get("extra") if label else None
 
 
 def _number(text: str) -> Any:
@@ -316,29 +342,34 @@ def policy_name(policy: str | None, label: str | None) -> str:
     return re.split(r"[(\s]", label or "", maxsplit=1)[0] or "?"
 
 
-def method_label(policy, s=None, lo=None, hi=None, d=None, criterion=None, fallback=None) -> str:
-    """The paper's row names. CALM names its criterion only when it is not the paper's softmax."""
+def method_label(policy, s=None, lo=None, hi=None, d=None, criterion=None, fallback=None, extra=None) -> str:
+    """The paper's row names. CALM names its criterion only when it is not the paper's softmax; options beyond
+    the paper's parameters (``extra``, e.g. "keep_first=2") follow them, so variants never share a row name."""
     name = policy_name(policy, fallback)
     p = _fmt_param
+    more = f", {extra.replace(',', ', ')}" if extra else ""
     if name == "full":
         return "Full"
     if name == "calm" and d is not None:
         crit = "" if criterion in (None, "softmax") else f", {criterion}"
-        return f"CALM (d={p(d)}{crit})"
+        return f"CALM (d={p(d)}{crit}{more})"
     if name == "skipdecode" and lo is not None and hi is not None:
-        return f"SkipDecode ({p(lo)},{p(hi)})"
+        return f"SkipDecode ({p(lo)},{p(hi)}{more})"
     if name == "hsd" and s is not None and lo is not None and hi is not None:
-        return f"HSD (s={p(s)}, {p(lo)}, {p(hi)})"
+        return f"HSD (s={p(s)}, {p(lo)}, {p(hi)}{more})"
     return fallback or name
 
 
-def family_label(policy, s=None, criterion=None, fallback=None) -> str:
+def family_label(policy, s=None, criterion=None, fallback=None, extra=None) -> str:
+    """One plot line per method family; a variant (``extra``) gets its own line."""
     name = policy_name(policy, fallback)
     if name == "hsd":
-        return f"HSD s={_fmt_param(s)}" if s is not None else "HSD"
-    if name == "calm":
-        return "CALM" if criterion in (None, "softmax") else f"CALM ({criterion})"
-    return {"full": "Full", "skipdecode": "SkipDecode"}.get(name, name)
+        family = f"HSD s={_fmt_param(s)}" if s is not None else "HSD"
+    elif name == "calm":
+        family = "CALM" if criterion in (None, "softmax") else f"CALM ({criterion})"
+    else:
+        family = {"full": "Full", "skipdecode": "SkipDecode"}.get(name, name)
+    return f"{family} ({extra.replace(',', ', ')})" if extra and name != "full" else family
 
 
 def as_text(value: Any) -> str:

@@ -9,6 +9,7 @@ PAPER_GRID = [
     ("skipdecode", {"min": 10, "max": 24}),
     *[("hsd", {"s": s, "min": 0, "max": m}) for s in (1, 2) for m in (18, 12, 8)],
 ]
+ABLATIONS = [("hsd", {"s": 1, "min": 0, "max": 18, "keep_first": 2}), ("skipdecode", {"keep_first": 1})]
 
 
 def one_indexed(layers):
@@ -42,7 +43,18 @@ def test_hsd_is_evenly_spaced_layers_plus_band():
     assert 1 not in one_indexed(p.layers(0, 100, 36))  # HSD s>=1 always skips layer 1
 
 
-@pytest.mark.parametrize("name,params", PAPER_GRID)
+def test_keep_first_adds_the_bottom_layers_and_nothing_else():
+    for name, params in ABLATIONS:
+        k = params["keep_first"]
+        paper = build_policy(name, **{**params, "keep_first": 0})
+        variant = build_policy(name, **params)
+        for t in (0, 10, 64):
+            assert one_indexed(variant.layers(t, 64, 30)) == one_indexed(paper.layers(t, 64, 30)) | set(range(1, k + 1))
+    assert build_policy("hsd", s=1, keep_first=2).label == "hsd(s=1,0,18,keep_first=2)"
+    assert build_policy("hsd", s=1).label == "hsd(s=1,0,18)"  # the paper's policy keeps the paper's label
+
+
+@pytest.mark.parametrize("name,params", PAPER_GRID + ABLATIONS)
 @pytest.mark.parametrize("num_layers", [30, 32, 36])
 def test_static_policies_are_monotone(name, params, num_layers):
     """The set run at T+1 is a subset of the set run at T: the property that keeps the KV cache exact."""
@@ -69,6 +81,8 @@ def test_static_policies_are_monotone(name, params, num_layers):
         ("calm", {"criterion": "entropy"}, "policy.criterion=entropy"),
         ("nope", {}, "policy.name=nope is unknown"),
         ("hsd", {"q": 1}, "has no parameter(s) q"),
+        ("hsd", {"keep_first": -1}, "policy.keep_first=-1 is out of range"),
+        ("skipdecode", {"keep_first": 40}, "policy.keep_first=40 is out of range: must be <= L=36"),
     ],
 )
 def test_bad_parameters_fail_with_a_clear_message(name, params, needle):

@@ -44,10 +44,25 @@ def test_single_run_dir_and_metrics_only_run(tmp_path):
     ("hsd(s=2,0,12)", {"s": 2, "min": 0, "max": 12}),
     ("skipdecode(10,24)", {"min": 10, "max": 24}),
     ("calm(d=0.02,softmax)", {"d": 0.02, "criterion": "softmax"}),
+    ("calm(d=0.02,softmax,first_exit=3)", {"d": 0.02, "criterion": "softmax"}),
+    ("hsd(s=1,0,18,keep_first=2)", {"s": 1, "min": 0, "max": 18}),
     ("full", {}),
 ])
 def test_parse_policy_label(label, expected):
     assert parse_policy_label(label) == expected
+
+
+def test_options_beyond_the_paper_name_their_own_row_and_line(tmp_path):
+    """A variant (keep_first, CALM's first_exit) must never share a row with the paper's setting, also
+    when the run is half-finished and only its config says what it ran."""
+    variant = metrics_for("hsd", "hsd(s=1,0,18,keep_first=2)", 19.0, 170.0, 1.0)
+    write_run(tmp_path / "m" / "0", "name: hsd\n  s: 1\n  min: 0\n  max: 18", variant, 4)
+    write_run(tmp_path / "m" / "1", "name: hsd\n  s: 1\n  min: 0\n  max: 18\n  keep_first: 1", None, 2)
+    write_run(tmp_path / "m" / "2", "name: calm\n  d: 0.02\n  first_exit: 3", None, 2)
+    runs = collect_runs([tmp_path / "m"])
+    assert [r.method for r in runs] == ["HSD (s=1, 0, 18, keep_first=2)", "HSD (s=1, 0, 18, keep_first=1)",
+                                        "CALM (d=0.02, first_exit=3)"]
+    assert [r.family for r in runs] == ["HSD s=1 (keep_first=2)", "HSD s=1 (keep_first=1)", "CALM (first_exit=3)"]
 
 
 def test_metrics_without_complete_key_is_complete_and_interpolated_params(tmp_path):

@@ -15,6 +15,7 @@ TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, sca
     ("skipdecode", {"min": 1, "max": 4}),
     ("hsd", {"s": 1, "min": 0, "max": 4}),
     ("hsd", {"s": 2, "min": 0, "max": 3}),
+    ("hsd", {"s": 1, "min": 0, "max": 3, "keep_first": 1}),  # the ablation: layer 1 runs, layer 3 does not
 ]
 T = 12
 

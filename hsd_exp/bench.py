@@ -4,19 +4,29 @@ For each (batch size, beam width) it times, in one process and interleaved (so d
 plain ``generate()`` and ``generate()`` under each policy, every row producing exactly ``max_new_tokens``
 tokens. It prints tokens/s, the measured speedup over plain generate, and the ideal speedup from FLOPs:
 
-    FLOPs(call) = prefill + sum over decode steps T of  R * [ sum_{i in run(T)} (2 * P_i + 4 * ctx_T * d)
-                                                             + 2 * d * V ]
+    prefill     = R * [ sum_i (Pr * 2 * P_i + 2 * Pr * (Pr + 1) * d) + 2 * d * V ]
+    decode      = sum over decode steps T of  R * [ sum_{i in run(T)} (2 * P_i + 4 * ctx_T * d) + 2 * d * V ]
+    FLOPs(call) = prefill + decode
     ideal speedup = FLOPs(plain) / FLOPs(policy),   efficiency = measured / ideal
 
-with P_i the parameters of decoder layer i, R = batch x beams rows, ctx_T the attended length, d the
-hidden size, V the vocabulary (LM head). The prefill runs every layer in both and is counted the same.
-Embedding lookups are gathers (no multiply-adds) and count 0; norms are negligible. CALM adds, per token,
-its confidence checks (an LM head each for ``softmax``; counted as one for ``state`` too, an upper bound)
-and the attention blocks of the layers above the exit, which still write K/V.
+with P_i the parameters of decoder layer i, R = batch x beams rows, Pr the (padded) prompt length, ctx_T
+the attended length, d the hidden size, V the vocabulary (LM head; at prefill only the last position's
+logits are computed). Attention costs 4 * ctx * d per query position and layer (Q.K and A.V); a causal
+prompt position p attends to p + 1 positions. Embedding lookups are gathers (no multiply-adds) and count 0;
+norms are negligible. CALM adds, per token, its confidence checks (an LM head each for ``softmax``; counted
+as one for ``state`` too, an upper bound) and the attention blocks of the layers above the exit, which
+still write K/V.
+
+The prefill runs every layer under every policy, and on a CPU it runs at far more FLOPs per second than
+the one-token decode steps do, so whole-call FLOPs understate what skipping saves in time. The benchmark
+therefore also times the prefill alone (plain ``generate()`` with one new token) and reports the decode
+steps on their own: measured = (t_plain - t_prefill) / (t_policy - t_prefill) against the ideal
+decode(plain) / decode(policy). That pair is where "skipped layers cost nothing" shows.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
@@ -47,12 +57,23 @@ def layer_flops(model) -> tuple[list[int], list[int], int, int]:
     return per_layer, per_attn, text.hidden_size, text.vocab_size
 
 
+def prefill_flops(model, prompt_len: int, rows: int) -> float:
+    """FLOPs of the prompt pass: every layer on every prompt position, the LM head on the last one."""
+    per_layer, _, d, vocab = layer_flops(model)
+    attn = 2 * prompt_len * (prompt_len + 1) * d  # sum over positions p < Pr of 4 * (p + 1) * d
+    return float(rows * (sum(prompt_len * f + attn for f in per_layer) + 2 * d * vocab))
+
+
 def call_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats | None) -> float:
     """FLOPs of one generate() call; ``stats`` None = plain generate (every layer every step)."""
+    return prefill_flops(model, prompt_len, rows) + decode_flops(model, prompt_len, rows, new_tokens, stats)
+
+
+def decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats | None) -> float:
+    """FLOPs of the decode steps of one generate() call (what a policy changes)."""
     per_layer, per_attn, d, vocab = layer_flops(model)
     L = len(per_layer)
-    prefill = rows * sum(f + 4 * prompt_len * d for f in per_layer) + rows * 2 * d * vocab
-    total = prefill
+    total = 0
     for t in range(new_tokens - 1):  # decode steps process generated tokens 0..new_tokens-2
         ctx = prompt_len + t + 1
         run = range(L) if stats is None else stats.step_layers[t]
@@ -94,6 +115,13 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
         with torch.no_grad():
             return model.generate(**enc, generation_config=gen)
 
+    one = copy.deepcopy(gen)
+    one.max_new_tokens = one.min_new_tokens = 1
+
+    def prefill_only():  # the prompt pass and the first token: the same under every policy
+        with torch.no_grad():
+            return model.generate(**enc, generation_config=one)
+
     def under(policy):
         def fn():
             with layer_skipping(model, policy, max_new_tokens=new_tokens) as stats, torch.no_grad():
@@ -101,37 +129,51 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
             fn.stats = stats
         return fn
 
-    runners = [("plain generate()", None, plain)] + [(p.label, p, under(p)) for p in policies]
+    runners = [("prefill", None, prefill_only), ("plain generate()", None, plain)]
+    runners += [(p.label, p, under(p)) for p in policies]
     for _, _, fn in runners:  # warm-up (allocator, kernels) and the stats of each policy
         fn()
     times = {label: [] for label, _, _ in runners}
     for _ in range(repeats):  # interleaved: every repeat times each runner once
         for label, _, fn in runners:
             times[label].append(time_call(fn, 1))
-    flops_plain = call_flops(model, prompt_len, rows, new_tokens, None)
+    t_prefill = statistics.median(times["prefill"])
     base = statistics.median(times["plain generate()"])
+    call_plain = call_flops(model, prompt_len, rows, new_tokens, None)
+    decode_plain = decode_flops(model, prompt_len, rows, new_tokens, None)
     out = []
-    for label, _, fn in runners:
+    for label, _, fn in runners[1:]:
         t = statistics.median(times[label])
         stats = getattr(fn, "stats", None)
-        ideal = flops_plain / call_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
+        ideal = call_plain / call_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
+        decode_ideal = decode_plain / decode_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
         measured = base / t
+        # The decode steps alone: the prefill's time taken off both (None if noise makes it meaningless).
+        decode_measured = (base - t_prefill) / (t - t_prefill) if t > t_prefill and base > t_prefill else None
         out.append({"model": lm.name, "batch_size": batch_size, "num_beams": beams, "policy": label,
                     "avg_layers": stats.avg_layers if stats else float(lm.num_layers),
-                    "tokens_per_s": batch_size * new_tokens / t, "seconds": t, "measured_speedup": measured,
-                    "ideal_speedup": ideal, "efficiency": measured / ideal, "prompt_len": prompt_len,
-                    "new_tokens": new_tokens})
+                    "tokens_per_s": batch_size * new_tokens / t, "seconds": t, "prefill_seconds": t_prefill,
+                    "measured_speedup": measured, "ideal_speedup": ideal, "efficiency": measured / ideal,
+                    "decode_measured_speedup": decode_measured, "decode_ideal_speedup": decode_ideal,
+                    "decode_efficiency": None if decode_measured is None else decode_measured / decode_ideal,
+                    "prompt_len": prompt_len, "new_tokens": new_tokens})
     return out
 
 
 def render(rows: list[dict]) -> str:
-    head = "| model | batch | beams | policy | Avg. Layer | tokens/s | measured speedup | ideal speedup | measured/ideal |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | batch | beams | policy | Avg. Layer | tokens/s | measured speedup | ideal speedup "
+            "| measured/ideal | decode: measured | decode: ideal | decode: measured/ideal |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['num_beams']} | {r['policy']} | {r['avg_layers']:.2f} "
                      f"| {r['tokens_per_s']:.1f} | {r['measured_speedup']:.3f} | {r['ideal_speedup']:.3f} "
-                     f"| {r['efficiency']:.3f} |")
+                     f"| {r['efficiency']:.3f} | {_fmt(r['decode_measured_speedup'])} "
+                     f"| {r['decode_ideal_speedup']:.3f} | {_fmt(r['decode_efficiency'])} |")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")

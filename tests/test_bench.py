@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import CACHE_DIR, ROOT, load
 
-from hsd_exp.bench import bench_setting, call_flops, layer_flops
+from hsd_exp.bench import bench_setting, call_flops, decode_flops, layer_flops, prefill_flops
 from hsd_exp.policies import build_policy
 from hsd_exp.skipping import SkipStats
 
@@ -19,8 +19,11 @@ def test_flops_of_plain_decoding_follow_the_formula():
     lm = load("tiny-llama")
     per_layer, _, d, vocab = layer_flops(lm.model)
     P, R, N = 5, 3, 4  # prompt length, rows, new tokens
-    prefill = R * sum(f + 4 * P * d for f in per_layer) + R * 2 * d * vocab
+    # every prompt position p runs every layer and attends to p + 1 positions; logits for the last only
+    prefill = R * sum(f + 4 * (p + 1) * d for f in per_layer for p in range(P)) + R * 2 * d * vocab
     decode = sum(R * (sum(f + 4 * (P + t + 1) * d for f in per_layer) + 2 * d * vocab) for t in range(N - 1))
+    assert prefill_flops(lm.model, P, R) == prefill
+    assert decode_flops(lm.model, P, R, N, None) == decode
     assert call_flops(lm.model, P, R, N, None) == prefill + decode
 
 
@@ -38,6 +41,7 @@ def test_ideal_speedup_counts_only_the_layers_run():
     expected = sum(2 * (per_layer[i] + 4 * (5 + t + 1) * d) for t, run in enumerate(sets)
                    for i in range(L) if i not in run)
     assert saved == expected > 0
+    assert saved == decode_flops(lm.model, 5, 2, N, None) - decode_flops(lm.model, 5, 2, N, hsd)
 
 
 @pytest.mark.parametrize("beams", [1, 4])
@@ -50,6 +54,9 @@ def test_bench_setting_reports_every_policy(beams):
     assert plain["measured_speedup"] == 1.0 and plain["ideal_speedup"] == 1.0
     assert full["avg_layers"] == 6 and full["ideal_speedup"] == pytest.approx(1.0)
     assert hsd["avg_layers"] < 6 and hsd["ideal_speedup"] > 1.0
+    # decode steps alone: the prefill (the same for all) is taken off, so the ideal is larger
+    assert plain["decode_ideal_speedup"] == 1.0 and hsd["decode_ideal_speedup"] > hsd["ideal_speedup"]
+    assert all(r["prefill_seconds"] > 0 and "decode_efficiency" in r for r in rows)  # timings: not asserted
     assert all(r["num_beams"] == beams and r["tokens_per_s"] > 0 for r in rows)
 
 

@@ -12,6 +12,7 @@ METRIC_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "
 
 FAMILY_STYLE = {"HSD s=1": ("tab:red", "o"), "HSD s=2": ("tab:orange", "s"), "SkipDecode": ("tab:blue", "^"),
                 "CALM": ("tab:green", "D")}
+VARIANT_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # not in FAMILY_STYLE
 
 
 def plot_quality_vs_layers(runs: list[RunRecord], rows: list[dict], path: Path, metric: str = "rougeL",
@@ -43,6 +44,7 @@ def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
         ax.text(0.5, 0.5, "no complete runs with this metric", ha="center", va="center", transform=ax.transAxes)
         return
     several_settings = len({setting_text(r) for r in rows}) > 1
+    variant_colors = iter(VARIANT_COLORS * 4)
     lines: dict[tuple, list[dict]] = {}
     for row in points:
         key = (FAMILY_ORDER.get(row["policy"], len(FAMILY_ORDER)), row["family"], setting_text(row))
@@ -55,8 +57,12 @@ def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
             ax.axhline(ys[0], color="black", linestyle="--", linewidth=0.8, alpha=0.6)
             ax.scatter(xs, ys, marker="*", s=220, color="black", zorder=3, label=label)
             continue
-        color, marker = FAMILY_STYLE.get(family, (None, "o"))
-        ax.plot(xs, ys, marker=marker, color=color, label=label)
+        base = family.split(" (")[0]  # a variant ("HSD s=1 (keep_first=1)"): its family's marker, own colour, dashed
+        color, marker = FAMILY_STYLE.get(base, (None, "o"))
+        style = "-" if base == family else "--"
+        if base != family:
+            color = next(variant_colors)
+        ax.plot(xs, ys, marker=marker, color=color, linestyle=style, label=label)
     ax.legend(loc="best", fontsize="small")
 
 

@@ -1,0 +1,27 @@
+"""hsd_exp.plots: one line per method family, variants (options beyond the paper's) on lines of their own."""
+
+from __future__ import annotations
+
+from conftest import metrics_for, write_run
+from matplotlib.figure import Figure
+
+from hsd_exp.plots import FAMILY_STYLE, _plot_group
+from hsd_exp.report import build_table
+from hsd_exp.runs import collect_runs
+
+
+def test_variants_get_their_own_dashed_line_in_a_colour_no_family_uses(tmp_path):
+    runs = [("full", "full", 30.0), ("hsd", "hsd(s=1,0,18)", 19.8), ("hsd", "hsd(s=1,0,8)", 17.2),
+            ("hsd", "hsd(s=1,0,18,keep_first=1)", 21.4)]
+    for i, (name, label, layers) in enumerate(runs):
+        write_run(tmp_path / "m" / str(i), f"name: {name}", metrics_for(name, label, layers, 100.0, 0.5 + i / 10))
+    rows = build_table(collect_runs([tmp_path / "m"]))
+    ax = Figure().subplots()
+    _plot_group(ax, rows, "rougeL")
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"HSD s=1", "HSD s=1 (keep_first=1)"}  # Full: a star and an unlabelled axhline
+    paper, variant = lines["HSD s=1"], lines["HSD s=1 (keep_first=1)"]
+    assert list(paper.get_xdata()) == [17.2, 19.8] and list(variant.get_xdata()) == [21.4]
+    assert paper.get_linestyle() == "-" and variant.get_linestyle() == "--"
+    assert paper.get_marker() == variant.get_marker() == FAMILY_STYLE["HSD s=1"][1]
+    assert variant.get_color() not in {color for color, _ in FAMILY_STYLE.values()}

@@ -51,7 +51,7 @@ class RunRecord:
     model: str | None = None
     dataset: str | None = None
     policy: str | None = None  # policy.name: full | calm | skipdecode | hsd
-    policy_label: str | None = None  # metrics.json's label, e.g. "hsd(s=1,0,18)"
+    policy_label: str | None = None  # metrics.json's label (else the config policy's), e.g. "hsd(s=1,0,18)"
     s: Any = None
     min: Any = None
     max: Any = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
         ax.text(0.5, 0.5, "no complete runs with this metric", ha="center", va="center", transform=ax.transAxes)
         return
     several_settings = len({setting_text(r) for r in rows}) > 1
-    variant_colors = iter(VARIANT_COLORS * 4)
+    variant_colors = itertools.cycle(VARIANT_COLORS)
     lines: dict[tuple, list[dict]] = {}
     for row in points:
         key = (FAMILY_ORDER.get(row["policy"], len(FAMILY_ORDER)), row["family"], setting_text(row))
@@ -59,9 +60,9 @@ def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
             continue
         base = family.split(" (")[0]  # a variant ("HSD s=1 (keep_first=1)"): its family's marker, own colour, dashed
         color, marker = FAMILY_STYLE.get(base, (None, "o"))
-        style = "-" if base == family else "--"
+        style = "-"
         if base != family:
-            color = next(variant_colors)
+            color, style = next(variant_colors), "--"
         ax.plot(xs, ys, marker=marker, color=color, linestyle=style, label=label)
     ax.legend(loc="best", fontsize="small")
 

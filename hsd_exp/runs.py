@@ -205,34 +205,30 @@ def _config_value(cfg: Any, raw: dict, key: str) -> Any:
     return value
 
 
+def _policy_params(policy: dict) -> dict:
+    return {k: v for k, v in policy.items() if k not in ("_target_", "name")}
+
+
 def _config_label(policy: Any) -> str | None:
-    """The label of the policy a config names (so a run that never wrote metrics.json still shows its options)."""
+    """The label of a config's policy node (``{name, ...params}``); None if it names none or cannot be built.
+    So a run that never wrote metrics.json still shows its options."""
     from hsd_exp.policies import build_policy
 
     if not isinstance(policy, dict) or "name" not in policy:
         return None
-    params = {k: v for k, v in policy.items() if k not in ("_target_", "name")}
     try:
-        return build_policy(policy["name"], **params).label
+        return build_policy(policy["name"], **_policy_params(policy)).label
     except Exception:  # e.g. an unresolved interpolation as a parameter
         return None
 
 
 def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
     """The ``compare_policies`` entry whose label slug names ``folder`` (how task=compare names them)."""
-    from hsd_exp.policies import build_policy
-
     for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict) or "name" not in entry:
-            continue
-        params = {k: v for k, v in entry.items() if k not in ("_target_", "name")}
-        try:
-            label = build_policy(entry["name"], **params).label
-        except Exception:  # e.g. an unresolved interpolation as a parameter
-            continue
-        if slug(label) == folder:
+        label = _config_label(entry)
+        if label is not None and slug(label) == folder:
             record.policy, record.policy_label = entry["name"], label
-            _set_params(record, params)
+            _set_params(record, _policy_params(entry))
             return
     record.policy_label = folder  # unknown policy: at least name the row after its folder
 

@@ -247,7 +247,7 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
              ckpt_path: str | None = None) -> dict:
     """``ckpt_path``: the checkpoint loaded into ``module`` (finetune_evaluate's own last.ckpt), for metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    done = {r["id"] for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
+    done = {str(r["id"]) for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
     if done:
         log.info("resuming: %d predictions already in %s", len(done), run_dir)
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)

@@ -74,6 +74,7 @@ class SkipStats:
 
     @property
     def avg_layers(self) -> float:
+        """Mean layers per decode step; NaN when no decode step ran (max_new_tokens=1: prefill only)."""
         return sum(self.per_step) / len(self.per_step) if self.per_step else float("nan")
 
 
@@ -99,25 +100,30 @@ class SkipEngine:
         self._exited = False
         self._calm_trace: list[tuple[float, float]] = []
         self._handles: list = []
+        self._saved: list = []  # (object, attribute, previous instance value or None)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
+        # Remember any instance attribute we shadow (an outer context's wrapper, an accelerate hook) to restore it.
         for idx, layer in enumerate(self.layers):
+            self._saved.append((layer, "forward", layer.__dict__.get("forward")))
             layer.forward = MethodType(self._layer_forward(idx, layer.forward), layer)
         stack = submodule(self.model, self.family.stack)
         self._handles.append(stack.register_forward_pre_hook(self._before_stack, with_kwargs=True))
+        self._saved.append((self.model, "generate", self.model.__dict__.get("generate")))
         self._orig_generate = self.model.generate
         self.model.generate = self._generate
 
     def remove(self) -> None:
-        for layer in self.layers:
-            if "forward" in layer.__dict__:
-                del layer.forward
+        for obj, name, previous in reversed(self._saved):
+            if previous is None:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, previous)
+        self._saved.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if "generate" in self.model.__dict__:
-            del self.model.generate
 
     # ------------------------------------------------------------------ generate(): one call = one batch
     def _generate(self, *args, **kwargs):
@@ -125,13 +131,16 @@ class SkipEngine:
         self._call_tmax = self.max_new_tokens or kwargs.get("max_new_tokens") or gen_config.max_new_tokens
         if not self._call_tmax:
             raise ValueError("layer_skipping needs max_new_tokens (the policies' Tmax): pass it to either")
-        self._prompt_len = None
+        self._prompt_len, self._step = None, -1  # a new call starts with its prompt (prefill)
         self.stats.last_call = []
         use_cache = kwargs.get("use_cache", gen_config.use_cache)
         if use_cache is not False and kwargs.get("cache") is None:  # None means generate()'s default: cached
             # Layer 0 may be skipped: give generate() a cache that reports the true length.
             kwargs["cache"] = SkipCache(config=self.model.config)
-        return self._orig_generate(*args, **kwargs)
+        try:
+            return self._orig_generate(*args, **kwargs)
+        finally:  # a later plain forward in the context is a new prompt, not this call's next token
+            self._prompt_len, self._call_tmax, self._step = None, None, -1
 
     # ------------------------------------------------------------------ before the layers: make the plan
     def _before_stack(self, module, args, kwargs):
@@ -151,9 +160,9 @@ class SkipEngine:
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
 
         self._exited, self._calm_trace = False, []
-        if steps[-1] < 0:  # prefill: every layer
+        if steps[-1] < 0:  # prefill: every layer (and no CALM exits: _step < 0)
             self.stats.prefill_tokens += x.shape[0] * q
-            self._plan = [True] * self.L
+            self._plan, self._step = [True] * self.L, -1
             return None
         if tmax is None:
             raise ValueError("layer_skipping needs max_new_tokens when used outside generate()")
@@ -266,8 +275,8 @@ def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, pro
     On exit the model is exactly as before (plain ``generate()`` again), even after an exception.
     """
     engine = SkipEngine(model, policy, max_new_tokens, prompt_len)
-    engine.install()
     try:
+        engine.install()
         yield engine.stats
     finally:
         engine.remove()

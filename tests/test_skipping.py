@@ -105,6 +105,36 @@ def test_plain_dynamic_cache_is_refused_when_layers_are_skipped(tiny):
             tiny.model.generate(**enc, max_new_tokens=T, cache=DynamicCache(config=tiny.model.config))
 
 
+def test_one_context_many_calls_each_starts_with_its_prompt(tiny):
+    """The evaluation callback keeps one context over every batch: each call must equal a fresh context's."""
+    enc = tiny.tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    for policy in (build_policy("hsd", s=1, min=0, max=4), build_policy("calm", d=0.05, criterion="state")):
+        with layer_skipping(tiny.model, policy, max_new_tokens=T) as stats:
+            calls = [tiny.model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=False) for _ in range(2)]
+            with torch.no_grad():  # a plain forward after generate(): a new prompt, every layer
+                inside = tiny.model(calls[0]).logits
+        with torch.no_grad():
+            outside = tiny.model(calls[0]).logits
+        assert torch.equal(calls[0], calls[1])
+        assert len(stats.per_step) == 2 * (T - 1)  # decode steps only: no prefill counted as a token
+        assert stats.per_step[: T - 1] == stats.per_step[T - 1:]
+        assert torch.equal(inside, outside)
+        if not policy.static:
+            assert [e.step for e in stats.calm_exits] == list(range(T - 1)) * 2
+
+
+def test_nested_contexts_restore_the_outer_one(tiny):
+    outer, inner = build_policy("hsd", s=1, min=0, max=4), build_policy("full")
+    enc = tiny.tokenizer(PROMPTS[:1], return_tensors="pt")
+    with layer_skipping(tiny.model, outer, max_new_tokens=T) as stats:
+        with layer_skipping(tiny.model, inner, max_new_tokens=T):
+            pass
+        tiny.model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=False)
+    assert stats.per_step and stats.avg_layers < 6  # the outer policy still applied after the inner exit
+    assert "generate" not in tiny.model.__dict__
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(tiny.model))
+
+
 # ------------------------------------------------------------------------------------------------------ CALM
 def test_calm_keeps_the_cache_complete_after_every_step(tiny):
     lengths_per_step = []

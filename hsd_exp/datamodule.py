@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from hsd_exp.data import Example, load_examples
-from hsd_exp.prompts import build_prompt, training_text
+from hsd_exp.errors import ConfigError
+from hsd_exp.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,16 +23,25 @@ class TrainPair:
     target_ids: list[int]
 
 
+@dataclass
+class _FittedPair(TrainPair):
+    target_cut: bool  # the target's end was dropped to fit max_length
+
+
 class HSDDataModule(pl.LightningDataModule):
     """``train``/``val`` yield (prompt, reference) pairs; ``test``/``predict`` yield prompts to generate from.
 
     Training batches put every prompt's end in the same column (prompts left-padded, targets right-padded):
     generated-token index T = column - prompt length is then the same for every row, which is what
     skip-aware training needs to apply the decode-time layer schedule per position.
+
+    ``max_length`` caps prompt + target tokens per training pair; None derives it per pair from the
+    dataset: ``max_source_tokens + max_new_tokens`` + the prompt template's tokens (what evaluation can
+    need at most). Pairs that do not fit get a shorter source, never a cut prompt (see `_pair`).
     """
 
     def __init__(self, dataset_cfg: Any, tokenizer, chat: bool, eval_batch_size: int = 8,
-                 train_batch_size: int = 8, max_length: int = 256, train_limit: int | None = None,
+                 train_batch_size: int = 8, max_length: int | None = None, train_limit: int | None = None,
                  val_limit: int | None = None, skip_ids: set[str] | None = None, num_workers: int = 0):
         super().__init__()
         self.cfg = dataset_cfg
@@ -63,15 +76,67 @@ class HSDDataModule(pl.LightningDataModule):
 
     def _pairs(self, examples: list[Example]) -> list[TrainPair]:
         """One training pair per (source, reference): multi-reference datasets train on every reference."""
-        pairs = []
-        for ex in examples:
-            for ref in ex.references:
-                prompt, target = training_text(ex.source, ref, self.cfg, self.tok, self.chat)
-                p = self.tok(prompt, add_special_tokens=False)["input_ids"]
-                t = self.tok(target, add_special_tokens=False)["input_ids"]
-                t = t[: max(1, self.max_length - len(p))]
-                pairs.append(TrainPair(p[-(self.max_length - len(t)):], t))
-        return pairs
+        pairs = [self._pair(ex.source, ref) for ex in examples for ref in ex.references]
+        cut = sum(p.target_cut for p in pairs)
+        if cut:  # once per split, not once per pair
+            log.warning("%d of %d training targets did not fit finetune.max_length=%s with their prompt and "
+                        "were cut at the end; raise finetune.max_length (null = derived from the dataset)",
+                        cut, len(pairs), "null (derived)" if self.max_length is None else self.max_length)
+        return [TrainPair(p.prompt_ids, p.target_ids) for p in pairs]
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        return self.tok(prompt, add_special_tokens=prompt_special_tokens(self.chat))["input_ids"]
+
+    def _pair(self, source: str, ref: str) -> _FittedPair:
+        """Prompt and target ids whose total fits the length cap, by shortening the source, not the prompt.
+
+        The prompt is always what `build_prompt` gives for some source budget, so its start (article
+        start, chat template header) and its end (separator / assistant turn) are the ones evaluation
+        feeds the model. The source budget is the cap minus the target minus the template's own tokens;
+        a target is cut at its end only when it would leave the source less than half the room after
+        the template (or less than the whole source, if that is shorter).
+        """
+        prompt, target = training_text(source, ref, self.cfg, self.tok, self.chat)
+        p = self._encode_prompt(prompt)
+        t = self.tok(target, add_special_tokens=False)["input_ids"]
+        max_src = self.cfg.get("max_source_tokens")
+        # tokens of the source as it sits in the prompt; the rest of the prompt is template
+        n_src = len(self.tok(truncate_source(source, self.tok, max_src), add_special_tokens=False)["input_ids"])
+        overhead = len(p) - n_src
+        limit = self.max_length
+        if limit is None:
+            max_new = self.cfg.get("max_new_tokens")
+            if not max_src or not max_new:
+                return _FittedPair(p, t, False)  # nothing to derive a cap from: keep what evaluation builds
+            limit = overhead + max_src + max_new
+        if len(p) + len(t) <= limit:
+            return _FittedPair(p, t, False)
+        room = limit - overhead  # tokens for source + target
+        if room < 2:
+            raise self._no_room(limit, overhead)
+        cap = room - min(n_src, room // 2)
+        cut = len(t) > cap
+        t = t[:cap]
+        budget = room - len(t)  # >= 1: the source budget that should make prompt + target fit
+        while True:
+            prompt, _ = training_text(source, ref, self.cfg, self.tok, self.chat, max_source_tokens=budget)
+            p = self._encode_prompt(prompt)
+            excess = len(p) + len(t) - limit
+            # BPE merges across the source/separator seam can shift the count by a token or two
+            if excess <= 0 or budget <= 1:
+                break
+            budget = max(1, budget - excess)
+        if excess > 0:  # the seam still overflows at a 1-token source: give the target's end instead
+            if len(t) - excess < 1:
+                raise self._no_room(limit, overhead)
+            t, cut = t[: len(t) - excess], True
+        return _FittedPair(p, t, cut)
+
+    @staticmethod
+    def _no_room(limit: int, overhead: int) -> ConfigError:
+        return ConfigError(f"finetune.max_length={limit} leaves no room for source and target: the prompt "
+                           f"template alone takes {overhead} tokens; set finetune.max_length larger "
+                           "(or null = derived from the dataset)")
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self):
@@ -109,7 +174,8 @@ class HSDDataModule(pl.LightningDataModule):
 
     def collate_eval(self, examples: list[Example]) -> dict[str, Any]:
         prompts = [build_prompt(ex.source, self.cfg, self.tok, self.chat) for ex in examples]
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
+        # same special-token rule as training: a tokenizer that adds BOS adds it to both
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_special_tokens(self.chat))
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "ids": [ex.id for ex in examples], "sources": [ex.source for ex in examples],
                 "references": [ex.references for ex in examples]}

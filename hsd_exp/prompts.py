@@ -10,7 +10,13 @@ Two formats, chosen by the model (``model.chat``):
 Sources longer than ``dataset.max_source_tokens`` tokens (by the model's tokenizer, no special tokens)
 are cut to their first ``max_source_tokens`` tokens before formatting, so that
 prompt + ``max_new_tokens`` fits the context window. The cut is made in the original string (at a
-token's end offset), so no text is re-decoded.
+token's end offset), so no text is re-decoded. Fine-tuning may pass a smaller source budget
+(``max_source_tokens=``) so that prompt + target fits ``finetune.max_length``: the prompt is then
+built exactly as evaluation would build it for that shorter source (template and separator intact).
+
+Prompt strings are tokenised with the tokenizer's special tokens for base models (a tokenizer that adds
+BOS adds it in training and evaluation alike) and without them for chat models, whose template already
+writes them: see `prompt_special_tokens`.
 """
 
 from __future__ import annotations
@@ -55,8 +61,22 @@ def truncate_source(source: str, tokenizer: Any, max_tokens: int | None) -> str:
     return ""
 
 
-def _user_content(source: str, dataset_cfg: Any, tokenizer: Any) -> str:
-    source = truncate_source(source, tokenizer, _get(dataset_cfg, "max_source_tokens"))
+def prompt_special_tokens(chat: bool) -> bool:
+    """``add_special_tokens`` for a prompt string: the one rule training and evaluation share.
+
+    Chat templates write BOS and turn markers into the string themselves; base-model prompts are plain
+    text, so the tokenizer's own special tokens (BOS, if it adds one) are what the model expects.
+    """
+    return not chat
+
+
+def _source_budget(dataset_cfg: Any, max_source_tokens: int | None) -> int | None:
+    """The override when given (fine-tuning's budget), else the dataset's ``max_source_tokens``."""
+    return _get(dataset_cfg, "max_source_tokens") if max_source_tokens is None else max_source_tokens
+
+
+def _user_content(source: str, dataset_cfg: Any, tokenizer: Any, max_source_tokens: int | None = None) -> str:
+    source = truncate_source(source, tokenizer, _source_budget(dataset_cfg, max_source_tokens))
     instruction = _get(dataset_cfg, "instruction", "")
     return f"{instruction}\n\n{source}" if instruction else source
 
@@ -69,30 +89,36 @@ def _check_chat(tokenizer: Any) -> None:
         )
 
 
-def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bool) -> str:
-    """The model input for one example (see the module docstring for both formats)."""
+def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bool,
+                 max_source_tokens: int | None = None) -> str:
+    """The model input for one example (see the module docstring for both formats).
+
+    ``max_source_tokens`` overrides the dataset's source budget (fine-tuning fits prompt + target in
+    ``finetune.max_length`` this way); None keeps the dataset's.
+    """
     if not chat:
-        source = truncate_source(example_source, tokenizer, _get(dataset_cfg, "max_source_tokens"))
+        source = truncate_source(example_source, tokenizer, _source_budget(dataset_cfg, max_source_tokens))
         return source + _get(dataset_cfg, "separator", "\n")
     _check_chat(tokenizer)
-    user = {"role": "user", "content": _user_content(example_source, dataset_cfg, tokenizer)}
+    user = {"role": "user", "content": _user_content(example_source, dataset_cfg, tokenizer, max_source_tokens)}
     return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
 
 
-def training_text(source: str, target: str, dataset_cfg: Any, tokenizer: Any, chat: bool) -> tuple[str, str]:
+def training_text(source: str, target: str, dataset_cfg: Any, tokenizer: Any, chat: bool,
+                  max_source_tokens: int | None = None) -> tuple[str, str]:
     """(prompt, target_with_eos) for fine-tuning; the caller puts the loss on the target tokens only.
 
     prompt + target is the full training sequence; prompt is exactly what `build_prompt` gives at
-    decode time, so training and evaluation see the same format.
+    decode time (for the same ``max_source_tokens``), so training and evaluation see the same format.
     """
     eos = tokenizer.eos_token or ""
     target = target.strip()
     if not chat:
-        prompt = build_prompt(source, dataset_cfg, tokenizer, chat=False)
+        prompt = build_prompt(source, dataset_cfg, tokenizer, chat=False, max_source_tokens=max_source_tokens)
         space = "" if prompt[-1:].isspace() else " "
         return prompt, f"{space}{target}{eos}"
     _check_chat(tokenizer)
-    user = {"role": "user", "content": _user_content(source, dataset_cfg, tokenizer)}
+    user = {"role": "user", "content": _user_content(source, dataset_cfg, tokenizer, max_source_tokens)}
     prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": target}], tokenize=False)
     # the assistant turn as the template renders it; templates that rewrite history fall back to target

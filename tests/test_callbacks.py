@@ -202,3 +202,27 @@ def test_evaluation_resumes_after_a_crash(tmp_path, monkeypatch):
     assert calls == []
     assert (tmp_path / "metrics.json").read_text() == finished
     assert len(read_predictions(file)) == 5
+
+
+# ---------------------------------------------------------------------------------------------- WarmUpCallback
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, stage, monkeypatch):
+    """Under DDP the model is loaded on the CPU: warm-up must wait until Lightning has moved it, and its
+    tokens must count neither in the policy's stats nor in tokens/s (so it runs before the other callbacks)."""
+    from hsd_exp.callbacks import WarmUpCallback
+
+    lm, module, dm, policy = setup
+    seen = []
+    orig = CausalLMModule.warm_up
+
+    def warm_up(self):
+        seen.append({"device": self.model.device.type, "engine": installed(self.model)["generate"],
+                     "stats": self.skip_stats is not None})
+        return orig(self)
+
+    monkeypatch.setattr(CausalLMModule, "warm_up", warm_up)
+    trainer = trainer_with(WarmUpCallback(), SkipPolicyCallback(policy, MAX_NEW))
+    getattr(trainer, stage)(module, datamodule=dm)
+    getattr(trainer, stage)(module, datamodule=dm)
+    assert seen[0] == {"device": "cpu", "engine": False, "stats": False}
+    assert module._warm  # the second loop found it warm already (warm_up returns at once)

@@ -200,6 +200,10 @@ BAD = {
                      ["ckpt_path={tmp}/gone/last.ckpt"], 2),
     "missing-split": (["task=evaluate", "model=phi2", "dataset.path=sample", "dataset.split=nosuch"],
                       ["nosuch", "train"], 2),
+    # Lightning would relaunch rank 1 with this command line (-m included): a second sweep of its own
+    "ddp-in-multirun": (["-m", "task=evaluate", "model=phi2", "dataset.path=sample", "trainer.accelerator=cpu",
+                         "trainer.devices=2", "trainer.strategy=ddp", "hydra.sweep.dir={tmp}/sweep"],
+                        ["trainer.devices=2", "MULTIRUN", "trainer.devices=1"], 2),
 }
 # Each runs for real as `python -m hsd_exp`, all started at once in the background when this module's first
 # test runs (each pays ~5-10 s of imports). In-process runs of Hydra's main proved fragile: its job logging

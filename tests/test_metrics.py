@@ -5,7 +5,13 @@ import importlib.util
 import pytest
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.metrics import quality_retention, resolve_bertscore_backbone, score, summarize_run
+from hsd_exp.metrics import (
+    quality_retention,
+    resolve_bertscore_backbone,
+    resolve_bertscore_device,
+    score,
+    summarize_run,
+)
 
 PRED = "the cat sat on the mat"
 REF = "the cat is on the mat"
@@ -126,3 +132,47 @@ def test_bertscore_disabled_and_unavailable():
     assert m["bertscore_f1"] is None and m["bertscore_model"] is None
     with pytest.raises(ConfigError, match="bertscore.enabled=false"):
         resolve_bertscore_backbone({"model": "hsd-exp-tests/none", "fallback": "hsd-exp-tests/none-either"})
+
+
+def test_bertscore_device():
+    import torch
+
+    assert resolve_bertscore_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_bertscore_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="bertscore.device=gpu"):
+        resolve_bertscore_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="bertscore.device=cuda:1.*auto"):
+            resolve_bertscore_device("cuda:1")
+
+
+def test_bertscore_downloads_the_backbone_when_the_hub_answers(tmp_path, monkeypatch):
+    """Not cached but online: roberta-large is fetched (PyTorch weights only), not replaced by the fallback."""
+    import huggingface_hub
+
+    import hsd_exp.data
+
+    calls = []
+
+    def fake_snapshot(repo_id, local_files_only=False, allow_patterns=None, **kw):
+        if local_files_only:  # the cache lookup: not cached
+            raise OSError("not cached")
+        calls.append((repo_id, allow_patterns))
+        folder = tmp_path / repo_id.replace("/", "--")
+        folder.mkdir(exist_ok=True)
+        if "pytorch_model.bin" in allow_patterns:  # this repo has no safetensors
+            (folder / "pytorch_model.bin").write_bytes(b"")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(hsd_exp.data, "hub_reachable", lambda: True)
+    path, layers, name = resolve_bertscore_backbone({"model": "roberta-large"})
+    assert (name, layers) == ("roberta-large", 17) and path.endswith("FacebookAI--roberta-large")
+    assert calls[0][0] == "FacebookAI/roberta-large"
+    assert all("*.h5" not in patterns and "*" not in patterns for _, patterns in calls)
+
+    calls.clear()  # offline: no download attempt, the fallback (or the error) as before
+    monkeypatch.setattr(hsd_exp.data, "hub_reachable", lambda: False)
+    with pytest.raises(ConfigError, match="bertscore.enabled=false"):
+        resolve_bertscore_backbone({"model": "roberta-large", "fallback": "hsd-exp-tests/none"})
+    assert not calls

@@ -280,3 +280,23 @@ def test_checkpoint_that_does_not_fit_is_a_config_error(tmp_path):
     garbage.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="notes.ckpt"):
         tasks.load_checkpoint(plain, str(garbage))
+
+
+# ---------------------------------------------------------------------------------------------- training dtype / policy
+def test_full_finetune_trains_float32_weights(tmp_path):
+    """A bf16 model (dtype=auto on a GPU) must not be trained in bf16: bf16-mixed only autocasts the forward."""
+    cfg = make_cfg(tmp_path, "task=finetune", "finetune=full")
+    lm, module = make_module(cfg)
+    module.model.to(torch.bfloat16)
+    module.setup("test")  # evaluation leaves the dtype alone
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    module.setup("fit")
+    assert {p.dtype for p in module.model.parameters()} == {torch.float32}
+
+
+def test_skip_aware_training_refuses_a_dynamic_policy_but_evaluation_accepts_it(tmp_path):
+    cfg = make_cfg(tmp_path, "task=finetune", "finetune=full", "finetune.skip_aware=true", "policy=calm")
+    lm, module = make_module(cfg)
+    module.setup("test")  # evaluating a skip-aware checkpoint with CALM is fine
+    with pytest.raises(ConfigError, match=r"finetune.skip_aware=true.*calm"):
+        module.setup("fit")

@@ -176,3 +176,112 @@ def test_ddp_evaluation_scores_every_example_once_and_resumes(tmp_path):
     assert lost["id"] in [r["id"] for r in again]  # (on both ranks: the sampler pads 1 example to 2)
     assert {r["id"] for r in again} == ids
     assert json.loads((run_dir / "metrics.json").read_text())["num_examples"] == 5
+
+
+def test_ddp_inside_a_multirun_is_refused(tmp_path):
+    """Lightning relaunches rank 1 with the command line, -m included: each rank would run a sweep of its own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    def hydra_cfg(mode: str, *overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="config", return_hydra_config=True,
+                           overrides=[*BASE, f"hydra.mode={mode}", f"paths.output_dir={tmp_path}", *overrides])
+
+    ddp = ("task=evaluate", "model=phi2", "trainer.devices=2", "trainer.strategy=ddp")  # phi2: not loadable offline
+    try:
+        cfg = hydra_cfg("MULTIRUN", *ddp)
+        HydraConfig.instance().set_config(cfg)
+        with pytest.raises(ConfigError) as err:
+            tasks.run(cfg)
+        for text in ("trainer.devices=2", "MULTIRUN", "policy=$p", "trainer.devices=1"):
+            assert text in str(err.value)
+        assert "microsoft/phi-2" not in str(err.value)  # refused before the model loads
+        for ok in (hydra_cfg("MULTIRUN", "task=evaluate"), hydra_cfg("RUN", *ddp),
+                   hydra_cfg("MULTIRUN", "task=generate", "trainer.devices=2")):
+            HydraConfig.instance().set_config(ok)
+            tasks._check_multirun_ddp(ok)  # one device, a single run, or no Trainer at all
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize(("trainer", "cuda", "expected"), [
+    ({"devices": 2}, 0, 2), ({"devices": "2"}, 0, 2), ({"devices": [0, 1]}, 2, 2), ({"devices": "0,1"}, 2, 2),
+    ({"devices": "auto", "accelerator": "cpu"}, 4, 1), ({"devices": -1, "accelerator": "gpu"}, 4, 4),
+    ({"devices": "auto", "accelerator": "auto"}, 0, 1), ({"devices": 2, "num_nodes": 2}, 0, 4),
+    ({"devices": 1}, 4, 1),
+])
+def test_num_processes(trainer, cuda, expected):
+    from omegaconf import OmegaConf
+
+    with mock.patch.object(torch.cuda, "is_available", return_value=cuda > 0), \
+            mock.patch.object(torch.cuda, "device_count", return_value=cuda):
+        assert tasks.num_processes(OmegaConf.create(trainer)) == expected
+
+
+# ---------------------------------------------------------------------------------------------- device / dtype
+def _on_gpu_machine():
+    """Pretend a bf16-capable GPU is visible (the checks must not depend on the test machine)."""
+    return mock.patch.multiple(torch.cuda, is_available=mock.DEFAULT, is_bf16_supported=mock.DEFAULT,
+                               device_count=mock.DEFAULT)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["trainer=cpu"], {"device": "cpu"}),
+    (["trainer=gpu"], {}),  # one GPU: as before (auto -> cuda, bf16)
+    (["trainer=ddp"], {"device": "cpu", "dtype": "bfloat16"}),  # each rank: Lightning moves it to its own GPU
+    (["trainer=ddp", "model.device=cuda"], {"device": "cpu", "dtype": "bfloat16"}),  # not every rank on cuda:0
+    (["trainer=ddp", "task=generate"], {}),  # no Trainer: generate() runs where the model is
+    (["trainer=gpu", "task=finetune", "finetune=full"], {"dtype": "float32"}),
+    (["trainer=gpu", "task=finetune_evaluate", "finetune=lora"], {}),  # peft keeps the adapters fp32
+    (["trainer=gpu", "task=evaluate", "finetune=full"], {}),  # evaluating a full checkpoint: bf16 is fine
+    (["trainer=ddp", "task=finetune", "finetune=full"], {"device": "cpu", "dtype": "float32"}),
+])
+def test_model_device_and_dtype_follow_the_trainer(tmp_path, overrides, expected):
+    with _on_gpu_machine() as cuda:
+        cuda["is_available"].return_value, cuda["is_bf16_supported"].return_value = True, True
+        cuda["device_count"].return_value = 2
+        cfg = compose_config(tmp_path, "model=smollm2-135m", "task=evaluate", *overrides)
+        assert tasks.model_overrides(cfg) == expected
+
+
+def test_trainer_cpu_loads_a_float32_cpu_model_on_a_gpu_machine(tmp_path):
+    with _on_gpu_machine() as cuda:
+        cuda["is_available"].return_value, cuda["is_bf16_supported"].return_value = True, True
+        cfg = make_cfg(tmp_path, "task=evaluate", "trainer=cpu", "model.device=auto", "model.dtype=auto")
+        lm = tasks.build(cfg.model, **tasks.model_overrides(cfg))
+        assert lm.model.device.type == "cpu" and lm.model.dtype == torch.float32
+        assert tasks.bertscore_config(cfg)["device"] == "cpu"  # bertscore.device=auto follows the run
+
+
+def test_full_finetune_refuses_half_precision_weights(tmp_path):
+    cfg = compose_config(tmp_path, "model=smollm2-135m", "task=finetune", "finetune=full", "model.dtype=bf16")
+    with pytest.raises(ConfigError, match=r"model.dtype=bf16.*model.dtype=auto"):
+        tasks.model_overrides(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- early checks
+def test_skip_aware_training_with_calm_is_refused_before_the_model_loads(tmp_path):
+    cfg = make_cfg(tmp_path, "task=finetune_evaluate", "model=phi2", "finetune=full", "finetune.skip_aware=true",
+                   "policy=calm")
+    with pytest.raises(ConfigError) as err:
+        tasks.run(cfg)
+    assert "finetune.skip_aware=true" in str(err.value) and "policy=calm" in str(err.value)
+    assert "policy=hsd_s1_max18" in str(err.value)
+
+
+def test_bad_bertscore_device_is_refused_before_the_model_loads(tmp_path):
+    cfg = make_cfg(tmp_path, "task=evaluate", "model=phi2", "bertscore.enabled=true", "bertscore.device=gpu")
+    with pytest.raises(ConfigError, match="bertscore.device=gpu"):
+        tasks.run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+@pytest.mark.parametrize(("mode", "bar"), [("rich", "RichProgressBar"), ("plain", "TQDMProgressBar"),
+                                           ("none", None)])
+def test_progress_bar_for_evaluation_too(tmp_path, monkeypatch, mode, bar):
+    monkeypatch.setenv("HSD_PROGRESS", mode)
+    monkeypatch.delenv("CI", raising=False)
+    trainer = tasks.make_trainer(make_cfg(tmp_path, "task=evaluate"), [], tmp_path)  # fit=False: evaluation
+    got = trainer.progress_bar_callback
+    assert (type(got).__name__ if got is not None else None) == bar

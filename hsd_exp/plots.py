@@ -1,4 +1,5 @@
-"""The paper's Fig. 1: quality vs. Avg. Layer, one line per method family, one panel per (model, dataset)."""
+"""The paper's Fig. 1: quality vs. Avg. Layer, one line per method family (and setting), one panel per (model,
+dataset)."""
 
 from __future__ import annotations
 
@@ -44,16 +45,16 @@ def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
     if not points:
         ax.text(0.5, 0.5, "no complete runs with this metric", ha="center", va="center", transform=ax.transAxes)
         return
-    several_settings = len({setting_text(r) for r in rows}) > 1
     variant_colors = itertools.cycle(VARIANT_COLORS)
     lines: dict[tuple, list[dict]] = {}
     for row in points:
-        key = (FAMILY_ORDER.get(row["policy"], len(FAMILY_ORDER)), row["family"], setting_text(row))
+        # one line per (setting, family): runs of two checkpoints or decode settings never share a line
+        key = (FAMILY_ORDER.get(row["policy"], len(FAMILY_ORDER)), row["family"], row["setting"] or "")
         lines.setdefault(key, []).append(row)
     for (_, family, setting), members in sorted(lines.items()):
         members.sort(key=lambda r: r["avg_layers"])
         xs, ys = [r["avg_layers"] for r in members], [r[metric] for r in members]
-        label = f"{family} [{setting}]" if several_settings else family
+        label = f"{family} [{setting}]" if setting else family  # "" when the panel holds one setting
         if family == "Full":  # the reference: a star and a horizontal line at its quality
             ax.axhline(ys[0], color="black", linestyle="--", linewidth=0.8, alpha=0.6)
             ax.scatter(xs, ys, marker="*", s=220, color="black", zorder=3, label=label)
@@ -65,11 +66,3 @@ def _plot_group(ax: Any, rows: list[dict], metric: str) -> None:
             color, style = next(variant_colors), "--"
         ax.plot(xs, ys, marker=marker, color=color, linestyle=style, label=label)
     ax.legend(loc="best", fontsize="small")
-
-
-def setting_text(row: dict) -> str:
-    """A table row's decode settings: "beams=4" or "beams=4, ckpt=PATH" (what a speedup baseline shares)."""
-    parts = [f"beams={as_text(row['num_beams']) or '?'}"]
-    if row["ckpt_path"]:
-        parts.append(f"ckpt={row['ckpt_path']}")
-    return ", ".join(parts)

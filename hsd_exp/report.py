@@ -1,25 +1,37 @@
 """Comparison report over evaluation runs: ``python -m hsd_exp.report DIR [DIR ...]``.
 
-Each DIR is a Hydra multirun dir or a single run dir. Every run folder below DIR (``.hydra/config.yaml``,
-``metrics.json``, ``predictions*.jsonl``; ``task=compare`` subfolders included) is one row: see hsd_exp.runs
-and DEVELOPERS.md "Run directory format". A half-finished run gets a row marked ``partial (N predictions)``,
-never dropped.
+Each DIR is a Hydra multirun dir or a single run dir. Every run folder below DIR (.hydra/config.yaml,
+metrics.json, predictions*.jsonl; task=compare subfolders included) is one row (see hsd_exp.runs and
+DEVELOPERS.md "Run directory format"). The table follows the HSD paper's layout: one row per decoding
+setting, one table per (model, dataset).
 
-The table follows the HSD paper's layout: one row per decoding setting, one table per (model, dataset).
+Outputs (into --out, default the first DIR):
+  report.md              the tables (numbers rounded to 2 decimals) with notes, and the figure
+  report.csv             every row at full precision, plus each metric's retention <m>_pct_full
+  quality_vs_layers.png  the paper's Fig. 1: quality (--metric) vs. Avg. Layer, one line per method
+                         family (and per setting, when the runs hold several), Full as a star
+--wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set).
 
-    Speedup    = tokens/s / tokens/s(full)
-    % of full  = mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of  m / m(full) * 100
-    (the CSV also holds each metric's retention ``<m>_pct_full``)
+Columns:
+  Avg. Layer  mean decoder layers run per generated token (prefill excluded)
+  Speedup     tokens/s / tokens/s(Full)
+  % of full   mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of m / m(Full) * 100
 
-where ``full`` is the full-decoding run of the same model, dataset and decode settings (``decode.num_beams``
-and ``ckpt_path``); with no such run both columns stay blank. A metric missing from either run, or whose
-full value is 0, is left out of the mean; so is BERTScore when the two runs used different backbones.
-Rows: Full first, then CALM, SkipDecode, HSD, each by Avg. Layer descending. Every number in the table is
-the run's own ``metrics.json`` value (Markdown rounds to 2 decimals; the CSV keeps full precision).
+Full is the full-decoding run of the same setting: same model.name and dataset.name, and the same
+model.path, ckpt_path, dataset split and limit, decode.num_beams, do_sample and max_new_tokens (read from
+each run's .hydra/config.yaml). A complete Full run is preferred to a partial one. With no Full run of a
+setting, its rows leave Speedup and % of full blank; a Full run without tokens/s (e.g. scored on resume)
+still gives % of full, only Speedup stays blank. A metric missing from either run, or whose Full value is 0,
+is left out of the mean; so is BERTScore when the two runs used different backbones. When the runs of one
+table span several settings, each row names its setting after the method ("HSD (s=1, 0, 18) [beams=1]",
+only the fields that differ), so no two rows look alike.
 
-Outputs (into ``--out``, default the first DIR): ``report.md``, ``report.csv`` and
-``quality_vs_layers.png`` (the paper's Fig. 1: quality vs. Avg. Layer, one line per method family).
-``--wandb`` also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set).
+Rows: Full first, then CALM, SkipDecode, HSD, each by Avg. Layer descending. Every number is the run's own
+metrics.json value. A half-finished run is a row marked "partial (N predictions)", never dropped; its
+metrics cells are blank (or its last metrics.json values) and it is not plotted.
+
+Mixed inputs: DIRs whose runs span several models or datasets are refused (exit status 2) unless
+--allow-mixed, which writes one table (and figure panel) per (model, dataset).
 """
 
 from __future__ import annotations
@@ -33,13 +45,14 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.plots import METRIC_NAMES, plot_quality_vs_layers, setting_text
+from hsd_exp.plots import METRIC_NAMES, plot_quality_vs_layers
 from hsd_exp.runs import (
     CONFIG_FILE,
     FAMILY_ORDER,
     METRIC_FIELDS,
     NO_RUNS,
     QUALITY_KEYS,
+    SETTING_FIELDS,
     RunRecord,
     as_text,
     collect_runs,
@@ -59,7 +72,8 @@ __all__ = [  # the report's own API, plus what it re-exports from hsd_exp.runs a
     "OUTPUT_FILES", "QUALITY_KEYS", "RunRecord", "build_table", "check_not_mixed", "collect_runs",
     "count_predictions", "default_title", "family_label", "find_run_dirs", "group_key", "group_notes",
     "log_wandb", "main", "markdown_table", "method_label", "parse_args", "parse_policy_label",
-    "plot_quality_vs_layers", "read_run", "render_markdown", "retention_vs_full", "write_csv", "write_report",
+    "plot_quality_vs_layers", "read_run", "render_markdown", "retention_vs_full", "setting_names", "wandb_group",
+    "write_csv", "write_report",
 ]
 
 OUTPUT_FILES = {"md": "report.md", "csv": "report.csv", "png": "quality_vs_layers.png"}
@@ -71,9 +85,9 @@ MD_COLUMNS = (
     ("Speedup", "speedup"), ("% of full", "pct_full"), ("Status", "status"),
 )
 CSV_COLUMNS = (
-    "model", "dataset", "method", "family", "policy", "s", "min", "max", "d", "criterion", "num_beams",
-    "ckpt_path", "avg_layers", "num_layers", *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup",
-    "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS), "num_examples", "num_predictions", "status", "path",
+    "model", "dataset", "method", "family", "policy", "s", "min", "max", "d", "criterion", "setting", "num_beams",
+    "ckpt_path", "model_path", "split", "limit", "do_sample", "max_new_tokens", "avg_layers", "num_layers",
+    *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS), "num_examples", "num_predictions", "status", "path",
 )
 
 
@@ -102,23 +116,55 @@ def build_table(runs: list[RunRecord]) -> list[dict]:
     for key in sorted({group_key(r) for r in runs}):
         group = [r for r in runs if group_key(r) == key]
         baselines = _baselines(group)
-        several_settings = len({r.setting for r in group}) > 1
-        # Decode settings that have a full run first, so the table still starts with "Full".
-        for run in sorted(group, key=lambda r: (r.setting not in baselines, *_sort_key(r))):
-            rows.append(_row(run, baselines.get(run.setting), several_settings))
+        names = setting_names(group)
+        # Settings that have a full run first, so the table still starts with "Full".
+        group_rows = [_row(run, baselines.get(run.setting), names)
+                      for run in sorted(group, key=lambda r: (r.setting not in baselines, *_sort_key(r)))]
+        rows += _distinct_methods(group_rows)
     return rows
 
 
-def _baselines(group: list[RunRecord]) -> dict[tuple[str, str], RunRecord]:
-    """The full-decoding run per decode setting: a complete one if any, else one that has metrics."""
-    best: dict[tuple[str, str], RunRecord] = {}
+def setting_names(group: list[RunRecord]) -> dict[tuple, str]:
+    """{run.setting: "beams=1, ckpt=PATH"}: the SETTING_FIELDS whose values differ within ``group``, so a row
+    names what sets it apart; all "" when the group holds one setting."""
+    settings = sorted({r.setting for r in group})
+    differ = [i for i in range(len(SETTING_FIELDS)) if len({s[i] for s in settings}) > 1]
+    return {s: ", ".join(f"{SETTING_FIELDS[i][1]}={s[i] or '-'}" for i in differ) for s in settings}
+
+
+def _distinct_methods(rows: list[dict]) -> list[dict]:
+    """Rows of one table that still share a method name (the same setting run twice, e.g. DIRs holding a
+    rerun) are told apart by their run folder: a table never shows two rows that look the same."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["method"]] = counts.get(row["method"], 0) + 1
+    for row in rows:
+        if counts[row["method"]] > 1:
+            path = Path(row["path"])
+            row["method"] += f" ({path.parent.name}/{path.name})"
+    return rows
+
+
+def _has_quality(run: RunRecord) -> bool:
+    return any(is_number(getattr(run, k)) for k in QUALITY_KEYS)
+
+
+def _baselines(group: list[RunRecord]) -> dict[tuple, RunRecord]:
+    """The full-decoding run per setting, chosen for its quality alone (a Full run scored on resume has no
+    tokens/s but is still the % of full reference; only Speedup then stays blank): among Full runs with
+    quality metrics, a complete one first, then one with tokens/s."""
+    best: dict[tuple, RunRecord] = {}
     for run in group:
-        if policy_name(run.policy, run.policy_label) != "full" or run.tokens_per_s is None:
+        if policy_name(run.policy, run.policy_label) != "full" or not _has_quality(run):
             continue
         current = best.get(run.setting)
-        if current is None or (run.complete and not current.complete):
+        if current is None or _baseline_rank(run) > _baseline_rank(current):
             best[run.setting] = run
     return best
+
+
+def _baseline_rank(run: RunRecord) -> tuple[bool, bool]:
+    return (run.complete, is_number(run.tokens_per_s))
 
 
 def _sort_key(run: RunRecord) -> tuple:
@@ -127,11 +173,14 @@ def _sort_key(run: RunRecord) -> tuple:
     return (run.setting, rank, -layers, run.method, str(run.path))
 
 
-def _row(run: RunRecord, full: RunRecord | None, several_settings: bool) -> dict:
+def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]) -> dict:
+    setting = setting_names.get(run.setting, "")
     row = {
         "model": run.model, "dataset": run.dataset, "method": run.method, "family": run.family,
         "policy": policy_name(run.policy, run.policy_label), "s": run.s, "min": run.min, "max": run.max,
-        "d": run.d, "criterion": run.criterion, "num_beams": run.num_beams, "ckpt_path": run.ckpt_path,
+        "d": run.d, "criterion": run.criterion, "setting": setting, "num_beams": run.num_beams,
+        "ckpt_path": run.ckpt_path, "model_path": run.model_path, "split": run.split, "limit": run.limit,
+        "do_sample": run.do_sample, "max_new_tokens": run.max_new_tokens,
         "avg_layers": run.avg_layers, "num_layers": run.num_layers,
         **{k: getattr(run, k) for k in QUALITY_KEYS},
         "bertscore_model": run.bertscore_model, "tokens_per_s": run.tokens_per_s,
@@ -144,8 +193,8 @@ def _row(run: RunRecord, full: RunRecord | None, several_settings: bool) -> dict
         row[f"{k}_pct_full"] = retention.get(k)
     row.update(num_examples=run.num_examples, num_predictions=run.num_predictions, status=run.status,
                path=str(run.path))
-    if several_settings:  # tell apart e.g. greedy and beam-4 runs of the same policy
-        row["method"] += f" [{setting_text(row)}]"
+    if setting:  # tell apart e.g. greedy and beam-4 runs, or two checkpoints, of the same policy
+        row["method"] += f" [{setting}]"
     return {k: row[k] for k in CSV_COLUMNS}
 
 
@@ -204,11 +253,16 @@ def group_notes(rows: list[dict], runs: list[RunRecord]) -> list[str]:
                      f"differs from the full run's.**")
     else:
         notes.append("BERTScore: not computed by these runs.")
-    if not any(row["speedup"] is not None for row in rows):
-        notes.append("No full-decoding run with tokens/s for these settings: Speedup and % of full are blank.")
-    elif any(row["speedup"] is None and row["tokens_per_s"] is not None for row in rows):
-        notes.append("Rows without a full-decoding run of the same decode settings (num_beams, ckpt_path) "
-                     "have blank Speedup and % of full.")
+    baselines = _baselines(runs)
+    if not baselines:
+        notes.append("No full-decoding run for these settings: Speedup and % of full are blank.")
+    elif any(r.setting not in baselines for r in runs):
+        notes.append("Rows without a full-decoding run of the same setting (model.path, ckpt_path, split, limit, "
+                     "num_beams, do_sample, max_new_tokens) have blank Speedup and % of full.")
+    no_speed = [f"`{full.path}`" for full in baselines.values() if not is_number(full.tokens_per_s)]
+    if no_speed:
+        notes.append(f"Full run(s) without tokens/s (scored on resume) give % of full but no Speedup: "
+                     f"{', '.join(no_speed)}")
     notes.extend(_example_count_notes(runs))
     partial = [row for row in rows if row["status"] != "complete"]
     if partial:
@@ -235,7 +289,8 @@ def render_markdown(runs: list[RunRecord], rows: list[dict], title: str, png_nam
     parts += [
         "Speedup = tokens/s / tokens/s(full); % of full = mean over R-1, R-2, R-L, BLEU-1, BERTScore of "
         "metric / metric(full) * 100 (per-metric values in report.csv). Full = the full-decoding run of the "
-        "same model, dataset and decode settings. Avg. Layer = mean decoder layers run per generated token.",
+        "same model, dataset and setting (model.path, ckpt_path, split, limit, num_beams, do_sample, "
+        "max_new_tokens). Avg. Layer = mean decoder layers run per generated token.",
         "",
     ]
     if png_name:
@@ -300,14 +355,21 @@ def log_wandb(runs: list[RunRecord], rows: list[dict], png: Path, title: str, me
         "report.title": title, "report.metric": metric, "report.num_runs": len(runs),
         "report.datasets": ",".join(datasets), "report.models": ",".join(models),
     }
-    run = wandb.init(project=project, group=datasets[0] if len(datasets) == 1 else "mixed", name=title,
-                     job_type="report", config=config, mode=mode)
+    run = wandb.init(project=project, group=wandb_group(runs), name=title, job_type="report", config=config,
+                     mode=mode)
     try:
         table = wandb.Table(columns=list(CSV_COLUMNS), data=[[_wandb_value(row[k]) for k in CSV_COLUMNS]
                                                              for row in rows])
         run.log({"report": table, "quality_vs_layers": wandb.Image(str(png))})
     finally:
         run.finish()
+
+
+def wandb_group(runs: list[RunRecord]) -> str:
+    """The W&B group of the evaluation runs reported on (conf/logger/wandb.yaml groups them by ``task_name``),
+    so the report lands beside them; several task names joined with "+", "report" when no config names one."""
+    names = sorted({as_text(r.config.get("task_name")) for r in runs} - {""})
+    return "+".join(names) or "report"
 
 
 def _wandb_value(value: Any) -> Any:
@@ -324,7 +386,8 @@ def _wandb_value(value: Any) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hsd_exp.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hsd_exp.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", metavar="DIR", help="multirun or run directories of `python -m hsd_exp`")
     p.add_argument("--out", help="output directory (default: the first DIR)")
     p.add_argument("--title", help="report / figure title (default: names the model and dataset)")

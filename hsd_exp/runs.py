@@ -59,6 +59,11 @@ class RunRecord:
     criterion: Any = None
     num_beams: Any = None
     ckpt_path: Any = None
+    model_path: Any = None  # model.path: a local copy or fine-tuned weights under the same model.name
+    split: Any = None
+    limit: Any = None
+    do_sample: Any = None
+    max_new_tokens: Any = None
     rouge1: Any = None
     rouge2: Any = None
     rougeL: Any = None
@@ -85,9 +90,11 @@ class RunRecord:
                             extra=label_extras(self.policy_label))
 
     @property
-    def setting(self) -> tuple[str, str]:
-        """Decode settings a speedup baseline must share (besides model and dataset)."""
-        return (as_text(self.num_beams), as_text(self.ckpt_path))
+    def setting(self) -> tuple[str, ...]:
+        """What a Full baseline must share besides (model.name, dataset.name): one text per SETTING_FIELDS.
+        Two runs of one model name can still differ in weights (model.path, ckpt_path), inputs (split, limit)
+        or decoding (beams, sampling, length); each such setting gets its own baseline, rows and lines."""
+        return tuple(as_text(getattr(self, attr)) for attr, _ in SETTING_FIELDS)
 
 
 def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunRecord]:
@@ -160,7 +167,12 @@ def read_run(run_dir: Path) -> RunRecord:
 
 
 CONFIG_KEYS = (("model", "model.name"), ("dataset", "dataset.name"), ("num_beams", "decode.num_beams"),
-               ("ckpt_path", "ckpt_path"))
+               ("ckpt_path", "ckpt_path"), ("model_path", "model.path"), ("split", "dataset.split"),
+               ("limit", "dataset.limit"), ("do_sample", "decode.do_sample"),
+               ("max_new_tokens", "decode.max_new_tokens"))
+# RunRecord.setting: (attribute, short name shown in a row's "[...]" suffix when settings differ), in that order.
+SETTING_FIELDS = (("model_path", "model.path"), ("ckpt_path", "ckpt"), ("split", "split"), ("limit", "limit"),
+                  ("num_beams", "beams"), ("do_sample", "sample"), ("max_new_tokens", "max_new_tokens"))
 POLICY_KEYS = ("s", "min", "max", "d", "criterion")
 
 
@@ -260,6 +272,13 @@ def _apply_metrics(record: RunRecord, metrics: dict) -> None:
     for key in ("model", "dataset", "policy", "policy_label", "num_beams", "ckpt_path"):
         if metrics.get(key) is not None:
             setattr(record, key, metrics[key])
+    # The rest of the setting comes from the config alone, so a run that has not written metrics.json yet
+    # (whose setting only its config knows) gets the same setting as its finished siblings; metrics.json's
+    # values serve only a run without a config.
+    if not record.config:
+        for key in ("model_path", "split", "limit", "do_sample", "max_new_tokens"):
+            if metrics.get(key) is not None:
+                setattr(record, key, metrics[key])
     if isinstance(metrics.get("policy_params"), dict):
         _set_params(record, metrics["policy_params"])
 

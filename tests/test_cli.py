@@ -147,6 +147,41 @@ def test_sweep_composes(sweep):
             build_policies(sub)
 
 
+def sweep_tasks(overrides: list[str], tmp: Path) -> list[str]:
+    """``task`` of every job a real multirun would launch (Hydra's own sweeper and launcher, in-process), with
+    a stand-in task function that records each job's config instead of loading a model."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    tasks: list[str] = []
+
+    def job(cfg) -> float:
+        tasks.append(cfg.task)
+        return 0.0  # Optuna needs a number
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        GlobalHydra.instance().hydra.multirun(
+            config_name="config", task_function=job, with_log_configuration=False,
+            overrides=[*overrides, f"hydra.sweep.dir={tmp}", f"paths.output_dir={tmp}"])
+    return tasks
+
+
+@pytest.mark.parametrize("sweep", ["paper", "optuna"])
+@pytest.mark.parametrize("order", ["sweep-last", "sweep-first"])
+def test_sweep_task_wins_over_the_experiment_whatever_the_order(sweep, order, tmp_path):
+    """+experiment=phi2_xsum sets task=finetune_evaluate; whichever comes first, each job of the sweep must
+    evaluate (a finetune_evaluate job would fine-tune again), and task=... on the command line still wins."""
+    pair = ["+experiment=phi2_xsum", f"+sweep={sweep}"]
+    overrides = pair if order == "sweep-last" else pair[::-1]
+    # two jobs each (every job composes afresh: ~2 s each on a busy CPU), the sweep's task param unchanged
+    if sweep == "optuna":
+        overrides.append("hydra.sweeper.n_trials=2")
+    else:
+        overrides.append("hydra.sweeper.params.policy='full,hsd_s2_max8'")
+    assert sweep_tasks(overrides, tmp_path / "a") == ["evaluate", "evaluate"]
+    if order == "sweep-first":
+        assert sweep_tasks([*overrides, "task=generate"], tmp_path / "b") == ["generate", "generate"]
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def _env(**extra) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -295,6 +330,8 @@ def test_optuna_search_space_holds_only_valid_policies():
     space = {}
     for key, value in cfg.hydra.sweeper.params.items():
         sweep = parser.parse_override(f"{key}={value}")
+        if not sweep.is_sweep_override():  # a fixed param (task=evaluate)
+            continue
         if sweep.is_choice_sweep():
             space[key] = [int(v) for v in sweep.sweep_string_iterator()]
         else:  # range(start, stop, step) as Optuna reads it: the end included

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import CACHE_DIR, ROOT
 
 
@@ -36,8 +37,17 @@ def test_tiny_multirun_then_report(tmp_path):
     assert len(rows) == 2
     by_policy = {"full" if r["method"].lower().startswith("full") else "hsd": r for r in rows}
     for name, job in (("full", "0_full"), ("hsd", "1_hsd")):
-        for key in ("avg_layers", "rouge1", "rougeL", "bleu1", "tokens_per_s"):
+        for key in ("avg_layers", "rouge1", "rouge2", "rougeL", "bleu1", "tokens_per_s"):
             assert float(by_policy[name][key]) == metrics[job][key], (name, key)
+        # % of full: the mean retention over the metrics both runs have, full != 0 (BERTScore is off here).
+        # A random tiny model may score 0 everywhere: then no metric is kept and the cell is blank.
+        full = metrics["0_full"]
+        kept = [metrics[job][k] / full[k] * 100 for k in ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
+                if isinstance(metrics[job].get(k), int | float) and isinstance(full.get(k), int | float) and full[k]]
+        if kept:
+            assert float(by_policy[name]["pct_full"]) == pytest.approx(sum(kept) / len(kept)), name
+        else:
+            assert by_policy[name]["pct_full"] == "", name
     speedup = metrics["1_hsd"]["tokens_per_s"] / metrics["0_full"]["tokens_per_s"]
     assert float(by_policy["hsd"]["speedup"]) == speedup
     assert (out / "quality_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,3 +71,22 @@ def test_optuna_sweep_searches_under_the_layer_budget(tmp_path):
     assert len(trials) == 3 and all(t["policy"] == "hsd" for t in trials)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(objective(t, 4) for t in trials)
+    in_budget = [t for t in trials if t["avg_layers"] <= 4]
+    assert in_budget, [t["avg_layers"] for t in trials]
+    (winner,) = [t for t in trials if objective(t, 4) == best["best_value"]][:1]
+    assert winner["avg_layers"] <= 4  # an over-budget trial never wins while one within the budget exists
+
+
+@pytest.mark.parametrize(("over", "within"), [
+    ({"rougeL": 16.92, "avg_layers": 15.94}, {"rougeL": 15.02, "avg_layers": 14.9}),  # the audit's case
+    ({"rougeL": 100.0, "avg_layers": 15.001}, {"rougeL": 0.0, "avg_layers": 15.0}),  # the extremes
+])
+def test_objective_ranks_every_over_budget_run_below_every_run_within(over, within):
+    from hsd_exp.__main__ import objective
+
+    over, within = {**over, "num_layers": 30}, {**within, "num_layers": 30}
+    assert objective(over, 15) < 0 <= objective(within, 15)
+    assert objective(within, 15) == within["rougeL"]
+    assert objective(over, None) == over["rougeL"]  # no budget: plain ROUGE-L
+    closer = {**over, "avg_layers": (over["avg_layers"] + 15) / 2}
+    assert objective(over, 15) < objective(closer, 15)  # over the budget, fewer layers still score higher

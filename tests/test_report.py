@@ -150,3 +150,95 @@ def test_wandb_offline(multirun, tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+
+
+def set_config(run_dir: Path, **values) -> None:
+    """Edit a run's saved .hydra/config.yaml (dotted keys given with "__" for "."), interpolations kept."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(path)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
+    OmegaConf.save(cfg, path)
+
+
+def scale_quality(run_dir: Path, factor: float) -> None:
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics.update({k: metrics[k] * factor for k in report.QUALITY_KEYS})
+    path.write_text(json.dumps(metrics))
+
+
+@pytest.mark.parametrize(("key", "a", "b", "shown"), [
+    ("model__path", "/models/a", "/models/b", "model.path"),
+    ("decode__do_sample", False, True, "sample"),
+    ("decode__max_new_tokens", 48, 64, "max_new_tokens"),
+    ("dataset__split", "test", "validation", "split"),
+    ("dataset__limit", None, 100, "limit"),
+])
+def test_full_baseline_shares_the_whole_setting(tmp_path, key, a, b, shown):
+    """Two grids of one model name that differ in weights, inputs or decoding: each row is measured against the
+    Full run of its own grid, and no two rows look the same (the setting that differs follows the method)."""
+    for grid, value in (("a", a), ("b", b)):
+        make_multirun(tmp_path / grid, partial=False)
+        for run_dir in (tmp_path / grid).iterdir():
+            if run_dir.is_dir():
+                set_config(run_dir, **{key: value})
+    scale_quality(tmp_path / "b" / "0_full", 0.5)  # grid b's Full scores half: its rows retain twice as much
+    runs = report.collect_runs([tmp_path / "a", tmp_path / "b"])
+    assert len({r.setting for r in runs}) == 2
+    rows = report.build_table(runs)
+    methods = [r["method"] for r in rows]
+    assert len(set(methods)) == len(methods) == 10
+    assert sum(m.startswith("Full [") for m in methods) == 2
+    values = {"a": a, "b": b}
+    for row in rows:
+        grid = Path(row["path"]).parent.name
+        assert row["setting"] == f"{shown}={'-' if values[grid] is None else values[grid]}"
+        assert row["method"].endswith(f" [{row['setting']}]")
+        scale = POLICIES[Path(row["path"]).name][-1] / (0.5 if grid == "b" and row["policy"] != "full" else 1.0)
+        assert row["pct_full"] == pytest.approx(scale * 100), row["method"]
+
+
+def test_runs_of_one_setting_twice_get_distinct_rows(tmp_path):
+    make_multirun(tmp_path / "a", partial=False)
+    make_multirun(tmp_path / "b", partial=False)  # a rerun of the same grid
+    rows = report.build_table(report.collect_runs([tmp_path / "a", tmp_path / "b"]))
+    methods = [r["method"] for r in rows]
+    assert len(set(methods)) == len(methods) == 10
+    assert "Full (a/0_full)" in methods and "Full (b/0_full)" in methods
+    assert all(r["setting"] == "" for r in rows)
+
+
+def test_full_run_without_tokens_per_s_still_gives_percent_of_full(multirun):
+    """A Full run scored on resume has no tokens/s: it stays the quality baseline, only Speedup goes blank."""
+    path = multirun / "0_full" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps({**metrics, "tokens_per_s": None}))
+    runs = report.collect_runs([multirun])
+    rows = {Path(r["path"]).name: r for r in report.build_table(runs)}
+    for name, (*_, scale) in POLICIES.items():
+        assert rows[name]["speedup"] is None
+        assert rows[name]["pct_full"] == pytest.approx(scale * 100)
+    notes = report.group_notes(list(rows.values()), runs)
+    assert any("without tokens/s" in n and "0_full" in n for n in notes)
+    assert not any("No full-decoding run" in n for n in notes)
+
+
+def test_help_describes_outputs_and_columns(capsys):
+    assert report.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("report.md", "report.csv", "quality_vs_layers.png", "Speedup", "% of full", "partial (N predictions)",
+                 "--allow-mixed", "model.path, ckpt_path"):
+        assert text in out, text
+
+
+def test_wandb_group_is_the_runs_task_name(multirun, tmp_path):
+    """conf/logger/wandb.yaml groups evaluation runs by task_name: the report run joins that group."""
+    assert report.wandb_group(report.collect_runs([multirun])) == "hsd"
+    make_multirun(tmp_path / "other", partial=False)
+    for run_dir in (tmp_path / "other").iterdir():
+        if run_dir.is_dir():
+            set_config(run_dir, task_name="phi2_xsum")
+    assert report.wandb_group(report.collect_runs([multirun, tmp_path / "other"])) == "hsd+phi2_xsum"

@@ -105,3 +105,21 @@ def test_job_that_crashed_before_predicting_is_a_partial_row(multirun):
     runs = collect_runs([multirun])
     crashed = next(r for r in runs if r.path.name == "7_calm")
     assert (crashed.method, crashed.status) == ("CALM (d=0.005)", "partial (0 predictions)")
+
+
+def test_setting_reads_weights_inputs_and_decoding_from_the_config(tmp_path):
+    """model.path, split, limit, do_sample and max_new_tokens come from .hydra/config.yaml (existing runs'
+    metrics.json lack them); max_new_tokens' ${dataset.max_new_tokens} is resolved."""
+    from omegaconf import OmegaConf
+
+    run_dir = write_run(tmp_path / "run", "name: full", metrics_for("full", "full", 30.0, 100.0, 1.0))
+    path = run_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(path)
+    for key, value in (("model.path", "/models/ft"), ("dataset.split", "validation"), ("dataset.limit", 100),
+                       ("decode.do_sample", True)):
+        OmegaConf.update(cfg, key, value, force_add=True)
+    OmegaConf.save(cfg, path)
+    (run,) = collect_runs([run_dir])
+    assert (run.model_path, run.split, run.limit, run.do_sample, run.max_new_tokens) == (
+        "/models/ft", "validation", 100, True, 48)  # the config's split wins over metrics.json's "test"
+    assert run.setting == ("/models/ft", "", "validation", "100", "4", "True", "48")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from hsd_exp.errors import ConfigError
 
@@ -198,6 +199,18 @@ def _cached_hsd(step, max_steps, num_layers, s, lo, hi, keep_first) -> tuple[int
 
 POLICIES = {"full": Full, "skipdecode": SkipDecode, "hsd": HSD, "calm": CALM}
 CRITERIA = ("softmax", "state")
+
+
+def config_label(policy: Any) -> str | None:
+    """The label of a policy config node (``{name, ...params}``, e.g. ``hsd(s=1,0,18)``); None if the node
+    names no policy or its parameters are invalid (or unresolved)."""
+    if not isinstance(policy, dict) or "name" not in policy:
+        return None
+    params = {k: v for k, v in policy.items() if k not in ("_target_", "name")}
+    try:
+        return build_policy(policy["name"], **params).label
+    except Exception:  # e.g. an unresolved interpolation as a parameter
+        return None
 
 
 def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:

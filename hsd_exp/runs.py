@@ -222,16 +222,11 @@ def _policy_params(policy: dict) -> dict:
 
 
 def _config_label(policy: Any) -> str | None:
-    """The label of a config's policy node (``{name, ...params}``); None if it names none or cannot be built.
+    """The label of a config's policy node; None if it names none or cannot be built.
     So a run that never wrote metrics.json still shows its options."""
-    from hsd_exp.policies import build_policy
+    from hsd_exp.policies import config_label
 
-    if not isinstance(policy, dict) or "name" not in policy:
-        return None
-    try:
-        return build_policy(policy["name"], **_policy_params(policy)).label
-    except Exception:  # e.g. an unresolved interpolation as a parameter
-        return None
+    return config_label(policy)
 
 
 def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:

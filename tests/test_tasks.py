@@ -136,7 +136,8 @@ def test_sweep_objective_penalises_runs_over_the_layer_budget():
     run = {"rougeL": 40.0, "avg_layers": 18.0, "num_layers": 30}
     assert objective(run, None) == 40.0
     assert objective(run, 20) == 40.0
-    assert objective(run, 15) == pytest.approx(40.0 - 100.0 * 3 / 30)
+    assert objective(run, 15) == pytest.approx(40.0 - 100.0 - 100.0 * 3 / 30)  # over budget: below any in-budget run
+    assert objective(run, 15) < objective({"rougeL": 0.0, "avg_layers": 15.0, "num_layers": 30}, 15)
     assert objective({"task": "finetune"}, 15) is None
 
 

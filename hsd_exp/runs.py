@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.policies import config_label
 from hsd_exp.predictions import METRICS_FILE, PREDICTIONS_FILE
 
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
@@ -193,7 +194,7 @@ def _apply_config(record: RunRecord, run_dir: Path) -> None:
     if path == own:
         record.policy = _config_value(cfg, record.config, "policy.name")
         _set_params(record, {k: _config_value(cfg, record.config, f"policy.{k}") for k in POLICY_KEYS})
-        record.policy_label = _config_label(record.config.get("policy"))  # metrics.json's label, if any, wins
+        record.policy_label = config_label(record.config.get("policy"))  # metrics.json's label, if any, wins
     else:
         _apply_compare_policy(record, record.config.get("compare_policies"), run_dir.name)
 
@@ -221,18 +222,10 @@ def _policy_params(policy: dict) -> dict:
     return {k: v for k, v in policy.items() if k not in ("_target_", "name")}
 
 
-def _config_label(policy: Any) -> str | None:
-    """The label of a config's policy node; None if it names none or cannot be built.
-    So a run that never wrote metrics.json still shows its options."""
-    from hsd_exp.policies import config_label
-
-    return config_label(policy)
-
-
 def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
     """The ``compare_policies`` entry whose label slug names ``folder`` (how task=compare names them)."""
     for entry in entries if isinstance(entries, list) else []:
-        label = _config_label(entry)
+        label = config_label(entry)
         if label is not None and slug(label) == folder:
             record.policy, record.policy_label = entry["name"], label
             _set_params(record, _policy_params(entry))

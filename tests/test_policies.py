@@ -99,3 +99,17 @@ def test_calm_threshold_decreases_with_depth():
     decayed = build_policy("calm", d=0.02, decay=True, tau=4.0)
     assert decayed.threshold(10, 0, 10) == pytest.approx(0.9 * 0.8 + 0.1)
     assert decayed.threshold(10, 10, 10) < decayed.threshold(10, 0, 10)
+
+
+def test_config_label_and_the_wandb_name_resolver():
+    from omegaconf import OmegaConf
+
+    import hsd_exp  # noqa: F401  (registers ${hsd_policy_label:...})
+    from hsd_exp.policies import config_label
+
+    node = {"_target_": "hsd_exp.policies.build_policy", "name": "hsd", "s": 1, "min": 0, "max": 18, "keep_first": 2}
+    assert config_label(node) == "hsd(s=1,0,18,keep_first=2)"
+    assert config_label({"name": "hsd", "s": -1}) is None  # invalid: no label, no exception
+    cfg = OmegaConf.create({"policy": node, "run_name": "${hsd_policy_label:${policy}}"})
+    assert cfg.run_name == "hsd(s=1,0,18,keep_first=2)"
+    assert OmegaConf.create({"policy": {"name": "full"}, "n": "${hsd_policy_label:${policy}}"}).n == "full"

@@ -11,10 +11,10 @@ Where the rows come from (first that applies):
 Local file formats (rows are normalised to the Hub schema of the yaml's ``hub_id``):
 - ``{split}.jsonl`` / ``{split}.json`` / ``{split}.csv`` / ``{split}.parquet`` in Hub schema
   (the format of ``../shared/data``; CNN/DM's ``{train,validation,test}.csv``; XSum's files);
-- the original releases: E2E ``trainset.csv`` / ``devset.csv`` / ``testset_w_refs.csv`` (columns
-  ``mr``, ``ref``), CommonGen ``commongen.{train,dev,test}.jsonl`` (``concept_set`` "a#b#c", ``scene``
-  list), HealthCareMagic ``HealthCareMagic-100k.json`` (a JSON list; it is the Hub's train split).
-  The split name ``validation`` also matches files called ``dev`` / ``val``.
+- the original releases (``hsd_exp/releases.py`` has the table): E2E's csv files, CommonGen's jsonl,
+  HealthCareMagic-100k.json (it is the Hub's train split), XSum's ``bbc-summary-data/`` + split json,
+  CNN/DailyMail's ``.story`` files + url lists, and ``{split}.source`` / ``{split}.target`` line files.
+  The split name ``validation`` also matches files called ``dev`` / ``val`` / ``valid``.
 Plain-text files are parsed with the standard library: a local run never writes to the HF cache.
 
 Multi-reference datasets (E2E, CommonGen) have one row per reference: rows are grouped by
@@ -45,18 +45,18 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.releases import (
+    ORIGINAL_FILES,
+    SPLIT_ALIASES,
+    normalise,
+    read_release_dir,
+    release_splits,
+    text_lines,
+)
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 HUB_PROBE_TIMEOUT_S = 3.0
 
-# file names (without extension) a split may have locally, besides the split name itself
-SPLIT_ALIASES = {"validation": ["dev", "val", "valid"], "test": [], "train": []}
-# original-release file names per split
-ORIGINAL_FILES = {
-    "train": ["trainset.csv", "commongen.train.jsonl", "HealthCareMagic-100k.json"],
-    "validation": ["devset.csv", "commongen.dev.jsonl"],
-    "test": ["testset_w_refs.csv", "commongen.test.jsonl"],
-}
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -202,10 +202,10 @@ def _load_table(cfg: dict, split: str) -> Any:
     if cfg.get("path") is not None:
         directory = _resolve_path(cfg)
         if directory.is_dir() and fractions and all(_split_file(directory, s) for s in fractions):
-            return _read_local(directory, split)  # already split on disk
+            return _read_local(directory, split, cfg)  # already split on disk
         if fractions:
-            return _derive_split(_read_local(directory, cfg.get("split_source") or "train"), split, cfg)
-        return _read_local(directory, split)
+            return _derive_split(_read_local(directory, cfg.get("split_source") or "train", cfg), split, cfg)
+        return _read_local(directory, split, cfg)
     if fractions:
         return _derive_split(_load_hub(cfg, cfg.get("split_source") or "train"), split, cfg)
     return _load_hub(cfg, split)
@@ -281,25 +281,26 @@ def _split_file(directory: Path, split: str) -> Path | None:
 
 
 def _existing_splits(directory: Path) -> list[str]:
-    found = {s for s in ("train", "validation", "test") if _split_file(directory, s)}
+    found = {s for s in ("train", "validation", "test") if _split_file(directory, s)} | release_splits(directory)
     known = {name for names in ORIGINAL_FILES.values() for name in names}
     aliases = {a for names in SPLIT_ALIASES.values() for a in names}
     found |= {p.stem for p in directory.iterdir() if p.suffix in EXTENSIONS and p.name not in known}
     return sorted(found - aliases)
 
 
-def _read_local(path: Path, split: str) -> list[dict]:
+def _read_local(path: Path, split: str, cfg: dict) -> list[dict]:
     """Rows of one split from a directory (or from ``path`` itself when it is a file)."""
     if path.is_file():
-        file = path
+        rows = normalise(_read_file(path))
+    elif (file := _split_file(path, split)) is not None:
+        rows = normalise(_read_file(file))
     else:
-        file = _split_file(path, split)
-        if file is None:
+        rows = read_release_dir(path, split, cfg)
+        if rows is None:
             raise ConfigError(
                 f"split {split!r} not found in dataset.path={str(path)!r}: it has the splits "
                 f"{_existing_splits(path)}; set dataset.split=<one of them>"
             )
-    rows = _normalise(_read_file(file))
     for i, row in enumerate(rows):
         row.setdefault("_index", i)
     return rows
@@ -319,26 +320,9 @@ def _read_file(file: Path) -> list[dict]:
             return json.loads(text)  # a JSON list (HealthCareMagic-100k.json)
         if file.suffix == ".json" and text.lstrip().startswith('{"data"'):
             return json.loads(text)["data"]
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in text_lines(text) if line.strip()]
     except (ValueError, csv.Error, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse {file}: {e}; expected the formats listed in hsd_exp/data.py") from e
-
-
-def _normalise(rows: list[dict]) -> list[dict]:
-    """Original-release columns -> Hub schema (detected by the columns present)."""
-    if not rows:
-        return rows
-    first = rows[0]
-    if {"mr", "ref"} <= first.keys():  # E2E release csv -> tuetschek/e2e_nlg
-        return [{"meaning_representation": r["mr"], "human_reference": r["ref"]} for r in rows]
-    if "concept_set" in first:  # CommonGen release jsonl -> allenai/common_gen
-        out = []
-        for idx, r in enumerate(rows):
-            concepts = r["concept_set"].split("#")
-            for scene in r.get("scene") or [""]:  # the hidden test set has no scenes
-                out.append({"concept_set_idx": idx, "concepts": concepts, "target": scene})
-        return out
-    return rows
 
 
 # -----------------------------------------------------------------------------

@@ -337,3 +337,9 @@ def test_make_samples_reproduces_bundle(tmp_path):
         for split in ("train", "test"):
             fresh = (tmp_path / name / f"{split}.jsonl").read_bytes()
             assert fresh == (sample_dir(name) / f"{split}.jsonl").read_bytes(), f"{name}/{split}"
+
+
+def test_jsonl_value_with_a_line_separator(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028 raw; str.splitlines() would cut the line there
+    write_jsonl(tmp_path / "test.jsonl", [{"document": "one\u2028two", "summary": "s", "id": "a"}])
+    assert load_examples(cfg("xsum", path=str(tmp_path)))[0].source == "one\u2028two"

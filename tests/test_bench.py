@@ -44,11 +44,11 @@ def test_ideal_speedup_counts_only_the_layers_run():
     assert saved == decode_flops(lm.model, 5, 2, N, None) - decode_flops(lm.model, 5, 2, N, hsd)
 
 
-@pytest.mark.parametrize("beams", [1, 4])
-def test_bench_setting_reports_every_policy(beams):
+@pytest.mark.parametrize(("beams", "statistic"), [(1, "min"), (4, "median")])
+def test_bench_setting_reports_every_policy(beams, statistic):
     lm = load("tiny-gpt2")
     policies = [build_policy("full"), build_policy("hsd", s=1, min=0, max=4)]
-    rows = bench_setting(lm, policies, batch_size=2, beams=beams, new_tokens=5, repeats=1)
+    rows = bench_setting(lm, policies, batch_size=2, beams=beams, new_tokens=5, repeats=2, statistic=statistic)
     assert [r["policy"] for r in rows] == ["plain generate()", "full", "hsd(s=1,0,4)"]
     plain, full, hsd = rows
     assert plain["measured_speedup"] == 1.0 and plain["ideal_speedup"] == 1.0
@@ -75,3 +75,6 @@ def test_bench_cli_writes_its_tables_and_rejects_bad_policies(tmp_path):
     bad = subprocess.run([*base, "bench.policies=[{name:hsd,s:1,min:0,max:9}]", f"hydra.run.dir={tmp_path / 'bad'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "policy.max=9" in bad.stderr
+    bad = subprocess.run([*base, "bench.statistic=mean", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "bench.statistic='mean'" in bad.stderr

@@ -225,9 +225,10 @@ def _tiny(family: str, sizes: dict, cache_dir: str, seed: int):
     elif family == "phi":
         config = PhiConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                            intermediate_size=4 * hidden, max_position_embeddings=512, **common, **sizes)
-    else:
+    else:  # kv_heads / intermediate: e.g. SmolLM2-135M's shape is layers 30, hidden 576, heads 9, 3, 1536
+        kv_heads, intermediate = sizes.pop("kv_heads", max(1, heads // 2)), sizes.pop("intermediate", 3 * hidden)
         config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                             num_key_value_heads=max(1, heads // 2), intermediate_size=3 * hidden,
+                             num_key_value_heads=kv_heads, intermediate_size=intermediate,
                              max_position_embeddings=512, **common, **sizes)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)

@@ -20,6 +20,9 @@ How it works, without copying model code:
    own set includes the layer (``torch.where``): each position runs exactly its own layer set.
 CALM decides per token: after each layer it measures confidence and, once confident, the layers above only
 write their K/V from the exited state (state propagation) so the cache stays complete.
+
+transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (of ``generate()``, the
+model forwards and the layers); the engine reads the name off the model's ``forward`` signature, so both work.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ class SkipEngine:
         self.policy = policy
         self.max_new_tokens = max_new_tokens
         self.stats = SkipStats(num_layers=self.L)
+        # the cache argument's name: "cache" from transformers 5.24 on, "past_key_values" before
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.final_norm = submodule(self.model, self.family.final_norm)
         self.lm_head = submodule(self.model, self.family.lm_head)
         self._plan: list = [True] * self.L  # per layer: True (run), False (skip) or a (Q,) bool tensor
@@ -134,9 +140,9 @@ class SkipEngine:
         self._prompt_len, self._step = None, -1  # a new call starts with its prompt (prefill)
         self.stats.last_call = []
         use_cache = kwargs.get("use_cache", gen_config.use_cache)
-        if use_cache is not False and kwargs.get("cache") is None:  # None means generate()'s default: cached
+        if use_cache is not False and kwargs.get(self.cache_kw) is None:  # None = generate()'s default: cached
             # Layer 0 may be skipped: give generate() a cache that reports the true length.
-            kwargs["cache"] = SkipCache(config=self.model.config)
+            kwargs[self.cache_kw] = SkipCache(config=self.model.config)
         try:
             return self._orig_generate(*args, **kwargs)
         finally:  # a later plain forward in the context is a new prompt, not this call's next token
@@ -150,7 +156,7 @@ class SkipEngine:
         if x is None and args:
             x = args[0]
         q = x.shape[1]  # query positions in this forward
-        cache = kwargs.get("cache")
+        cache = kwargs.get(self.cache_kw)
         past = cache.get_seq_length() if cache is not None else 0
         if self._fixed_prompt_len is not None:
             self._prompt_len = self._fixed_prompt_len
@@ -184,7 +190,7 @@ class SkipEngine:
                 if not isinstance(cache, SkipCache):
                     raise ValueError(
                         "layer skipping with a KV cache needs hsd_exp.skipping.SkipCache "
-                        "(generate() inside layer_skipping passes one): pass cache=SkipCache(config=model.config)"
+                        f"(generate() inside layer_skipping passes one): pass {self.cache_kw}=SkipCache(config=model.config)"
                     )
                 for i in range(self.L):  # monotone: a skipped layer never runs again, so drop its K/V
                     if i not in run and i < len(cache.layers) and cache.layers[i].get_seq_length() > 0:
@@ -259,8 +265,8 @@ class SkipEngine:
         """Run the layer's attention block on norm(h) only for its side effect: the K/V write."""
         bound = signature.bind(h, *args, **kwargs).arguments
         extra = bound.pop(next(n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
-        attn_kwargs = {k: bound[k] for k in ("cache", "attention_mask", "position_ids", "position_embeddings",
-                                             "use_cache") if k in bound}
+        attn_kwargs = {k: bound[k] for k in ("cache", "past_key_values", "attention_mask", "position_ids",
+                                             "position_embeddings", "use_cache") if k in bound}
         attn = getattr(layer, self.family.attn)
         norm = getattr(layer, self.family.attn_norm)
         attn(norm(h), **attn_kwargs, **extra)

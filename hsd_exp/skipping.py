@@ -94,7 +94,7 @@ class SkipEngine:
         self.max_new_tokens = max_new_tokens
         self.stats = SkipStats(num_layers=self.L)
         # the cache argument's name: "cache" from transformers 5.24 on, "past_key_values" before
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature(type(self.model).forward).parameters  # the class: instance hooks wrap forward
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.final_norm = submodule(self.model, self.family.final_norm)
         self.lm_head = submodule(self.model, self.family.lm_head)

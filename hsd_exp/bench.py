@@ -193,7 +193,8 @@ def main(cfg: DictConfig) -> None:
         b = cfg.bench
         statistic = b.get("statistic", "min")
         if statistic not in STATISTICS:
-            raise ConfigError(f"bench.statistic={statistic!r}: use one of {sorted(STATISTICS)}")
+            raise ConfigError(f"bench.statistic={statistic!r} is not one of {sorted(STATISTICS)}; "
+                              f"set bench.statistic=min or bench.statistic=median")
         policies = [build_policy(num_layers=cfg.model.get("num_layers"), **p) for p in b.policies]
         if b.threads:
             torch.set_num_threads(int(b.threads))

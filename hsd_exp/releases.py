@@ -21,10 +21,14 @@ any            ``{split}.source`` + ``{split}.target``, one example    ``source_
                examples ship them)
 =============  =====================================================  ===================================
 
-The XSum and CNN/DM rules are those of the Hub loaders' scripts: XSum drops the share-widget lines, takes
-FIRST-SENTENCE as the summary and RESTBODY (lines joined by newlines) as the document; CNN/DM adds " ." to
-lines without an end mark, joins article lines with spaces and highlights with newlines (version 3.0.0),
-lists CNN before Daily Mail, each sorted by file name, and drops stories without article or highlights.
+The XSum and CNN/DM rows (fields, text, ids) follow the Hub loaders' scripts: XSum drops the share-widget
+lines, takes FIRST-SENTENCE as the summary and RESTBODY (lines joined by newlines) as the document, each id
+once; CNN/DM adds " ." to lines without an end mark, joins article lines with spaces and highlights with
+newlines (version 3.0.0) and drops the stories without article or highlights. The *order* cannot follow the
+Hub's (its scripts yield in the order of the downloaded archives): XSum rows come in the split json's order,
+CNN/DM rows in the url list's (the order of abisee/cnn-dailymail's make_datafiles.py), so ``dataset.limit=N``
+picks other examples than it does on the Hub id. Line files hold whatever text they were written with (the
+seq2seq CNN/DM files join highlights with spaces, for instance) and number their rows from 0.
 """
 
 from __future__ import annotations
@@ -92,10 +96,10 @@ def read_release_dir(directory: Path, split: str, fields: dict) -> list[dict] | 
 def release_splits(directory: Path) -> set[str]:
     """Splits a multi-file release in ``directory`` offers (for error messages)."""
     if (split_file := _xsum_split_file(directory)) is not None:
-        return set(json.loads(split_file.read_text(encoding="utf-8")))
+        return set(_read_json(split_file))
     if _cnn_dm_story_dirs(directory):
         return {s for s, name in CNN_DM_URL_LISTS.items() if _url_list(directory, name)}
-    return {s for s in CNN_DM_URL_LISTS if _seq2seq_files(directory, s)}
+    return {s for s in ("train", "validation", "test") if _seq2seq_files(directory, s)}
 
 
 # -----------------------------------------------------------------------------
@@ -110,25 +114,27 @@ def _xsum_split_file(directory: Path) -> Path | None:
 
 
 def read_xsum(directory: Path, split_file: Path, split: str) -> list[dict]:
-    """Hub rows (document, summary, id) of one split, in the split file's order."""
-    ids = json.loads(split_file.read_text(encoding="utf-8"))
+    """Hub rows (document, summary, id) of one split, in the split file's order, each id once."""
+    ids = _read_json(split_file)
     if split not in ids:
         raise ConfigError(f"split {split!r} not in {split_file} (it has {sorted(ids)}); set dataset.split=<one of them>")
-    data = directory / "bbc-summary-data" if (directory / "bbc-summary-data").is_dir() else directory
+    wanted = list(dict.fromkeys(str(i) for i in ids[split]))  # de-duplicated, order kept (the Hub yields each once)
+    candidates = (directory / "bbc-summary-data", split_file.parent / "bbc-summary-data",
+                  split_file.parent.parent / "bbc-summary-data")
+    data = next((d for d in candidates if d.is_dir()), directory)
     rows, missing = [], 0
-    for bbc_id in ids[split]:
+    for bbc_id in wanted:
         file = data / f"{bbc_id}.summary"
         if not file.is_file():
             missing += 1
             continue
-        fields = parse_xsum_summary(file.read_text(encoding="utf-8"))
-        rows.append({"document": fields.get("RESTBODY", ""), "summary": fields.get("FIRST-SENTENCE", ""),
-                     "id": str(bbc_id)})
+        fields = parse_xsum_summary(_read_text(file))
+        rows.append({"document": fields.get("RESTBODY", ""), "summary": fields.get("FIRST-SENTENCE", ""), "id": bbc_id})
     if not rows:
-        raise ConfigError(f"XSum split {split!r}: none of its {len(ids[split])} ids has a .summary file in {data}; "
+        raise ConfigError(f"XSum split {split!r}: none of its {len(wanted)} ids has a .summary file in {data}; "
                           f"point dataset.path at the folder holding bbc-summary-data/")
     if missing:
-        log.warning("XSum %s: %d of %d ids have no .summary file in %s (skipped)", split, missing, len(ids[split]), data)
+        log.warning("XSum %s: %d of %d ids have no .summary file in %s (skipped)", split, missing, len(wanted), data)
     return rows
 
 
@@ -155,23 +161,30 @@ def _url_list(directory: Path, name: str) -> Path | None:
 
 
 def read_cnn_dm(directory: Path, split: str) -> list[dict]:
-    """Hub rows (article, highlights, id) of one split: the stories whose sha1(url) is in its url list."""
+    """Hub rows (article, highlights, id) of one split: the stories whose sha1(url) is in its url list, in
+    the list's order."""
     name = CNN_DM_URL_LISTS.get(split)
     urls = _url_list(directory, name) if name else None
     if urls is None:
         raise ConfigError(f"CNN/DailyMail split {split!r}: no url_lists/{name or 'all_<split>.txt'} in {directory} "
                           f"(splits: {sorted(release_splits(directory))}); add abisee/cnn-dailymail's url_lists/ "
                           f"or set dataset.split=<one of them>")
-    wanted = {hashlib.sha1(u.strip().encode("utf-8")).hexdigest()
-              for u in text_lines(urls.read_text(encoding="utf-8")) if u.strip()}
-    rows = []
-    for stories in _cnn_dm_story_dirs(directory):  # CNN first, then Daily Mail, as the Hub
-        for file in sorted(stories.glob("*.story")):
-            if file.stem not in wanted:
-                continue
-            article, highlights = parse_story(file.read_text(encoding="utf-8"))
-            if article and highlights:  # 114 stories have no text
-                rows.append({"article": article, "highlights": highlights, "id": file.stem})
+    stories = {f.stem: f for d in _cnn_dm_story_dirs(directory) for f in d.glob("*.story")}
+    hashes = [hashlib.sha1(u.strip().encode("utf-8")).hexdigest() for u in text_lines(_read_text(urls)) if u.strip()]
+    rows, missing = [], 0
+    for h in dict.fromkeys(hashes):
+        if h not in stories:
+            missing += 1
+            continue
+        article, highlights = parse_story(_read_text(stories[h]))
+        if article and highlights:  # 114 stories have no text; the Hub drops them too
+            rows.append({"article": article, "highlights": highlights, "id": h})
+    if not rows:
+        raise ConfigError(f"CNN/DailyMail split {split!r}: none of the {len(hashes)} stories of {urls} is in "
+                          f"{directory}/{{cnn,dailymail}}/stories; point dataset.path at the folder holding both")
+    if missing:
+        log.warning("CNN/DailyMail %s: %d of %d stories of %s not found (skipped; only one of cnn/ and "
+                    "dailymail/ unpacked?)", split, missing, len(hashes), urls.name)
     return rows
 
 
@@ -184,7 +197,7 @@ def parse_story(text: str) -> tuple[str, str]:
         if line.startswith("@highlight"):
             next_is_highlight = True
             continue
-        if not line.endswith(CNN_DM_END_MARKS):
+        if "@highlight" not in line and not line.endswith(CNN_DM_END_MARKS):
             line += " ."  # image captions lack a full stop and would run into the next sentence
         (highlights if next_is_highlight else article).append(line)
     return " ".join(article), "\n".join(highlights)
@@ -209,7 +222,7 @@ def read_seq2seq(directory: Path, split: str, source_field: str, target_field: s
     files = _seq2seq_files(directory, split)
     if files is None:
         return None
-    sources, targets = (text_lines(f.read_text(encoding="utf-8")) for f in files)
+    sources, targets = (text_lines(_read_text(f)) for f in files)
     if len(sources) != len(targets):
         raise ConfigError(f"{files[0]} has {len(sources)} lines but {files[1]} has {len(targets)}: "
                           f"line i of each must be example i")
@@ -218,6 +231,22 @@ def read_seq2seq(directory: Path, split: str, source_field: str, target_field: s
         for i, row in enumerate(rows):
             row[id_field] = str(i)
     return rows
+
+
+def _read_text(file: Path) -> str:
+    """UTF-8 text as stored: no newline translation (a lone "\r" inside a line stays), as the Hub's scripts."""
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {file}: not UTF-8 ({e}); the original releases are UTF-8") from e
+
+
+def _read_json(file: Path):
+    text = _read_text(file)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"cannot parse {file}: {e}; expected the release's split json") from e
 
 
 def text_lines(text: str) -> list[str]:

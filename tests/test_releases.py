@@ -78,6 +78,22 @@ def test_xsum_release_dir_in_split_order(tmp_path, caplog):
     assert [e.id for e in load_examples(cfg("xsum", path=str(tmp_path), split="validation"))] == ["3"]
 
 
+def test_xsum_release_duplicate_ids_and_bad_files(tmp_path):
+    write_xsum(tmp_path, {"test": ["4", "9", "4"]})
+    assert [e.id for e in load_examples(cfg("xsum", path=str(tmp_path)))] == ["4", "9"]
+    (tmp_path / "bbc-summary-data" / "9.summary").write_bytes(b"[SN]URL[SN]\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"9.summary: not UTF-8"):
+        load_examples(cfg("xsum", path=str(tmp_path)))
+    (tmp_path / "XSum-Dataset" / "XSum-TRAINING-DEV-TEST-SPLIT-90-5-5.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot parse .*SPLIT-90-5-5.json"):
+        load_examples(cfg("xsum", path=str(tmp_path)))
+
+
+def test_xsum_release_data_beside_the_split_folder(tmp_path):
+    write_xsum(tmp_path / "XSum", {"test": ["1"]})  # dataset.path = the XSum-Dataset folder itself
+    assert [e.id for e in load_examples(cfg("xsum", path=str(tmp_path / "XSum" / "XSum-Dataset")))] == ["1"]
+
+
 def test_xsum_release_unknown_split(tmp_path):
     write_xsum(tmp_path, {"train": ["1"], "test": ["2"]})
     with pytest.raises(ConfigError, match=r"split 'validation' not in .*it has \['test', 'train'\]"):
@@ -123,17 +139,31 @@ def test_parse_story_as_the_hub_script():
     article, highlights = parse_story(STORY)
     assert article == "(CNN) -- A caption without a full stop . The article's second paragraph ends properly."
     assert highlights == "First highlight .\nSecond highlight ends with a quote\u201d"
+    # a line mentioning @highlight gets no full stop (the Hub's check is "in", not "startswith"); a lone \r stays
+    assert parse_story("see @highlight below\nA\rB\n") == ("see @highlight below A\rB .", "")
 
 
 def test_cnn_dm_release_dir(tmp_path):
     ids = write_cnn_dm(tmp_path)
     examples = load_examples(cfg("cnn_dm", path=str(tmp_path), split="test"))
-    # CNN before Daily Mail, each sorted by file name; the story without an article is dropped
-    expected = sorted([ids["c2"]]) + sorted([ids["d1"], ids["d2"]])
-    assert [e.id for e in examples] == expected
-    assert examples[0].source.startswith("(CNN) -- c2: a caption without a full stop . ")
+    # the url list's order; the story without an article is dropped
+    assert [e.id for e in examples] == [ids["d2"], ids["c2"], ids["d1"]]
+    assert examples[1].source.startswith("(CNN) -- c2: a caption without a full stop . ")
     assert examples[0].references == ["First highlight .\nSecond highlight ends with a quote\u201d"]
     assert [e.id for e in load_examples(cfg("cnn_dm", path=str(tmp_path), split="train"))] == [ids["c1"]]
+
+
+def test_cnn_dm_release_missing_stories(tmp_path, caplog):
+    ids = write_cnn_dm(tmp_path)
+    for story in (tmp_path / "dailymail" / "stories").glob("*.story"):
+        story.unlink()  # only cnn/ unpacked
+    assert [e.id for e in load_examples(cfg("cnn_dm", path=str(tmp_path), split="test"))] == [ids["c2"]]
+    assert "2 of 4 stories of all_test.txt not found" in caplog.text
+    for story in (tmp_path / "cnn" / "stories").glob("*.story"):
+        story.unlink()
+    (tmp_path / "cnn" / "stories" / "x.story").write_text("unrelated\n\n@highlight\n\nh\n")
+    with pytest.raises(ConfigError, match="none of the 4 stories of .*all_test.txt"):
+        load_examples(cfg("cnn_dm", path=str(tmp_path), split="test"))
 
 
 def test_cnn_dm_release_missing_url_list(tmp_path):

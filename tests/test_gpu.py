@@ -9,24 +9,18 @@ import sys
 
 import pytest
 import torch
-from conftest import CACHE_DIR, ROOT, output_cache
+from conftest import CACHE_DIR, ROOT, load, output_cache
 from test_skipping import PROMPTS, TINY_POLICIES
 
-from hsd_exp.models import load_model
 from hsd_exp.policies import build_policy
 from hsd_exp.skipping import layer_skipping
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 T = 12
-_models: dict = {}
 
 
 def cuda_model(family: str, dtype: str):
-    if (family, dtype) not in _models:
-        _models[family, dtype] = load_model(f"tiny-{family}", family, source="tiny", num_layers=6, dtype=dtype,
-                                            tiny={"layers": 6, "hidden": 64, "heads": 4}, device="cuda",
-                                            cache_dir=CACHE_DIR)
-    return _models[family, dtype]
+    return load(f"tiny-{family}", device="cuda", dtype=dtype)
 
 
 def generate(lm, policy, beams: int, use_cache: bool):

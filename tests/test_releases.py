@@ -6,26 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from test_data import cfg
 
 from hsd_exp.data import load_examples
 from hsd_exp.errors import ConfigError
 from hsd_exp.releases import parse_story, parse_xsum_summary, text_lines
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def cfg(name: str, **overrides):
-    conf = OmegaConf.load(CONF / f"{name}.yaml")
-    for k, v in overrides.items():
-        conf[k] = v
-    return conf
-
 
 # -----------------------------------------------------------------------------
 # XSum: bbc-summary-data/<id>.summary + XSum-TRAINING-DEV-TEST-SPLIT-90-5-5.json

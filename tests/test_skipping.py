@@ -4,13 +4,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import cache_kw, load, output_cache
+from conftest import load, output_cache
 from test_policies import ABLATIONS, PAPER_GRID
 from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers
 from hsd_exp.policies import Policy, build_policy
-from hsd_exp.skipping import SkipCache, layer_skipping
+from hsd_exp.skipping import SkipCache, cache_argument, layer_skipping
 
 PROMPTS = ["The quick brown fox jumps over", "Hello", "In 1905 Albert Einstein published a paper", "a b"]
 TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, scaled down
@@ -105,7 +105,7 @@ def test_plain_dynamic_cache_is_refused_when_layers_are_skipped(tiny):
     enc = tiny.tokenizer(PROMPTS[:1], return_tensors="pt")
     with layer_skipping(tiny.model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T):
         with pytest.raises(ValueError, match="SkipCache"):
-            tiny.model.generate(**enc, max_new_tokens=T, **{cache_kw(tiny.model): DynamicCache(config=tiny.model.config)})
+            tiny.model.generate(**enc, max_new_tokens=T, **{cache_argument(tiny.model): DynamicCache(config=tiny.model.config)})
 
 
 def test_one_context_many_calls_each_starts_with_its_prompt(tiny):

@@ -1,5 +1,7 @@
 """Exactness of the skip engine: cached generation == a no-cache reference where each position runs its own set."""
 
+import copy
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +12,7 @@ from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers
 from hsd_exp.policies import Policy, build_policy
-from hsd_exp.skipping import SkipCache, cache_argument, layer_skipping
+from hsd_exp.skipping import SkipCache, SkipEngine, cache_argument, layer_skipping
 
 PROMPTS = ["The quick brown fox jumps over", "Hello", "In 1905 Albert Einstein published a paper", "a b"]
 TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, scaled down
@@ -99,6 +101,26 @@ def test_engine_without_skipcache_would_be_corrupted(tiny, monkeypatch):
     except (RuntimeError, IndexError, ValueError):
         return  # shape errors are one way to break
     assert not torch.equal(broken, reference)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_skipcache_goes_in_under_the_models_cache_argument(tiny, name):
+    """transformers < 5.24 names the cache argument past_key_values: the engine follows the model class."""
+    model = copy.deepcopy(tiny.model)
+    base = type(model)
+
+    def forward(self, input_ids=None, **kwargs):  # the signature is all that matters here
+        return base.forward(self, input_ids, **kwargs)
+
+    forward.__signature__ = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                               for p in ("self", "input_ids", name)])
+    model.__class__ = type(base.__name__, (base,), {"forward": forward})
+    assert cache_argument(model) == name
+    engine = SkipEngine(model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T)
+    engine._orig_generate = lambda *args, **kwargs: kwargs  # what generate() would receive
+    passed = engine._generate(max_new_tokens=T)
+    assert isinstance(passed[name], SkipCache)
+    assert set(passed) & {"cache", "past_key_values"} == {name}
 
 
 def test_plain_dynamic_cache_is_refused_when_layers_are_skipped(tiny):

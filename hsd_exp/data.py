@@ -72,10 +72,16 @@ class Example:
 
 
 def load_examples(dataset_cfg: Any, split: str | None = None, limit: int | None = None) -> list[Example]:
-    """Load one split of a dataset as `Example`s. ``split``/``limit`` default to the config's."""
+    """Load one split of a dataset as `Example`s. ``split`` defaults to ``dataset.split``.
+
+    ``limit`` defaults to ``dataset.limit`` only for that split: dataset.limit picks the evaluation subset, and
+    must not cut training data as well (``finetune.train_limit`` / ``val_limit`` do that).
+    """
     cfg = _as_dict(dataset_cfg)
-    split = split if split is not None else cfg.get("split") or "test"
-    limit = limit if limit is not None else cfg.get("limit")
+    own_split = cfg.get("split") or "test"
+    split = split if split is not None else own_split
+    if limit is None and split == own_split:
+        limit = cfg.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer or null")
 

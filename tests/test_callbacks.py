@@ -15,6 +15,7 @@ from hsd_exp import tasks
 from hsd_exp.callbacks import SkipPolicyCallback
 from hsd_exp.data import load_examples
 from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, unwrap
 from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import build_policy
@@ -202,6 +203,17 @@ def test_evaluation_resumes_after_a_crash(tmp_path, monkeypatch):
     assert calls == []
     assert (tmp_path / "metrics.json").read_text() == finished
     assert len(read_predictions(file)) == 5
+
+
+def test_resume_refuses_another_setting_in_the_same_folder(tmp_path):
+    """A rerun into a folder that holds another policy's (or decoding's) predictions must not mix them in."""
+    tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=2"))
+    assert json.loads((tmp_path / "run.json").read_text())["policy"] == "hsd(s=1,0,4)"
+    for override, key in (("policy.max=3", "policy"), ("decode.max_new_tokens=6", "decode")):
+        with pytest.raises(ConfigError, match=rf"holds predictions of another setting \({key}: .*hydra.run.dir"):
+            tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=2", override))
+    # the same setting resumes; a larger dataset.limit extends the run, another decode.batch_size is fine
+    assert tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=3", "decode.batch_size=1"))["num_examples"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- WarmUpCallback

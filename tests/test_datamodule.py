@@ -230,3 +230,15 @@ def test_validation_split_used_when_present(tok, tmp_path):
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) >= {"input_ids", "attention_mask", "labels", "prompt_len"}
     assert isinstance(batch["prompt_len"], torch.Tensor)
+
+
+def test_dataset_limit_cuts_the_evaluation_split_not_the_training_data(tok):
+    """dataset.limit=N (a shorter evaluation) once also trained on N examples when finetune.train_limit=null."""
+    dm = HSDDataModule(e2e(limit=2), tok, chat=False, train_limit=None)
+    dm.setup(None)
+    assert len(dm.test_examples) == 2
+    train = load_examples(e2e(), split="train")
+    assert len(train) > 2
+    assert len(dm.train_pairs) == sum(len(ex.references) for ex in train)  # every training example
+    assert len(load_examples(e2e(limit=2), split="train")) == len(train)
+    assert len(load_examples(e2e(limit=2, split="train"), split="train")) == 2  # its own split: cut

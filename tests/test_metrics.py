@@ -115,6 +115,9 @@ needs_minilm = pytest.mark.skipif(
 def test_bertscore_offline_fallback_recorded():
     path, layers, name = resolve_bertscore_backbone({"model": "hsd-exp-tests/not-cached"})
     assert name == "all-MiniLM-L6-v2" and layers == 6 and path.endswith("model")
+    # another layer gives other scores: the recorded name says which
+    assert resolve_bertscore_backbone({"model": "hsd-exp-tests/not-cached", "fallback_num_layers": 3})[2] == \
+        "all-MiniLM-L6-v2@L3"
     m = score(
         [PRED, PRED, "", "Zürich café 🙂"],
         [[REF, PRED], [REF], [REF], ["Zurich cafe"]],

@@ -6,6 +6,8 @@ and LoRA wraps the model, so the session-cached models of conftest.load must not
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from hsd_exp.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, unwrap
 from hsd_exp.module import CausalLMModule
+from hsd_exp.policies import build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model=tiny-llama", "dataset.path=sample", "bertscore.enabled=false", "decode.max_new_tokens=8",
@@ -300,3 +303,48 @@ def test_skip_aware_training_refuses_a_dynamic_policy_but_evaluation_accepts_it(
     module.setup("test")  # evaluating a skip-aware checkpoint with CALM is fine
     with pytest.raises(ConfigError, match=r"finetune.skip_aware=true.*calm"):
         module.setup("fit")
+
+
+# ---------------------------------------------------------------------------------------------- per-token layer records
+class _EndRowZeroAt:
+    """Logits processor: row 0 must emit EOS as its ``at``-th new token (0-based); other rows are left alone."""
+
+    def __init__(self, prompt_len: int, at: int, eos: int):
+        self.prompt_len, self.at, self.eos = prompt_len, at, eos
+
+    def __call__(self, input_ids, scores):  # (B, t), (B, V)
+        if input_ids.shape[1] - self.prompt_len == self.at:
+            scores[0] = torch.where(torch.arange(scores.shape[1]) == self.eos, 0.0, -math.inf)
+        return scores
+
+
+def test_layer_record_of_a_row_does_not_depend_on_the_rest_of_its_batch(tmp_path, monkeypatch):
+    """A row that ends early gets the steps that produced its tokens (n - 1 of them: token 0 comes from the
+    prefill) whether it decodes alone or beside a longer row. Counting the step that fed its EOS back, which
+    runs only because the longer row goes on, once made Avg. Layer depend on decode.batch_size."""
+    from transformers import LogitsProcessorList
+
+    from hsd_exp.skipping import layer_skipping
+
+    cfg = make_cfg(tmp_path, "finetune=full")
+    lm, module = make_module(cfg)
+    module.decode.update(max_new_tokens=8, num_beams=1)
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    generate = module.model.generate
+
+    def records(prompts: list[str]) -> list[list[int]]:
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        forced = LogitsProcessorList([_EndRowZeroAt(batch["input_ids"].shape[1], at=2, eos=tok.eos_token_id)])
+        monkeypatch.setattr(module.model, "generate", functools.partial(generate, logits_processor=forced))
+        with layer_skipping(module.model, policy, max_new_tokens=8) as stats:
+            module.skip_stats = stats
+            return module.generate_batch(batch)[1]
+
+    alone = records(["name[The Eagle], food[French]"])
+    beside = records(["name[The Eagle], food[French]", "name[Blue Spice], eatType[coffee shop], area[riverside]"])
+    want = [len(policy.layers(t, 8, 6)) for t in range(2)]  # 3 tokens (the last one EOS): steps T = 0, 1
+    assert alone == [want]
+    assert beside[0] == want
+    assert len(beside[1]) == 7  # the long row: 8 tokens, steps T = 0..6

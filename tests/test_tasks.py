@@ -277,6 +277,14 @@ def test_bad_bertscore_device_is_refused_before_the_model_loads(tmp_path):
         tasks.run(cfg)
 
 
+def test_missing_bertscore_backbone_is_refused_before_the_model_loads(tmp_path):
+    """Not after the whole decoding loop, with no metrics.json written (model=phi2 is not cached here)."""
+    cfg = make_cfg(tmp_path, "task=evaluate", "model=phi2", "bertscore.enabled=true", "bertscore.device=cpu",
+                   "bertscore.model=hsd-exp-tests/not-cached", "bertscore.fallback=hsd-exp-tests/none-either")
+    with pytest.raises(ConfigError, match="bertscore.enabled=false"):
+        tasks.run(cfg)
+
+
 # ---------------------------------------------------------------------------------------------- progress
 @pytest.mark.parametrize(("mode", "bar"), [("rich", "RichProgressBar"), ("plain", "TQDMProgressBar"),
                                            ("none", None)])
@@ -286,3 +294,23 @@ def test_progress_bar_for_evaluation_too(tmp_path, monkeypatch, mode, bar):
     trainer = tasks.make_trainer(make_cfg(tmp_path, "task=evaluate"), [], tmp_path)  # fit=False: evaluation
     got = trainer.progress_bar_callback
     assert (type(got).__name__ if got is not None else None) == bar
+
+
+# ---------------------------------------------------------------------------------------------- W&B
+def test_wandb_gives_each_policy_its_own_run(tmp_path, monkeypatch):
+    """WandbLogger reuses a run still open in the process: without finishing it after each evaluation, every
+    policy of a compare (and every job of a basic-launcher multirun) logged into the first one's run."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing outside tmp_path
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    tasks.run(make_cfg(tmp_path, "task=compare", f"compare_policies=[{FULL},{HSD}]", "logger=wandb"))
+
+    runs = {d: list((tmp_path / d / "wandb").glob("offline-run-*")) for d in ("full", "hsd_s_1_0_4")}
+    assert all(len(found) == 1 for found in runs.values()), runs
+    ids = {found[0].name.rsplit("-", 1)[1] for found in runs.values()}
+    assert len(ids) == 2
+    import wandb
+    assert wandb.run is None  # nothing left open for the next job

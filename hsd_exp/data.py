@@ -213,7 +213,7 @@ def _load_table(cfg: dict, split: str) -> Any:
             return _derive_split(_read_local(directory, cfg.get("split_source") or "train", cfg), split, cfg)
         return _read_local(directory, split, cfg)
     if fractions:
-        return _derive_split(_load_hub(cfg, cfg.get("split_source") or "train"), split, cfg)
+        return _derive_split(_load_hub(cfg, cfg.get("split_source") or "train", wanted=split), split, cfg)
     return _load_hub(cfg, split)
 
 
@@ -370,7 +370,8 @@ def _offline_mode(offline: bool) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def _load_hub(cfg: dict, split: str) -> Any:
+def _load_hub(cfg: dict, split: str, wanted: str | None = None) -> Any:
+    """Hub split ``split``; ``wanted``: the split derived from it (HealthCareMagic), for the error message."""
     hub_id, hub_config = cfg.get("hub_id"), cfg.get("hub_config")
     name = cfg.get("name")
     if not hub_id:
@@ -388,18 +389,20 @@ def _load_hub(cfg: dict, split: str) -> Any:
             raise ConfigError(
                 f"split {split!r} not found in Hub dataset {hub_id!r}: {e}; set dataset.split=<one of them>"
             ) from e
-        raise ConfigError(_hub_error(cfg, split, offline, e)) from e
+        raise ConfigError(_hub_error(cfg, split, offline, e, wanted)) from e
     except Exception as e:  # connection errors, missing repo, missing cache entry
-        raise ConfigError(_hub_error(cfg, split, offline, e)) from e
+        raise ConfigError(_hub_error(cfg, split, offline, e, wanted)) from e
 
 
-def _hub_error(cfg: dict, split: str, offline: bool, err: Exception) -> str:
+def _hub_error(cfg: dict, split: str, offline: bool, err: Exception, wanted: str | None = None) -> str:
     hub = cfg.get("hub_id") + (f" ({cfg.get('hub_config')})" if cfg.get("hub_config") else "")
     why = "the Hub is unreachable (offline) and it is not in the local cache" if offline else f"{err}"
+    which = f"split {wanted!r} (derived from the Hub's {split!r} split)" if wanted and wanted != split else \
+        f"split {split!r}"
     return (
-        f"cannot load dataset {cfg.get('name')!r} split {split!r}: tried dataset.path (null) and Hub id "
-        f"{hub}: {why}. Set dataset.path=DIR to a folder with {split}.jsonl (Hub schema) or the original "
-        f"release files, or run once online to cache it"
+        f"cannot load dataset {cfg.get('name')!r} {which}: tried dataset.path (null) and Hub id "
+        f"{hub}: {why}. Set dataset.path=DIR to a folder with {wanted or split}.jsonl (Hub schema) or the "
+        f"original release files, or run once online to cache it"
     )
 
 

@@ -10,6 +10,7 @@ Sources:
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -88,24 +89,24 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if path is not None:
-        model, tok = _from_dir(name, path, torch_dtype, trust_remote_code)
+        model, tok = _from_dir(name, path, torch_dtype, trust_remote_code, family=family, num_layers=num_layers,
+                               where=f"model.path={path}")
     elif source == "hub":
-        model, tok = _from_hub(name, hub_id, revision, torch_dtype, trust_remote_code)
+        model, tok = _from_hub(name, hub_id, revision, torch_dtype, trust_remote_code, family, num_layers)
     elif source == "gguf":
         model_dir = gguf_to_safetensors(name, cache_dir=cache_dir, **(gguf or {}))
-        model, tok = _from_dir(name, str(model_dir), torch_dtype, trust_remote_code=False)
+        model, tok = _from_dir(name, str(model_dir), torch_dtype, trust_remote_code=False, family=family,
+                               num_layers=num_layers, where=f"converted from GGUF into {model_dir}")
     elif source == "tiny":
         model, tok = _tiny(family, dict(tiny or {}), cache_dir, seed)
         model = model.to(torch_dtype)
     else:
         raise ConfigError(f"model.source={source} is not one of hub, gguf, tiny")
 
-    model_type = model.config.model_type
-    if MODEL_TYPES.get(model_type) != family:
-        raise ConfigError(f"model '{name}' has model_type '{model_type}' but model.family={family}")
-    if num_layers is not None and model.config.get_text_config().num_hidden_layers != num_layers:
-        got = model.config.get_text_config().num_hidden_layers
-        raise ConfigError(f"model '{name}' has {got} layers but model.num_layers={num_layers}; fix the model config")
+    # Local dirs and cached Hub ids were checked before their weights loaded; this catches the rest (Hub
+    # downloads, tiny configs).
+    check_family(name, hub_id if source == "hub" and path is None else name, model.config.model_type, family)
+    check_num_layers(name, model.config, num_layers, tiny=source == "tiny" and path is None)
     # Decoder-only batched generation needs left padding and a pad token.
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -116,14 +117,68 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tok, name=name, family=family, chat=chat)
 
 
+# ------------------------------------------------------------------------------------------- checks
+def _presets(family: str) -> list[str]:
+    """``conf/model`` presets of ``family`` that take a ``model.path`` (named in error messages)."""
+    import yaml
+
+    out = []
+    for f in sorted((Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml")):
+        try:
+            node = yaml.safe_load(f.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if node.get("family") == family and "path" in node:
+            out.append(f.stem)
+    return out
+
+
+def check_family(name: str, where: str, model_type: str | None, family: str) -> None:
+    """ConfigError unless ``model_type`` (transformers' config) belongs to ``model.family``."""
+    found = MODEL_TYPES.get(model_type or "")
+    if found == family:
+        return
+    if found is None:
+        raise ConfigError(
+            f"model '{name}' ({where}) has model_type '{model_type}', which is not in the family table "
+            f"(supported: {', '.join(sorted(MODEL_TYPES))}); add a row to hsd_exp/families.py (DEVELOPERS.md)"
+        )
+    presets = _presets(found)
+    also = f", or start from a {found} preset ({', '.join(f'model={p}' for p in presets)})" if presets else ""
+    raise ConfigError(
+        f"model '{name}' ({where}) has model_type '{model_type}' (family {found}) but model.family={family}; "
+        f"set model.family={found}{also}"
+    )
+
+
+def check_num_layers(name: str, config: Any, num_layers: int | None, tiny: bool = False) -> None:
+    """ConfigError unless the model config's layer count is ``model.num_layers`` (policies are checked
+    against the latter before the model loads)."""
+    got = config.get_text_config().num_hidden_layers
+    if num_layers is not None and got != num_layers:
+        alt = f" (or model.tiny.layers={num_layers})" if tiny else ""
+        raise ConfigError(f"model '{name}' has {got} layers but model.num_layers={num_layers}; "
+                          f"set model.num_layers={got}{alt}")
+
+
 # --------------------------------------------------------------------------------------------- hub / dir
-def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool):
+def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool, family: str | None = None,
+              num_layers: int | None = None, where: str | None = None):
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise ConfigError(
             f"model '{name}': model.path={path} is not a model directory (no config.json there); "
             "point model.path at a folder written by save_pretrained()"
         )
+    if family is not None:  # before the weights load: a mismatch fails in milliseconds, not after the load
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"model '{name}': {p / 'config.json'} is not a readable config ({e}); "
+                              "rewrite it with save_pretrained()") from None
+        check_family(name, where or f"model.path={path}", model_type, family)
+        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        check_num_layers(name, config, num_layers)
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
@@ -131,22 +186,40 @@ def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool)
     return model, tok
 
 
-def _from_hub(name: str, hub_id: str | None, revision: str | None, dtype: torch.dtype, trust_remote_code: bool):
+def _offline_error(name: str, hub_id: str, what: str) -> ConfigError:
+    return ConfigError(
+        f"model '{name}' ({hub_id}) {what} and the Hub is unreachable. "
+        f"Download it on a connected machine (save_pretrained) and set model.path=/dir/with/config.json"
+    )
+
+
+def _from_hub(name: str, hub_id: str | None, revision: str | None, dtype: torch.dtype, trust_remote_code: bool,
+              family: str | None = None, num_layers: int | None = None):
     if not hub_id:
         raise ConfigError(f"model '{name}' has no hub_id; set model.path=/dir/with/config.json")
     kw: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:  # the local HF cache first: works offline when the model was downloaded before
-        AutoConfig.from_pretrained(hub_id, local_files_only=True, **kw)
+        config = AutoConfig.from_pretrained(hub_id, local_files_only=True, **kw)
         local = True
     except OSError:
         local = False
     if not local and not hub_reachable():
-        raise ConfigError(
-            f"model '{name}' ({hub_id}) is not in the local Hugging Face cache and the Hub is unreachable. "
-            f"Download it on a connected machine (save_pretrained) and set model.path=/dir/with/config.json"
-        )
-    model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=local, **kw)
-    tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=local, **kw)
+        raise _offline_error(name, hub_id, "is not in the local Hugging Face cache")
+    if local and family is not None:  # the cached config: check before the weights load
+        check_family(name, hub_id, config.model_type, family)
+        check_num_layers(name, config, num_layers)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=local, **kw)
+        tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=local, **kw)
+    except OSError:
+        if not local:
+            raise
+        # Only part of the repo is cached (e.g. config.json without the weights): fetch the rest if we can.
+        if not hub_reachable():
+            raise _offline_error(name, hub_id, "is only partly in the local Hugging Face cache (config.json "
+                                               "without its weights or tokenizer files)") from None
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(hub_id, **kw)
     return model, tok
 
 

@@ -342,3 +342,30 @@ def test_optuna_search_space_holds_only_valid_policies():
             for hi in space["policy.max"]:
                 instantiate(OmegaConf.create({"_target_": "hsd_exp.policies.build_policy", "name": "hsd",
                                               "s": s, "min": lo, "max": hi}), num_layers=30)
+
+
+PAPER_SETTINGS = {  # the paper's 11 decoding settings: preset name -> its parameters
+    "full": {"name": "full"},
+    "calm_d002": {"name": "calm", "d": 0.02, "criterion": "softmax"},
+    "calm_d0005": {"name": "calm", "d": 0.005, "criterion": "softmax"},
+    "skipdecode_10_20": {"name": "skipdecode", "min": 10, "max": 20, "keep_first": 0},
+    "skipdecode_10_24": {"name": "skipdecode", "min": 10, "max": 24, "keep_first": 0},
+    **{f"hsd_s{s}_max{m}": {"name": "hsd", "s": s, "min": 0, "max": m, "keep_first": 0}
+       for s in (1, 2) for m in (18, 12, 8)},
+}
+
+
+def test_paper_sweep_is_the_papers_eleven_settings():
+    cfg = compose_cfg(["+sweep=paper"], hydra_cfg=True)
+    presets = [p.strip() for p in str(cfg.hydra.sweeper.params.policy).split(",")]
+    assert len(presets) == 11 and set(presets) == set(PAPER_SETTINGS)
+    labels = set()
+    for preset in presets:
+        sub = compose_cfg([f"policy={preset}"])
+        node = OmegaConf.to_container(sub.policy, resolve=True)
+        assert {k: node[k] for k in PAPER_SETTINGS[preset]} == PAPER_SETTINGS[preset], preset
+        if node["name"] == "calm":
+            assert node["decay"] is False and node["first_exit"] == 1, preset
+        (policy,) = build_policies(sub)
+        labels.add(policy.label)
+    assert len(labels) == 11  # eleven distinct rows in the report

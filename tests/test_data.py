@@ -257,6 +257,13 @@ def test_offline_hub_not_cached_fails_fast():
     assert "dataset.path (null)" in message and "dataset.path=DIR" in message and "offline" in message
 
 
+def test_offline_error_names_the_split_asked_for_when_derived():
+    """HealthCareMagic's test split is cut from the Hub's train split: the message names both."""
+    conf = cfg("healthcaremagic", hub_id="hsd-exp-tests/not-a-dataset", split="test")
+    with pytest.raises(ConfigError, match=r"split 'test' \(derived from the Hub's 'train' split\).*test\.jsonl"):
+        load_examples(conf)
+
+
 def test_offline_without_env_probe_fails_fast(monkeypatch):
     """No offline env vars and no network: the 3 s probe makes it cache-only, not minutes of retries."""
     import hsd_exp.data as data

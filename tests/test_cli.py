@@ -129,6 +129,8 @@ def test_experiment_composes(experiment):
         assert cfg.finetune.mode in ("full", "lora"), f"experiment={experiment}: {cfg.task} with finetune=none"
     if cfg.dataset.get("path") == "sample":
         assert (ROOT / "hsd_exp" / "samples" / cfg.dataset.name).is_dir()
+    if cfg.dataset.name == "common_gen" and not cfg.dataset.get("path"):  # from the Hub
+        assert cfg.dataset.split != "test", f"experiment={experiment}: the Hub's CommonGen test split has no references"
 
 
 SWEEPS = members("sweep") if (CONF / "sweep").is_dir() else []
@@ -319,6 +321,14 @@ def test_config_errors_before_model_load(tmp_path, overrides, expected):
 def test_launchers_compose(launcher, target):
     cfg = compose_cfg(["+sweep=paper", f"hydra/launcher={launcher}"], hydra_cfg=True)
     assert target in cfg.hydra.launcher._target_.lower()
+
+
+def test_slurm_gpu_launcher_asks_for_a_gpu_per_job():
+    """submitit_slurm's defaults ask for no GPU and 60 minutes: the paper presets need both changed."""
+    cfg = compose_cfg(["+experiment=phi2_xsum", "+sweep=paper", "hydra/launcher=slurm_gpu"], hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_.lower() and "slurm" in launcher._target_.lower()
+    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1 and launcher.timeout_min >= 600
 
 
 def test_optuna_search_space_holds_only_valid_policies():

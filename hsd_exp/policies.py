@@ -26,7 +26,12 @@ def band_size(step: int, max_steps: int, min_layers: float, max_layers: float) -
 
 
 def top_band(step: int, max_steps: int, num_layers: int, min_layers: float, max_layers: float) -> set[int]:
-    """{ i : i >= L - n(T) } (1-indexed), returned 0-based. The smallest such integer i is ceil(L - n)."""
+    """{ i : i >= L - n(T) } (1-indexed), returned 0-based.
+
+    The band starts at ceil(L - n(T)) = L - floor(n(T)), so it holds floor(n(T)) + 1 layers while n(T) < L
+    (all L at n(T) = L), one more than n(T) for integer n: SkipDecode(10,20) on L=30 runs layers 10..30
+    (21) at T=0 and 20..30 (11) at T=Tmax; min = 0 still runs layer L.
+    """
     first = max(1, math.ceil(num_layers - band_size(step, max_steps, min_layers, max_layers)))
     return set(range(first - 1, num_layers))
 
@@ -73,10 +78,13 @@ class Full(Policy):
 
 @dataclass(frozen=True)
 class SkipDecode(Policy):
-    """SkipDecode (Del Corro et al. 2023): run the top n(T) layers, skip the bottom ones.
+    """SkipDecode (Del Corro et al. 2023): run the top band of layers, skip the bottom ones.
 
         n(T) = (T*min + (Tmax - T)*max) / Tmax
         run  { i : i >= L - n(T) }  [ U { i : i <= k }  with keep_first = k > 0, an ablation ]
+
+    With fractional n(T) the band starts at ceil(L - n(T)), so it holds floor(n(T)) + 1 layers while
+    n(T) < L (all L at n(T) = L): SkipDecode(10,20) on L=30 runs 21 layers at T=0 falling to 11 at T=Tmax.
     """
 
     min: float = 10
@@ -103,6 +111,8 @@ class HSD(Policy):
         n(T) = (T*min + (Tmax - T)*max) / Tmax
         run  { i : i mod (s+1) = 0 }  U  { i : i >= L - n(T) }
 
+    The band, as in SkipDecode, starts at ceil(L - n(T)) and so holds floor(n(T)) + 1 layers while n(T) < L
+    (hsd(s=1,0,18) on L=30: band 12..30 at T=0, just {30} at T=Tmax).
     With s >= 1 layer 1 is skipped for every generated token (the engine keeps positions and masks right).
     ``keep_first = k > 0`` (an ablation, not in the paper) also runs the bottom layers { i : i <= k } for
     every token, to measure what skipping them costs; the paper's HSD is k = 0.
@@ -170,7 +180,16 @@ class CALM(Policy):
         return min(max(lam, 0.0), 1.0)
 
 
+def _check_number(key: str, value: Any, valid: str) -> None:
+    """ConfigError unless ``value`` is a finite int or float (a bool is not): e.g. ``policy.max=abc`` from the CLI."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"policy.{key}={value} is not a finite number: must be {valid}")
+
+
 def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
+    L = "L" if num_layers is None else f"L={num_layers}"
+    _check_number("min", lo, f"a number with 0 <= min <= max <= {L} (the model's layers)")
+    _check_number("max", hi, f"a number with 0 <= min <= max <= {L} (the model's layers)")
     if lo < 0:
         raise ConfigError(f"policy.min={lo:g} is out of range: must be >= 0")
     if lo > hi:
@@ -238,13 +257,20 @@ def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
         _check_keep_first(params.get("keep_first", 0), num_layers)
     if name == "calm":
         d = params.get("d", CALM.d)
+        _check_number("d", d, "a number > 0 (the paper uses 0.02 and 0.005)")
         if not d > 0:
             raise ConfigError(f"policy.d={d} is out of range: must be > 0 (the paper uses 0.02 and 0.005)")
         crit = params.get("criterion", CALM.criterion)
         if crit not in CRITERIA:
             raise ConfigError(f"policy.criterion={crit} is unknown; choose one of {', '.join(CRITERIA)}")
-        if params.get("first_exit", 1) < 1:
-            raise ConfigError(f"policy.first_exit={params['first_exit']} is out of range: must be >= 1")
+        first_exit = params.get("first_exit", CALM.first_exit)
+        if not isinstance(first_exit, int) or isinstance(first_exit, bool) or first_exit < 1:
+            raise ConfigError(f"policy.first_exit={first_exit} is out of range: must be an integer >= 1 "
+                              "(the 1-indexed first layer that may exit, <= L)")
+        tau = params.get("tau", CALM.tau)
+        _check_number("tau", tau, "a number >= 0 (the position decay's rate; CALM uses 4)")
+        if tau < 0:
+            raise ConfigError(f"policy.tau={tau:g} is out of range: must be >= 0 (the position decay's rate; CALM uses 4)")
     policy = cls(**params)
     if num_layers is not None:
         policy.check_num_layers(num_layers)

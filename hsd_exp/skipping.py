@@ -15,9 +15,10 @@ How it works, without copying model code:
    layer cache. Exact because static policies are monotone (the set run at T+1 is a subset of the set at
    T): a layer that runs holds K/V for every earlier position, and a layer once skipped never runs again,
    so its cache is dropped (no memory, no beam-search reorder copies).
-4. Several query positions at once without a cache (``use_cache=False``, the no-cache reference) run every
-   layer on the whole sequence and keep, per position, the layer's output only where that position's
-   own set includes the layer (``torch.where``): each position runs exactly its own layer set.
+4. Several query positions at once without a cache (``generate(use_cache=False)``, the no-cache reference,
+   or a training batch with a fixed ``prompt_len``) run every layer on the whole sequence and keep, per
+   position, the layer's output only where that position's own set includes the layer (``torch.where``):
+   each position runs exactly its own layer set. Outside generate() a cache-less forward is a new prompt.
 CALM decides per token: after each layer it measures confidence and, once confident, the layers above only
 write their K/V from the exited state (state propagation) so the cache stays complete.
 
@@ -71,6 +72,19 @@ class CalmExit:
 
 @dataclass
 class SkipStats:
+    """What the engine ran, per processed generated token (decode step), prefill excluded.
+
+    ``avg_layers`` = mean of ``per_step``: the paper's "Avg. Layer". For CALM a step's count is its exit layer
+    e (layers 1..e, the exit layer included). The layers above the exit do not count, yet they are not free:
+    each still runs its attention block (its norm, the Q/K/V/O projections and attention over the context)
+    on the propagated state so as to write K/V, and their number is ``kv_only``. ``hsd_exp.bench``'s FLOP
+    model adds that cost (2 * attention-block parameters + 4 * ctx * d per such layer and row) and one LM
+    head per confidence check (``confidence_evals``; for ``state`` too, an upper bound); Avg. Layer leaves
+    both out.
+    CALM in a batch (and across beams) takes one exit per step for all rows, when the least confident row is
+    confident; rows already finished (padding after their EOS) still take part in that minimum.
+    """
+
     num_layers: int
     per_step: list[int] = field(default_factory=list)  # layers run per processed generated token
     step_layers: list[tuple[int, ...]] = field(default_factory=list)  # which (0-based), same order
@@ -164,8 +178,17 @@ class SkipEngine:
         past = cache.get_seq_length() if cache is not None else 0
         if self._fixed_prompt_len is not None:
             self._prompt_len = self._fixed_prompt_len
-        elif past == 0 and (cache is not None or self._prompt_len is None):
-            self._prompt_len = q  # a new prompt: prefill
+        elif past == 0 and (cache is not None or self._call_tmax is None or self._prompt_len is None):
+            # A new prompt: prefill. Only generate(use_cache=False) feeds one sequence cache-less step after
+            # step; outside generate() every cache-less forward is a prompt of its own.
+            self._prompt_len = q
+        elif self._prompt_len is None:  # past > 0: a cache filled before the engine saw its prompt
+            raise ValueError(
+                f"layer_skipping got a KV cache already holding {past} positions at the start of a call: the "
+                "policies count generated tokens from the end of the prompt (T = position - prompt length), "
+                "so generate() inside the context must start from an empty cache (it prefills the prompt); "
+                f"pass no {self.cache_kw} (the engine gives generate() a fresh SkipCache)"
+            )
         tmax = self._call_tmax or self.max_new_tokens
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
 

@@ -196,7 +196,11 @@ def model_overrides(cfg: DictConfig) -> dict:
 
 
 def _check_dataset(cfg: DictConfig) -> None:
-    """Fail fast on a bad dataset.path before the model loads."""
+    """Fail fast on a bad dataset.path, dataset.limit or split before the model loads."""
+    limit = cfg.dataset.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer (the first N inputs of "
+                          f"dataset.split) or null for all of them")
     path = cfg.dataset.get("path")
     if path and path != "sample" and not Path(path).expanduser().exists():
         raise ConfigError(f"dataset.path={path} does not exist; point dataset.path at a folder with the "

@@ -307,8 +307,10 @@ def _run(overrides: list[str], tmp_path):
     (["task=compare", "model=phi2"], "compare_policies"),
     (["task=finetune", "model=phi2", "finetune=none", "dataset.path=sample"], "finetune=full"),
     (["task=evaluate", "model=phi2", "dataset.path=/nonexistent/data"], "/nonexistent/data"),
+    (["task=evaluate", "model=phi2", "dataset.path=sample", "dataset.limit=abc"], "dataset.limit='abc'"),
     (["task=finetune", "model=phi2", "finetune=full", "dataset.path=sample", "dataset.name=xsum"], "sample"),
-], ids=["unknown-task", "compare-without-policies", "finetune-none", "missing-dataset-path", "no-sample"])
+], ids=["unknown-task", "compare-without-policies", "finetune-none", "missing-dataset-path", "bad-limit",
+        "no-sample"])
 def test_config_errors_before_model_load(tmp_path, overrides, expected):
     """ConfigError (-> `error: ...`, exit 2) naming the value, raised before model=phi2 would fail to load."""
     with pytest.raises(ConfigError) as err:

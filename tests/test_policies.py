@@ -91,6 +91,38 @@ def test_bad_parameters_fail_with_a_clear_message(name, params, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "name,params,needle",
+    [
+        ("hsd", {"max": "abc"}, "policy.max=abc is not a finite number: must be a number with 0 <= min <= max <= L=36"),
+        ("skipdecode", {"min": "ten"}, "policy.min=ten is not a finite number"),
+        ("skipdecode", {"max": None}, "policy.max=None is not a finite number"),
+        ("hsd", {"max": float("nan")}, "policy.max=nan is not a finite number"),
+        ("hsd", {"min": True}, "policy.min=True is not a finite number"),
+        ("calm", {"d": "abc"}, "policy.d=abc is not a finite number: must be a number > 0"),
+        ("calm", {"first_exit": "abc"}, "policy.first_exit=abc is out of range: must be an integer >= 1"),
+        ("calm", {"first_exit": 0}, "policy.first_exit=0 is out of range: must be an integer >= 1"),
+        ("calm", {"first_exit": 1.5}, "policy.first_exit=1.5 is out of range: must be an integer >= 1"),
+        ("calm", {"first_exit": 40}, "policy.first_exit=40 is out of range: must be in [1, 36]"),
+        ("calm", {"tau": "fast"}, "policy.tau=fast is not a finite number: must be a number >= 0"),
+        ("calm", {"tau": -1.0}, "policy.tau=-1 is out of range: must be >= 0"),
+    ],
+)
+def test_mistyped_parameters_fail_with_a_clear_message(name, params, needle):
+    """CLI overrides arrive as strings (``policy.max=abc``): a ConfigError naming the value, not a TypeError."""
+    with pytest.raises(ConfigError) as err:
+        build_policy(name, num_layers=36, **params)
+    assert needle in str(err.value)
+
+
+def test_band_holds_floor_n_plus_one_layers():
+    """The docstrings' arithmetic: the band starts at ceil(L - n(T)), so it holds floor(n(T)) + 1 layers."""
+    p = SkipDecode(min=10, max=20)
+    assert (len(p.layers(0, 64, 30)), len(p.layers(64, 64, 30))) == (21, 11)
+    for t in range(65):
+        assert len(p.layers(t, 64, 30)) == int(band_size(t, 64, 10, 20)) + 1
+
+
 def test_calm_threshold_decreases_with_depth():
     p = build_policy("calm", d=0.02)
     assert p.threshold(1, 0, 10) == pytest.approx(0.98)

@@ -10,7 +10,7 @@ from conftest import load, output_cache
 from test_policies import ABLATIONS, PAPER_GRID
 from transformers import DynamicCache
 
-from hsd_exp.families import decoder_layers
+from hsd_exp.families import decoder_layers, family_of, submodule
 from hsd_exp.policies import Policy, build_policy
 from hsd_exp.skipping import SkipCache, SkipEngine, cache_argument, layer_skipping
 
@@ -52,13 +52,15 @@ def test_sampling_is_exact_too(tiny):
     assert torch.equal(cached, reference)
 
 
-def test_full_policy_equals_plain_generate(tiny):
-    enc = tiny.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    for beams in (1, 4):
-        plain = tiny.model.generate(**enc, max_new_tokens=T, do_sample=False, num_beams=beams)
-        full, stats = generate(tiny, build_policy("full"), 4, beams, use_cache=True, do_sample=False)
-        assert torch.equal(plain, full)
-        assert stats.avg_layers == 6
+@pytest.mark.parametrize("batch,beams", [(1, 1), (4, 1), (1, 4), (4, 4)])
+def test_full_policy_equals_plain_generate(tiny, batch, beams):
+    enc = tiny.tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=T, min_new_tokens=T, num_beams=beams, do_sample=False)  # the same for both calls
+    plain = tiny.model.generate(**enc, **kw)
+    with layer_skipping(tiny.model, build_policy("full"), max_new_tokens=T) as stats:
+        full = tiny.model.generate(**enc, **kw)
+    assert torch.equal(plain, full)
+    assert stats.avg_layers == 6
 
 
 def test_stats_and_layer_sets_follow_the_policy(tiny):
@@ -148,6 +150,30 @@ def test_one_context_many_calls_each_starts_with_its_prompt(tiny):
             assert [e.step for e in stats.calm_exits] == list(range(T - 1)) * 2
 
 
+def test_cache_less_forwards_outside_generate_each_start_at_their_prompt(tiny):
+    """A second plain forward in one context is a new prompt too: every layer, no decode step recorded
+    (it once continued the first forward's "generation", skipping layers from the short prompt's length on)."""
+    short, long = (tiny.tokenizer(text, return_tensors="pt").input_ids for text in (PROMPTS[1], PROMPTS[2]))
+    assert short.shape[1] < long.shape[1]
+    with torch.no_grad():
+        with layer_skipping(tiny.model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T) as stats:
+            inside = [tiny.model(ids).logits for ids in (short, long)]
+        outside = [tiny.model(ids).logits for ids in (short, long)]
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside, strict=True))
+    assert stats.per_step == [] and stats.decode_rows == 0
+    assert stats.prefill_tokens == short.shape[1] + long.shape[1]
+
+
+def test_generate_from_a_filled_cache_is_refused(tiny):
+    """T counts from the end of the prompt the engine prefilled: a cache filled beforehand has no such prompt."""
+    enc = tiny.tokenizer(PROMPTS[:1], return_tensors="pt")
+    with layer_skipping(tiny.model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T):
+        out = tiny.model.generate(**enc, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="must start from an empty cache"):
+            tiny.model.generate(out.sequences, max_new_tokens=4, do_sample=False,
+                                **{cache_argument(tiny.model): output_cache(out)})
+
+
 def test_nested_contexts_restore_the_outer_one(tiny):
     outer, inner = build_policy("hsd", s=1, min=0, max=4), build_policy("full")
     enc = tiny.tokenizer(PROMPTS[:1], return_tensors="pt")
@@ -158,6 +184,40 @@ def test_nested_contexts_restore_the_outer_one(tiny):
     assert stats.per_step and stats.avg_layers < 6  # the outer policy still applied after the inner exit
     assert "generate" not in tiny.model.__dict__
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(tiny.model))
+
+
+def test_cached_hsd_equals_a_hand_rolled_per_layer_decode():
+    """A reference outside the engine: greedy decoding without a cache that recomputes the whole sequence each
+    step, layer by layer, position p keeping layer i's output only where i is in its own set
+    policy.layers(p - P, Tmax, L) (prompt positions p < P run every layer)."""
+    lm = load("tiny-llama")
+    model, L = lm.model, 6
+    policy = build_policy("hsd", s=1, min=0, max=4, num_layers=L)  # skips layer 1 for every token
+    family = family_of(model)
+    layers, norm, head = decoder_layers(model), submodule(model, family.final_norm), submodule(model, family.lm_head)
+    rotary = submodule(model, family.stack).rotary_emb
+    prompt = lm.tokenizer(PROMPTS[2], return_tensors="pt").input_ids  # (1, P): one row, no padding
+    P = prompt.shape[1]
+    eos = torch.tensor(model.generation_config.eos_token_id).view(-1)  # min_new_tokens=T bans it below
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(T):
+            n = seq.shape[1]
+            h = model.get_input_embeddings()(seq)  # (1, n, C)
+            pos = torch.arange(n)[None]  # (1, n)
+            rope = rotary(h, position_ids=pos)  # (cos, sin), each (1, n, head_dim)
+            mask = torch.full((n, n), float("-inf")).triu(1)[None, None]  # (1, 1, n, n) causal, additive
+            for i, layer in enumerate(layers):
+                out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)  # (1, n, C)
+                keep = torch.tensor([p < P or i in policy.layers(p - P, T, L) for p in range(n)])  # (n,)
+                h = torch.where(keep[None, :, None], out, h)
+            logits = head(norm(h[:, -1]))  # (1, V)
+            logits[:, eos] = float("-inf")
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        with layer_skipping(model, policy, max_new_tokens=T):
+            cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=T,
+                                    min_new_tokens=T, do_sample=False)
+    assert torch.equal(cached, seq)
 
 
 # ------------------------------------------------------------------------------------------------------ CALM

@@ -195,7 +195,8 @@ def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
     if lo > hi:
         raise ConfigError(f"policy.min={lo:g} > policy.max={hi:g}: need 0 <= min <= max")
     if num_layers is not None and hi > num_layers:
-        raise ConfigError(f"policy.max={hi:g} is out of range: must be <= L={num_layers} (the model's layers)")
+        raise ConfigError(f"policy.max={hi:g} is out of range: must be <= L={num_layers} (the model's layers, "
+                          "model.num_layers: set it too when model.path holds a model of another depth)")
 
 
 def _check_keep_first(keep_first: int, num_layers: int | None) -> None:
@@ -271,6 +272,9 @@ def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
         _check_number("tau", tau, "a number >= 0 (the position decay's rate; CALM uses 4)")
         if tau < 0:
             raise ConfigError(f"policy.tau={tau:g} is out of range: must be >= 0 (the position decay's rate; CALM uses 4)")
+        decay = params.get("decay", CALM.decay)
+        if not isinstance(decay, bool):  # a string "no" would otherwise switch the decay on
+            raise ConfigError(f"policy.decay={decay!r} must be true or false (CALM's position decay)")
     policy = cls(**params)
     if num_layers is not None:
         policy.check_num_layers(num_layers)

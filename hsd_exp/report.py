@@ -10,7 +10,8 @@ Outputs (into --out, default the first DIR):
   report.csv             every row at full precision, plus each metric's retention <m>_pct_full
   quality_vs_layers.png  the paper's Fig. 1: quality (--metric) vs. Avg. Layer, one line per method
                          family (and per setting, when the runs hold several), Full as a star
---wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set).
+--wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set);
+--wandb-runs logs one W&B run per row (flat config + numbers), for runs evaluated without logger=wandb.
 
 Columns:
   Avg. Layer  mean decoder layers run per generated token (prefill excluded)
@@ -59,20 +60,22 @@ from hsd_exp.runs import (
     count_predictions,
     family_label,
     find_run_dirs,
+    flat_config,
     group_key,
     is_number,
     method_label,
     parse_policy_label,
     policy_name,
     read_run,
+    resolved_config,
 )
 
 __all__ = [  # the report's own API, plus what it re-exports from hsd_exp.runs and hsd_exp.plots
     "CONFIG_FILE", "CSV_COLUMNS", "FAMILY_ORDER", "MD_COLUMNS", "METRIC_FIELDS", "METRIC_NAMES", "NO_RUNS",
     "OUTPUT_FILES", "QUALITY_KEYS", "RunRecord", "build_table", "check_not_mixed", "collect_runs",
     "count_predictions", "default_title", "family_label", "find_run_dirs", "group_key", "group_notes",
-    "log_wandb", "main", "markdown_table", "method_label", "parse_args", "parse_policy_label",
-    "plot_quality_vs_layers", "read_run", "render_markdown", "retention_vs_full", "setting_names", "wandb_group",
+    "log_wandb", "log_wandb_runs", "main", "markdown_table", "method_label", "parse_args", "parse_policy_label",
+    "plot_quality_vs_layers", "read_run", "render_markdown", "retention_vs_full", "setting_names", "wandb_group", "wandb_row_runs",
     "write_csv", "write_report",
 ]
 
@@ -365,6 +368,40 @@ def log_wandb(runs: list[RunRecord], rows: list[dict], png: Path, title: str, me
         run.finish()
 
 
+def wandb_row_runs(runs: list[RunRecord], rows: list[dict]) -> list[dict]:
+    """What ``--wandb-runs`` logs per table row: name, config (the run's whole config, flat and resolved,
+    plus the row's text fields as ``report.*``) and summary (the row's numbers)."""
+    by_path = {str(r.path): r for r in runs}
+    out = []
+    for row in rows:
+        record = by_path.get(str(row["path"]))
+        config = flat_config(resolved_config(record)) if record is not None else {}
+        config.update({f"report.{k}": _wandb_value(row[k]) for k in CSV_COLUMNS if not is_number(row[k])})
+        summary = {k: float(row[k]) for k in CSV_COLUMNS if is_number(row[k])}
+        out.append({"name": str(row["method"]), "config": config, "summary": summary})
+    return out
+
+
+def log_wandb_runs(runs: list[RunRecord], rows: list[dict], project: str = "hsd_exp") -> int:
+    """One W&B run per table row (``wandb_row_runs``), grouped like the evaluation runs, for evaluations that
+    ran without logger=wandb: W&B's run comparer and parallel-coordinates panels then compare the settings.
+    Offline unless WANDB_API_KEY (or WANDB_MODE). Returns the number of runs logged."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("--wandb-runs needs the wandb package: pip install wandb") from e
+    mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
+    entries = wandb_row_runs(runs, rows)
+    for entry in entries:
+        run = wandb.init(project=project, group=wandb_group(runs), name=entry["name"], job_type="report-row",
+                         config=entry["config"], mode=mode)
+        try:
+            run.summary.update(entry["summary"])
+        finally:
+            run.finish()
+    return len(entries)
+
+
 def wandb_group(runs: list[RunRecord]) -> str:
     """The W&B group of the evaluation runs reported on (conf/logger/wandb.yaml groups them by ``task_name``),
     so the report lands beside them; several task names joined with "+", "report" when no config names one."""
@@ -395,6 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-mixed", action="store_true",
                    help="allow several models/datasets: one table (and figure panel) per (model, dataset)")
     p.add_argument("--wandb", action="store_true", help="also log the table and figure to W&B")
+    p.add_argument("--wandb-runs", action="store_true",
+                   help="also log one W&B run per row (config + numbers), for runs evaluated without "
+                        "logger=wandb: W&B's run comparer and parallel coordinates then compare them")
     p.add_argument("--wandb-project", default="hsd_exp", help="W&B project (default hsd_exp)")
     return p.parse_args(argv)
 
@@ -418,10 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    if args.wandb:
+    if args.wandb or args.wandb_runs:
         try:
-            log_wandb(runs, rows, paths["png"], args.title or default_title(runs), args.metric,
-                      project=args.wandb_project)
+            if args.wandb:
+                log_wandb(runs, rows, paths["png"], args.title or default_title(runs), args.metric,
+                          project=args.wandb_project)
+            if args.wandb_runs:
+                log_wandb_runs(runs, rows, project=args.wandb_project)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -375,6 +375,29 @@ def family_label(policy, s=None, criterion=None, fallback=None, extra=None) -> s
     return f"{family} ({extra.replace(',', ', ')})" if extra and name != "full" else family
 
 
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """Dotted keys: W&B's run comparer and parallel-coordinates panels want flat configs."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, list) else str(v)
+    return out
+
+
+def resolved_config(record: RunRecord) -> dict:
+    """The run's .hydra/config.yaml with its interpolations resolved where they resolve (Hydra's own
+    resolvers, such as ``now``, do not outside a Hydra run: then the raw values)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(record.config), resolve=True)
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation: keep the file's text
+        return record.config
+
+
 def as_text(value: Any) -> str:
     """None as "", anything else as ``str``: config and metrics values compared or shown as text."""
     return "" if value is None else str(value)

@@ -27,7 +27,7 @@ from hsd_exp.module import CausalLMModule
 from hsd_exp.policies import Policy
 from hsd_exp.predictions import read_predictions, read_run_predictions
 from hsd_exp.prompts import build_prompt
-from hsd_exp.runs import slug
+from hsd_exp.runs import flat_config, slug
 from hsd_exp.skipping import layer_skipping
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
             node["name"] = run_name
         loggers.append(instantiate(node))
     for lg in loggers:
-        lg.log_hyperparams(_flat(OmegaConf.to_container(cfg, resolve=True)))
+        lg.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     callbacks = list(callbacks)
     progress = _progress_mode()
@@ -261,18 +261,6 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
         overrides["enable_checkpointing"] = False
     trainer_cfg.update(overrides)
     return instantiate(trainer_cfg)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Dotted keys: W&B's run comparer and parallel-coordinates panels want flat configs."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if not isinstance(v, list) else str(v)
-    return out
 
 
 def finish_wandb() -> None:

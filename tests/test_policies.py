@@ -106,6 +106,8 @@ def test_bad_parameters_fail_with_a_clear_message(name, params, needle):
         ("calm", {"first_exit": 40}, "policy.first_exit=40 is out of range: must be in [1, 36]"),
         ("calm", {"tau": "fast"}, "policy.tau=fast is not a finite number: must be a number >= 0"),
         ("calm", {"tau": -1.0}, "policy.tau=-1 is out of range: must be >= 0"),
+        ("calm", {"decay": "no"}, "policy.decay='no' must be true or false"),
+        ("hsd", {"max": 40}, "model.num_layers: set it too when model.path holds a model of another depth"),
     ],
 )
 def test_mistyped_parameters_fail_with_a_clear_message(name, params, needle):

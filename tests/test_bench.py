@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CACHE_DIR, ROOT, load
 
 from hsd_exp.bench import bench_setting, call_flops, decode_flops, layer_flops, prefill_flops
-from hsd_exp.policies import build_policy
-from hsd_exp.skipping import SkipStats
+from hsd_exp.skip.engine import SkipStats
+from hsd_exp.skip.policies import build_policy
+
+from helpers import CACHE_DIR, ROOT, load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

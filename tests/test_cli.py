@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.policies import Policy
+from hsd_exp.skip.policies import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -352,7 +352,7 @@ def test_optuna_search_space_holds_only_valid_policies():
     for s in space["policy.s"]:
         for lo in space["policy.min"]:
             for hi in space["policy.max"]:
-                instantiate(OmegaConf.create({"_target_": "hsd_exp.policies.build_policy", "name": "hsd",
+                instantiate(OmegaConf.create({"_target_": "hsd_exp.build_policy", "name": "hsd",
                                               "s": s, "min": lo, "max": hi}), num_layers=30)
 
 

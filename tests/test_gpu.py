@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import CACHE_DIR, ROOT, load, output_cache
-from test_skipping import PROMPTS, TINY_POLICIES
 
-from hsd_exp.policies import build_policy
-from hsd_exp.skipping import layer_skipping
+from hsd_exp.skip.engine import layer_skipping
+from hsd_exp.skip.policies import build_policy
+
+from helpers import CACHE_DIR, PROMPTS, ROOT, TINY_POLICIES, load, output_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 T = 12

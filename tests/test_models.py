@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CACHE_DIR, SMOLLM2_GGUF, compose_config, load
 from hydra.utils import instantiate
 
 from hsd_exp import models
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, family_of
 from hsd_exp.models import check_family, gpt2_tokenizer, load_model, locate_package_file
+
+from helpers import CACHE_DIR, SMOLLM2_GGUF, compose_config, load
 
 
 def test_tiny_llama_takes_kv_heads_and_mlp_width():

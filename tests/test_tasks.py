@@ -12,18 +12,19 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from conftest import compose_config
 from hydra.core.global_hydra import GlobalHydra
 
 from hsd_exp import tasks
 from hsd_exp.errors import ConfigError
-from hsd_exp.predictions import read_predictions
+from hsd_exp.eval.predictions import read_predictions
+
+from helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=4", "decode.batch_size=2",
         "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu"]
-FULL = "{_target_:hsd_exp.policies.build_policy,name:full}"
-HSD = "{_target_:hsd_exp.policies.build_policy,name:hsd,s:1,min:0,max:4}"
+FULL = "{_target_:hsd_exp.build_policy,name:full}"
+HSD = "{_target_:hsd_exp.build_policy,name:hsd,s:1,min:0,max:4}"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,8 +90,8 @@ def test_compare_writes_one_run_dir_per_policy(tmp_path, capsys):
 def test_compare_rejects_policies_sharing_a_run_dir(tmp_path):
     """Two entries with one label would share a run dir: the second would 'resume' the first's predictions."""
     # tau only matters with decay on, so these two are the same policy under one label
-    tau = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02,tau:2.0}"
-    plain = "{_target_:hsd_exp.policies.build_policy,name:calm,d:0.02}"
+    tau = "{_target_:hsd_exp.build_policy,name:calm,d:0.02,tau:2.0}"
+    plain = "{_target_:hsd_exp.build_policy,name:calm,d:0.02}"
     with pytest.raises(ConfigError, match="calm"):
         tasks.run(make_cfg(tmp_path, "task=compare", "model=phi2", f"compare_policies=[{plain},{tau}]"))
     assert not list(tmp_path.iterdir())

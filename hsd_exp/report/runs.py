@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.policies import config_label
-from hsd_exp.predictions import METRICS_FILE, PREDICTIONS_FILE
+from hsd_exp.eval.predictions import METRICS_FILE, PREDICTIONS_FILE
+from hsd_exp.skip.policies import config_label
 
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
 METRIC_FIELDS = (*QUALITY_KEYS, "bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers")

@@ -1,15 +1,9 @@
 import pytest
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.policies import HSD, SkipDecode, band_size, build_policy
+from hsd_exp.skip.policies import HSD, SkipDecode, band_size, build_policy
 
-PAPER_GRID = [
-    ("full", {}),
-    ("skipdecode", {"min": 10, "max": 20}),
-    ("skipdecode", {"min": 10, "max": 24}),
-    *[("hsd", {"s": s, "min": 0, "max": m}) for s in (1, 2) for m in (18, 12, 8)],
-]
-ABLATIONS = [("hsd", {"s": 1, "min": 0, "max": 18, "keep_first": 2}), ("skipdecode", {"keep_first": 1})]
+from helpers import ABLATIONS, PAPER_GRID
 
 
 def one_indexed(layers):
@@ -139,9 +133,9 @@ def test_config_label_and_the_wandb_name_resolver():
     from omegaconf import OmegaConf
 
     import hsd_exp  # noqa: F401  (registers ${hsd_policy_label:...})
-    from hsd_exp.policies import config_label
+    from hsd_exp.skip.policies import config_label
 
-    node = {"_target_": "hsd_exp.policies.build_policy", "name": "hsd", "s": 1, "min": 0, "max": 18, "keep_first": 2}
+    node = {"_target_": "hsd_exp.build_policy", "name": "hsd", "s": 1, "min": 0, "max": 18, "keep_first": 2}
     assert config_label(node) == "hsd(s=1,0,18,keep_first=2)"
     assert config_label({"name": "hsd", "s": -1}) is None  # invalid: no label, no exception
     cfg = OmegaConf.create({"policy": node, "run_name": "${hsd_policy_label:${policy}}"})

@@ -1,4 +1,4 @@
-"""hsd_exp.report on synthetic run dirs (no models, no network): numbers, formulas, order, outputs, errors."""
+"""hsd_exp.report.tables on synthetic run dirs (no models, no network): numbers, formulas, order, outputs, errors."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import POLICIES, make_multirun, metrics_for, write_run
 
-from hsd_exp import report
 from hsd_exp.errors import ConfigError
+from hsd_exp.report import tables as report
+
+from helpers import POLICIES, make_multirun, metrics_for, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

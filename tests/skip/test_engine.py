@@ -6,22 +6,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import load, output_cache
-from test_policies import ABLATIONS, PAPER_GRID
 from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers, family_of, submodule
-from hsd_exp.policies import Policy, build_policy
-from hsd_exp.skipping import SkipCache, SkipEngine, cache_argument, layer_skipping
+from hsd_exp.skip.engine import SkipCache, SkipEngine, cache_argument, layer_skipping
+from hsd_exp.skip.policies import Policy, build_policy
 
-PROMPTS = ["The quick brown fox jumps over", "Hello", "In 1905 Albert Einstein published a paper", "a b"]
-TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, scaled down
-    ("full", {}),
-    ("skipdecode", {"min": 1, "max": 4}),
-    ("hsd", {"s": 1, "min": 0, "max": 4}),
-    ("hsd", {"s": 2, "min": 0, "max": 3}),
-    ("hsd", {"s": 1, "min": 0, "max": 3, "keep_first": 1}),  # the ablation: layer 1 runs, layer 3 does not
-]
+from helpers import ABLATIONS, PAPER_GRID, PROMPTS, TINY_POLICIES, load, output_cache
+
 T = 12
 
 

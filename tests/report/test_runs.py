@@ -1,13 +1,14 @@
-"""hsd_exp.runs on synthetic run dirs (no models, no network): finding runs, reading config and metrics."""
+"""hsd_exp.report.runs on synthetic run dirs (no models, no network): finding runs, reading config and metrics."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import FULL_QUALITY, metrics_for, write_run
 
-from hsd_exp.runs import collect_runs, parse_policy_label, slug
+from hsd_exp.report.runs import collect_runs, parse_policy_label, slug
+
+from helpers import FULL_QUALITY, metrics_for, write_run
 
 
 def test_collect_runs_reads_raw_config_and_metrics(multirun):

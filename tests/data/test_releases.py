@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data import cfg
 
-from hsd_exp.data import load_examples
+from hsd_exp.data.loaders import load_examples
+from hsd_exp.data.releases import parse_story, parse_xsum_summary, text_lines
 from hsd_exp.errors import ConfigError
-from hsd_exp.releases import parse_story, parse_xsum_summary, text_lines
+
+from helpers import dataset_cfg as cfg
 
 # -----------------------------------------------------------------------------
 # XSum: bbc-summary-data/<id>.summary + XSum-TRAINING-DEV-TEST-SPLIT-90-5-5.json

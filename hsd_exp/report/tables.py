@@ -1,7 +1,7 @@
 """Comparison report over evaluation runs: ``python -m hsd_exp.report DIR [DIR ...]``.
 
 Each DIR is a Hydra multirun dir or a single run dir. Every run folder below DIR (.hydra/config.yaml,
-metrics.json, predictions*.jsonl; task=compare subfolders included) is one row (see hsd_exp.runs and
+metrics.json, predictions*.jsonl; task=compare subfolders included) is one row (see hsd_exp.report.runs and
 DEVELOPERS.md "Run directory format"). The table follows the HSD paper's layout: one row per decoding
 setting, one table per (model, dataset).
 
@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.plots import METRIC_NAMES, plot_quality_vs_layers
-from hsd_exp.runs import (
+from hsd_exp.report.plots import METRIC_NAMES, plot_quality_vs_layers
+from hsd_exp.report.runs import (
     CONFIG_FILE,
     FAMILY_ORDER,
     METRIC_FIELDS,
@@ -70,7 +70,7 @@ from hsd_exp.runs import (
     resolved_config,
 )
 
-__all__ = [  # the report's own API, plus what it re-exports from hsd_exp.runs and hsd_exp.plots
+__all__ = [  # the report's own API, plus what it re-exports from hsd_exp.report.runs and hsd_exp.report.plots
     "CONFIG_FILE", "CSV_COLUMNS", "FAMILY_ORDER", "MD_COLUMNS", "METRIC_FIELDS", "METRIC_NAMES", "NO_RUNS",
     "OUTPUT_FILES", "QUALITY_KEYS", "RunRecord", "build_table", "check_not_mixed", "collect_runs",
     "count_predictions", "default_title", "family_label", "find_run_dirs", "group_key", "group_notes",
@@ -202,9 +202,9 @@ def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]
 
 
 def retention_vs_full(run: RunRecord, full: RunRecord) -> dict[str, float | None]:
-    """{metric: metric / metric(full) * 100} (hsd_exp.metrics.quality_retention); None where either is
+    """{metric: metric / metric(full) * 100} (hsd_exp.eval.metrics.quality_retention); None where either is
     missing or full is 0, and for BERTScore when the backbones differ (such scores are not comparable)."""
-    from hsd_exp.metrics import quality_retention
+    from hsd_exp.eval.metrics import quality_retention
 
     out = quality_retention({k: getattr(run, k) for k in QUALITY_KEYS}, {k: getattr(full, k) for k in QUALITY_KEYS})
     if run.bertscore_model != full.bertscore_model:

@@ -9,19 +9,20 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config
 
 from hsd_exp import tasks
-from hsd_exp.callbacks import SkipPolicyCallback
-from hsd_exp.data import load_examples
-from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.data.datamodule import HSDDataModule
+from hsd_exp.data.loaders import load_examples
 from hsd_exp.errors import ConfigError
+from hsd_exp.eval.callbacks import SkipPolicyCallback
+from hsd_exp.eval.predictions import read_predictions
 from hsd_exp.families import decoder_layers, unwrap
-from hsd_exp.module import CausalLMModule
-from hsd_exp.policies import build_policy
-from hsd_exp.predictions import read_predictions
+from hsd_exp.skip.policies import build_policy
+from hsd_exp.train.module import CausalLMModule
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import compose_config
+
+ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW = 8
 BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=5", "decode.batch_size=2",
         f"decode.max_new_tokens={MAX_NEW}", "bertscore.enabled=false", "trainer.accelerator=cpu",
@@ -221,7 +222,7 @@ def test_resume_refuses_another_setting_in_the_same_folder(tmp_path):
 def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, stage, monkeypatch):
     """Under DDP the model is loaded on the CPU: warm-up must wait until Lightning has moved it, and its
     tokens must count neither in the policy's stats nor in tokens/s (so it runs before the other callbacks)."""
-    from hsd_exp.callbacks import WarmUpCallback
+    from hsd_exp.eval.callbacks import WarmUpCallback
 
     lm, module, dm, policy = setup
     seen = []

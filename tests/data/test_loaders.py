@@ -8,28 +8,21 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from hsd_exp.data import Example, load_examples, sample_dir, split_indices
+from hsd_exp.data.loaders import Example, load_examples, sample_dir, split_indices
 from hsd_exp.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import dataset_cfg as cfg
+
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "dataset"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-def cfg(name: str, **overrides):
-    """The shipped conf/dataset/<name>.yaml with overrides, as Hydra would pass it."""
-    conf = OmegaConf.load(CONF / f"{name}.yaml")
-    for k, v in overrides.items():
-        conf[k] = v
-    return conf
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -266,7 +259,7 @@ def test_offline_error_names_the_split_asked_for_when_derived():
 
 def test_offline_without_env_probe_fails_fast(monkeypatch):
     """No offline env vars and no network: the 3 s probe makes it cache-only, not minutes of retries."""
-    import hsd_exp.data as data
+    import hsd_exp.data.loaders as data
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
@@ -281,7 +274,7 @@ def test_hub_path_with_a_stub_hub(monkeypatch, tmp_path):
     """The Hub branch on in-memory `datasets.Dataset`s: same examples as the local files give."""
     import datasets
 
-    import hsd_exp.data as data
+    import hsd_exp.data.loaders as data
 
     hub = {
         ("lavita/ChatDoctor-HealthCareMagic-100k", "train"): HCM_ROWS,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
-from hsd_exp.policies import CALM, Policy
+from hsd_exp.skip.policies import CALM, Policy
 
 
 def cache_argument(model) -> str:
@@ -216,7 +216,7 @@ class SkipEngine:
             if cache is not None and len(run) < self.L:
                 if not isinstance(cache, SkipCache):
                     raise ValueError(
-                        "layer skipping with a KV cache needs hsd_exp.skipping.SkipCache "
+                        "layer skipping with a KV cache needs hsd_exp.skip.engine.SkipCache "
                         f"(generate() inside layer_skipping passes one): pass {self.cache_kw}=SkipCache(config=model.config)"
                     )
                 for i in range(self.L):  # monotone: a skipped layer never runs again, so drop its K/V

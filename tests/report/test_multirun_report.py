@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CACHE_DIR, ROOT
+
+from helpers import CACHE_DIR, ROOT
 
 
 def run(args, cwd=ROOT):

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.predictions import PredictionWriter, read_predictions, write_metrics
+from hsd_exp.eval.predictions import PredictionWriter, read_predictions, write_metrics
 
 
 def record(i: int) -> dict:

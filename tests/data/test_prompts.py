@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from hsd_exp.data.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
 from hsd_exp.errors import ConfigError
-from hsd_exp.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

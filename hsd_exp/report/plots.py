@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from hsd_exp.runs import FAMILY_ORDER, RunRecord, as_text, group_key, is_number
+from hsd_exp.report.runs import FAMILY_ORDER, RunRecord, as_text, group_key, is_number
 
 METRIC_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu1": "BLEU-1",
                 "bertscore_f1": "BERTScore F1"}

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, load
 
 from hsd_exp import tasks
-from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.data.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, unwrap
-from hsd_exp.module import CausalLMModule
-from hsd_exp.policies import build_policy
+from hsd_exp.skip.policies import build_policy
+from hsd_exp.train.module import CausalLMModule
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import compose_config, load
+
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ["model=tiny-llama", "dataset.path=sample", "bertscore.enabled=false", "decode.max_new_tokens=8",
         "dataset.limit=3", "finetune.batch_size=4", "finetune.train_limit=4", "finetune.max_length=96",
         "finetune.lr=1e-3", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logger=csv"]
@@ -324,7 +325,7 @@ def test_layer_record_of_a_row_does_not_depend_on_the_rest_of_its_batch(tmp_path
     runs only because the longer row goes on, once made Avg. Layer depend on decode.batch_size."""
     from transformers import LogitsProcessorList
 
-    from hsd_exp.skipping import layer_skipping
+    from hsd_exp.skip.engine import layer_skipping
 
     cfg = make_cfg(tmp_path, "finetune=full")
     lm, module = make_module(cfg)

@@ -44,8 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsd_exp.errors import ConfigError
-from hsd_exp.releases import (
+from hsd_exp.data.releases import (
     ORIGINAL_FILES,
     SPLIT_ALIASES,
     normalise,
@@ -53,8 +52,9 @@ from hsd_exp.releases import (
     release_splits,
     text_lines,
 )
+from hsd_exp.errors import ConfigError
 
-SAMPLES_DIR = Path(__file__).parent / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 HUB_PROBE_TIMEOUT_S = 3.0
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")

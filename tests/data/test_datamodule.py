@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load
 from omegaconf import OmegaConf
 
-from hsd_exp.data import load_examples, sample_dir
-from hsd_exp.datamodule import HSDDataModule
+from hsd_exp.data.datamodule import HSDDataModule
+from hsd_exp.data.loaders import load_examples, sample_dir
+from hsd_exp.data.prompts import build_prompt, training_text
 from hsd_exp.errors import ConfigError
-from hsd_exp.prompts import build_prompt, training_text
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def e2e(**overrides):
@@ -165,7 +166,7 @@ def test_target_longer_than_the_room_is_cut_at_its_end_with_one_warning(tok, tmp
     rows = [dict(r, summary=article(120, 3)) for r in long_rows]
     cfg = xsum(tmp_path, rows)
     dm = HSDDataModule(cfg, tok, chat=False, max_length=64)
-    with caplog.at_level(logging.WARNING, logger="hsd_exp.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="hsd_exp.data.datamodule"):
         dm.setup("fit")
     _, target = training_text(rows[0]["document"], rows[0]["summary"], cfg, tok, chat=False)
     full_target = tok(target, add_special_tokens=False)["input_ids"]

@@ -13,8 +13,8 @@ from transformers import GenerationConfig
 
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, family_of
-from hsd_exp.policies import Policy
-from hsd_exp.skipping import layer_skipping
+from hsd_exp.skip.engine import layer_skipping
+from hsd_exp.skip.policies import Policy
 
 log = logging.getLogger(__name__)
 

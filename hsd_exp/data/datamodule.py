@@ -10,9 +10,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from hsd_exp.data import Example, load_examples
+from hsd_exp.data.loaders import Example, load_examples
+from hsd_exp.data.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
 from hsd_exp.errors import ConfigError
-from hsd_exp.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,14 @@
-"""hsd_exp.plots: one line per method family, variants (options beyond the paper's) on lines of their own."""
+"""hsd_exp.report.plots: one line per method family, variants (options beyond the paper's) on lines of their own."""
 
 from __future__ import annotations
 
-from conftest import metrics_for, write_run
 from matplotlib.figure import Figure
 
-from hsd_exp.plots import FAMILY_STYLE, _plot_group
-from hsd_exp.report import build_table
-from hsd_exp.runs import collect_runs
+from hsd_exp.report.plots import FAMILY_STYLE, _plot_group
+from hsd_exp.report.runs import collect_runs
+from hsd_exp.report.tables import build_table
+
+from helpers import metrics_for, write_run
 
 
 def test_variants_get_their_own_dashed_line_in_a_colour_no_family_uses(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from hsd_exp.metrics import summarize_run
-from hsd_exp.policies import Policy
-from hsd_exp.predictions import PredictionWriter, read_run_predictions, write_metrics
-from hsd_exp.skipping import layer_skipping
+from hsd_exp.eval.metrics import summarize_run
+from hsd_exp.eval.predictions import PredictionWriter, read_run_predictions, write_metrics
+from hsd_exp.skip.engine import layer_skipping
+from hsd_exp.skip.policies import Policy
 
 
 class WarmUpCallback(pl.Callback):

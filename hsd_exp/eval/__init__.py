@@ -1,0 +1,1 @@
+"""Evaluation: callbacks that apply the policy and stream predictions, the prediction files, the metrics."""

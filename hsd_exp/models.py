@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from hsd_exp.data.loaders import hub_reachable  # one Hub probe for models and datasets
+from hsd_exp.data.hub import hub_reachable  # one Hub probe for models and datasets
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import FAMILIES, MODEL_TYPES
 

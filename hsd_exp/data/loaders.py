@@ -11,7 +11,7 @@ Where the rows come from (first that applies):
 Local file formats (rows are normalised to the Hub schema of the yaml's ``hub_id``):
 - ``{split}.jsonl`` / ``{split}.json`` / ``{split}.csv`` / ``{split}.parquet`` in Hub schema
   (the format of ``../shared/data``; CNN/DM's ``{train,validation,test}.csv``; XSum's files);
-- the original releases (``hsd_exp/releases.py`` has the table): E2E's csv files, CommonGen's jsonl,
+- the original releases (``hsd_exp/data/releases.py`` has the table): E2E's csv files, CommonGen's jsonl,
   HealthCareMagic-100k.json (it is the Hub's train split), XSum's ``bbc-summary-data/`` + split json,
   CNN/DailyMail's ``.story`` files + url lists, and ``{split}.source`` / ``{split}.target`` line files.
   The split name ``validation`` also matches files called ``dev`` / ``val`` / ``valid``.
@@ -33,31 +33,14 @@ The fine-tuning datamodule flattens multi-reference examples into one (source, r
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import json
-import os
-import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from hsd_exp.data.releases import (
-    ORIGINAL_FILES,
-    SPLIT_ALIASES,
-    normalise,
-    read_release_dir,
-    release_splits,
-    text_lines,
-)
+from hsd_exp.data.files import read_local, resolve_path, sample_dir, split_file
+from hsd_exp.data.hub import load_hub
 from hsd_exp.errors import ConfigError
-
-SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
-HUB_PROBE_TIMEOUT_S = 3.0
-
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -100,11 +83,6 @@ def check_limit(limit: Any) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer (the first N inputs of "
                           f"dataset.split) or null for all of them")
-
-
-def sample_dir(name: str) -> Path:
-    """The bundled sample of dataset ``name`` (``dataset.path=sample``)."""
-    return SAMPLES_DIR / name
 
 
 # -----------------------------------------------------------------------------
@@ -212,15 +190,15 @@ def _load_table(cfg: dict, split: str) -> Any:
             f"splits: {sorted(fractions)} (derived from its {cfg.get('split_source') or 'train'} split)"
         )
     if cfg.get("path") is not None:
-        directory = _resolve_path(cfg)
-        if directory.is_dir() and fractions and all(_split_file(directory, s) for s in fractions):
-            return _read_local(directory, split, cfg)  # already split on disk
+        directory = resolve_path(cfg)
+        if directory.is_dir() and fractions and all(split_file(directory, s) for s in fractions):
+            return read_local(directory, split, cfg)  # already split on disk
         if fractions:
-            return _derive_split(_read_local(directory, cfg.get("split_source") or "train", cfg), split, cfg)
-        return _read_local(directory, split, cfg)
+            return _derive_split(read_local(directory, cfg.get("split_source") or "train", cfg), split, cfg)
+        return read_local(directory, split, cfg)
     if fractions:
-        return _derive_split(_load_hub(cfg, cfg.get("split_source") or "train", wanted=split), split, cfg)
-    return _load_hub(cfg, split)
+        return _derive_split(load_hub(cfg, cfg.get("split_source") or "train", wanted=split), split, cfg)
+    return load_hub(cfg, split)
 
 
 def split_indices(n: int, fractions: Mapping[str, float], seed: int = 0) -> dict[str, list[int]]:
@@ -246,172 +224,6 @@ def _derive_split(table: Any, split: str, cfg: dict) -> Any:
     return table.add_column("_index", list(range(len(table)))).select(indices)
 
 
-# -----------------------------------------------------------------------------
-# local files
-
-
-def _resolve_path(cfg: dict) -> Path:
-    raw = str(cfg["path"])
-    if raw == "sample":
-        path = sample_dir(str(cfg.get("name")))
-        if not path.is_dir():
-            have = sorted(p.name for p in SAMPLES_DIR.iterdir() if p.is_dir()) if SAMPLES_DIR.is_dir() else []
-            raise ConfigError(
-                f"dataset.path=sample: there is no bundled sample for dataset {cfg.get('name')!r} "
-                f"(samples: {have}); set dataset.path=DIR to a local copy"
-            )
-        return path
-    path = Path(raw).expanduser()
-    if not path.is_absolute() and not path.exists():
-        path = _original_cwd() / path  # Hydra may have changed the working directory
-    if not path.exists():
-        raise ConfigError(
-            f"dataset.path={raw!r} does not exist (resolved to {path.resolve()}); set dataset.path=DIR to "
-            f"a directory with {cfg.get('split') or 'test'}.jsonl (or the original release files), or "
-            f"dataset.path=null to load {cfg.get('hub_id')!r} from the Hub"
-        )
-    return path
-
-
-def _original_cwd() -> Path:
-    with contextlib.suppress(Exception):
-        from hydra.utils import get_original_cwd
-
-        return Path(get_original_cwd())
-    return Path.cwd()
-
-
-def _split_file(directory: Path, split: str) -> Path | None:
-    for stem in [split, *SPLIT_ALIASES.get(split, [])]:
-        for ext in EXTENSIONS:
-            if (directory / f"{stem}{ext}").is_file():
-                return directory / f"{stem}{ext}"
-    for name in ORIGINAL_FILES.get(split, []):
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
-def _existing_splits(directory: Path) -> list[str]:
-    found = {s for s in ("train", "validation", "test") if _split_file(directory, s)} | release_splits(directory)
-    known = {name for names in ORIGINAL_FILES.values() for name in names}
-    aliases = {a for names in SPLIT_ALIASES.values() for a in names}
-    found |= {p.stem for p in directory.iterdir() if p.suffix in EXTENSIONS and p.name not in known}
-    return sorted(found - aliases)
-
-
-def _read_local(path: Path, split: str, cfg: dict) -> list[dict]:
-    """Rows of one split from a directory (or from ``path`` itself when it is a file)."""
-    if path.is_file():
-        rows = normalise(_read_file(path))
-    elif (file := _split_file(path, split)) is not None:
-        rows = normalise(_read_file(file))
-    else:
-        rows = read_release_dir(path, split, cfg)
-        if rows is None:
-            raise ConfigError(
-                f"split {split!r} not found in dataset.path={str(path)!r}: it has the splits "
-                f"{_existing_splits(path)}; set dataset.split=<one of them>"
-            )
-    for i, row in enumerate(rows):
-        row.setdefault("_index", i)
-    return rows
-
-
-def _read_file(file: Path) -> list[dict]:
-    try:
-        if file.suffix == ".csv":
-            with open(file, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(file).to_pylist()
-        text = file.read_text(encoding="utf-8")
-        if file.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)  # a JSON list (HealthCareMagic-100k.json)
-        if file.suffix == ".json" and text.lstrip().startswith('{"data"'):
-            return json.loads(text)["data"]
-        return [json.loads(line) for line in text_lines(text) if line.strip()]
-    except (ValueError, csv.Error, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot parse {file}: {e}; expected the formats listed in hsd_exp/data.py") from e
-
-
-# -----------------------------------------------------------------------------
-# the Hub
-
-
-def hub_reachable() -> bool:
-    """False when offline mode is set or huggingface.co:443 does not answer within 3 s."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a proxy may be the only way out: let the client try
-    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=HUB_PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-@contextlib.contextmanager
-def _offline_mode(offline: bool) -> Iterator[None]:
-    """Make `datasets` / `huggingface_hub` cache-only for one call (their flags are read at import)."""
-    if not offline:
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-
-
-def _load_hub(cfg: dict, split: str, wanted: str | None = None) -> Any:
-    """Hub split ``split``; ``wanted``: the split derived from it (HealthCareMagic), for the error message."""
-    hub_id, hub_config = cfg.get("hub_id"), cfg.get("hub_config")
-    name = cfg.get("name")
-    if not hub_id:
-        raise ConfigError(
-            f"dataset {name!r} has neither dataset.path nor dataset.hub_id; set dataset.path=DIR"
-        )
-    import datasets
-
-    offline = not hub_reachable()
-    try:
-        with _offline_mode(offline):
-            return datasets.load_dataset(hub_id, hub_config, split=split)
-    except ValueError as e:
-        if "split" in str(e).lower() and "unknown" in str(e).lower():
-            raise ConfigError(
-                f"split {split!r} not found in Hub dataset {hub_id!r}: {e}; set dataset.split=<one of them>"
-            ) from e
-        raise ConfigError(_hub_error(cfg, split, offline, e, wanted)) from e
-    except Exception as e:  # connection errors, missing repo, missing cache entry
-        raise ConfigError(_hub_error(cfg, split, offline, e, wanted)) from e
-
-
-def _hub_error(cfg: dict, split: str, offline: bool, err: Exception, wanted: str | None = None) -> str:
-    hub = cfg.get("hub_id") + (f" ({cfg.get('hub_config')})" if cfg.get("hub_config") else "")
-    why = "the Hub is unreachable (offline) and it is not in the local cache" if offline else f"{err}"
-    which = f"split {wanted!r} (derived from the Hub's {split!r} split)" if wanted and wanted != split else \
-        f"split {split!r}"
-    return (
-        f"cannot load dataset {cfg.get('name')!r} {which}: tried dataset.path (null) and Hub id "
-        f"{hub}: {why}. Set dataset.path=DIR to a folder with {wanted or split}.jsonl (Hub schema) or the "
-        f"original release files, or run once online to cache it"
-    )
-
-
 def _as_dict(cfg: Any) -> dict:
     if isinstance(cfg, dict):
         return dict(cfg)
@@ -427,4 +239,4 @@ def _as_dict(cfg: Any) -> dict:
     raise ConfigError(f"dataset config must be a mapping, got {type(cfg).__name__}")
 
 
-__all__ = ["Example", "load_examples", "sample_dir", "split_indices", "hub_reachable", "SAMPLES_DIR"]
+__all__ = ["Example", "check_limit", "load_examples", "sample_dir", "split_indices"]

@@ -172,7 +172,7 @@ def _download(model: str) -> str | None:
     """
     if os.path.isdir(model):
         return None
-    from hsd_exp.data.loaders import hub_reachable  # the one Hub probe (honours HF_HUB_OFFLINE and friends)
+    from hsd_exp.data.hub import hub_reachable  # the one Hub probe (honours HF_HUB_OFFLINE and friends)
 
     if not hub_reachable():
         return None

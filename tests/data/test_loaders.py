@@ -259,7 +259,7 @@ def test_offline_error_names_the_split_asked_for_when_derived():
 
 def test_offline_without_env_probe_fails_fast(monkeypatch):
     """No offline env vars and no network: the 3 s probe makes it cache-only, not minutes of retries."""
-    import hsd_exp.data.loaders as data
+    import hsd_exp.data.hub as data
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
@@ -274,7 +274,7 @@ def test_hub_path_with_a_stub_hub(monkeypatch, tmp_path):
     """The Hub branch on in-memory `datasets.Dataset`s: same examples as the local files give."""
     import datasets
 
-    import hsd_exp.data.loaders as data
+    import hsd_exp.data.hub as data
 
     hub = {
         ("lavita/ChatDoctor-HealthCareMagic-100k", "train"): HCM_ROWS,

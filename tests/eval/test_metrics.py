@@ -153,7 +153,7 @@ def test_bertscore_downloads_the_backbone_when_the_hub_answers(tmp_path, monkeyp
     """Not cached but online: roberta-large is fetched (PyTorch weights only), not replaced by the fallback."""
     import huggingface_hub
 
-    import hsd_exp.data.loaders
+    import hsd_exp.data.hub
 
     calls = []
 
@@ -168,14 +168,14 @@ def test_bertscore_downloads_the_backbone_when_the_hub_answers(tmp_path, monkeyp
         return str(folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(hsd_exp.data.loaders, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hsd_exp.data.hub, "hub_reachable", lambda: True)
     path, layers, name = resolve_bertscore_backbone({"model": "roberta-large"})
     assert (name, layers) == ("roberta-large", 17) and path.endswith("FacebookAI--roberta-large")
     assert calls[0][0] == "FacebookAI/roberta-large"
     assert all("*.h5" not in patterns and "*" not in patterns for _, patterns in calls)
 
     calls.clear()  # offline: no download attempt, the fallback (or the error) as before
-    monkeypatch.setattr(hsd_exp.data.loaders, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hsd_exp.data.hub, "hub_reachable", lambda: False)
     with pytest.raises(ConfigError, match="bertscore.enabled=false"):
         resolve_bertscore_backbone({"model": "roberta-large", "fallback": "hsd-exp-tests/none"})
     assert not calls

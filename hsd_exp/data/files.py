@@ -95,6 +95,21 @@ def read_local(path: Path, split: str, cfg: dict) -> list[dict]:
     return rows
 
 
+def _json_lines(file: Path, text: str) -> list[dict]:
+    """One JSON object per line; a bad line is named by its line number in the file (json's own
+    "line 1 column 39" counts within the line)."""
+    rows = []
+    for number, line in enumerate(text_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise ConfigError(f"{file}, line {number}: not valid JSON ({e.msg} at column {e.colno}); fix or "
+                              "remove that line") from None
+    return rows
+
+
 def _read_file(file: Path) -> list[dict]:
     try:
         if file.suffix == ".csv":
@@ -109,6 +124,6 @@ def _read_file(file: Path) -> list[dict]:
             return json.loads(text)  # a JSON list (HealthCareMagic-100k.json)
         if file.suffix == ".json" and text.lstrip().startswith('{"data"'):
             return json.loads(text)["data"]
-        return [json.loads(line) for line in text_lines(text) if line.strip()]
+        return _json_lines(file, text)
     except (ValueError, csv.Error, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse {file}: {e}; expected the formats listed in hsd_exp/data/loaders.py") from e

@@ -343,3 +343,13 @@ def test_jsonl_value_with_a_line_separator(tmp_path):
     # json.dumps(ensure_ascii=False) leaves U+2028 raw; str.splitlines() would cut the line there
     write_jsonl(tmp_path / "test.jsonl", [{"document": "one\u2028two", "summary": "s", "id": "a"}])
     assert load_examples(cfg("xsum", path=str(tmp_path)))[0].source == "one\u2028two"
+
+
+def test_a_corrupt_jsonl_line_is_named_by_file_and_line(tmp_path):
+    """Line 3 is broken: the error says line 3 of that file, not json's "line 1 column 39"."""
+    rows = [{"meaning_representation": f"name[{i}]", "human_reference": f"r{i}"} for i in range(2)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"meaning_representation": "name[x]", "human_refer\n'
+    (tmp_path / "test.jsonl").write_text(text)
+    with pytest.raises(ConfigError, match=r"test\.jsonl, line 3: not valid JSON") as err:
+        load_examples(cfg("e2e", path=str(tmp_path)))
+    assert "line 1 column" not in str(err.value)

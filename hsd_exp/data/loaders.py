@@ -61,13 +61,20 @@ def load_examples(dataset_cfg: Any, split: str | None = None, limit: int | None 
     must not cut training data as well (``finetune.train_limit`` / ``val_limit`` do that).
     """
     cfg = _as_dict(dataset_cfg)
+    check_required(cfg)
     own_split = cfg.get("split") or "test"
     split = split if split is not None else own_split
     if limit is None and split == own_split:
         limit = cfg.get("limit")
-    check_limit(limit)
+        check_limit(limit)
+    elif limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit={limit!r}: expected an integer >= 0 or None")  # a caller's bug, not user input
 
     table = _load_table(cfg, split)
+    if len(table) == 0:
+        where = f"dataset.path={cfg.get('path')}" if cfg.get("path") else f"Hub dataset {cfg.get('hub_id')!r}"
+        raise ConfigError(f"split {split!r} of {where} holds no rows: point dataset.path at files with data "
+                          "(or choose another dataset.split)")
     examples = _to_examples(table, cfg, limit)
     if examples and not any(ex.references for ex in examples):
         raise ConfigError(
@@ -79,10 +86,22 @@ def load_examples(dataset_cfg: Any, split: str | None = None, limit: int | None 
 
 
 def check_limit(limit: Any) -> None:
-    """``dataset.limit``: a non-negative integer or null."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ConfigError(f"dataset.limit={limit!r} must be a non-negative integer (the first N inputs of "
+    """``dataset.limit``: a positive integer or null (0 would score nothing and still write a metrics.json)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"dataset.limit={limit!r} must be a positive integer (the first N inputs of "
                           f"dataset.split) or null for all of them")
+
+
+REQUIRED = ("path", "source_field", "target_field", "instruction", "separator")
+
+
+def check_required(cfg: dict) -> None:
+    """``dataset=custom`` leaves what only the user knows as ``???``: name every one of them at once."""
+    missing = [k for k in REQUIRED if cfg.get(k) == "???"]
+    if missing:
+        sets = " ".join(f"dataset.{k}=..." for k in missing)
+        raise ConfigError(f"dataset {cfg.get('name')!r} needs {', '.join(f'dataset.{k}' for k in missing)}: set "
+                          f"{sets} (the README's \"Your own model and data\" has a complete command)")
 
 
 # -----------------------------------------------------------------------------
@@ -94,13 +113,15 @@ def _to_examples(table: Any, cfg: dict, limit: int | None) -> list[Example]:
     src_key, tgt_key = cfg.get("source_field"), cfg.get("target_field")
     id_key, group_key = cfg.get("id_field"), cfg.get("group_by")
     columns = _columns(table)
-    for field in ("source_field", "target_field", "id_field", "group_by"):
-        key = cfg.get(field)
-        if key is not None and columns and key not in columns:
-            raise ConfigError(
-                f"dataset.{field}={key!r} is not a column of dataset {cfg.get('name')!r} "
-                f"(columns: {sorted(columns)}); set dataset.{field}=<one of them>"
-            )
+    absent = [(f, cfg.get(f)) for f in ("source_field", "target_field", "id_field", "group_by")
+              if cfg.get(f) is not None and columns and cfg.get(f) not in columns]
+    if absent:  # every missing column in one message, not one per run
+        fixes = [f"dataset.{f}=null (no such column: one row per example)" if f in ("group_by", "id_field")
+                 else f"dataset.{f}=<one of the columns>" for f, _ in absent]
+        raise ConfigError(
+            f"{', '.join(f'dataset.{f}={k!r}' for f, k in absent)} not among the columns of dataset "
+            f"{cfg.get('name')!r} ({sorted(columns)}); set {', '.join(fixes)}"
+        )
     if src_key is None or tgt_key is None:
         raise ConfigError("dataset.source_field and dataset.target_field must be set")
 

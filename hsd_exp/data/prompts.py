@@ -31,6 +31,12 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _text(cfg: Any, key: str, default: str) -> str:
+    """``instruction`` / ``separator``: a literal ``\\n`` (what a shell override holds) means a newline."""
+    value = _get(cfg, key, default)
+    return default if value is None else str(value).replace("\\n", "\n")
+
+
 def _token_count(text: str, tokenizer: Any) -> int:
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
@@ -77,7 +83,7 @@ def _source_budget(dataset_cfg: Any, max_source_tokens: int | None) -> int | Non
 
 def _user_content(source: str, dataset_cfg: Any, tokenizer: Any, max_source_tokens: int | None = None) -> str:
     source = truncate_source(source, tokenizer, _source_budget(dataset_cfg, max_source_tokens))
-    instruction = _get(dataset_cfg, "instruction", "")
+    instruction = _text(dataset_cfg, "instruction", "")
     return f"{instruction}\n\n{source}" if instruction else source
 
 
@@ -98,7 +104,7 @@ def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bo
     """
     if not chat:
         source = truncate_source(example_source, tokenizer, _source_budget(dataset_cfg, max_source_tokens))
-        return source + _get(dataset_cfg, "separator", "\n")
+        return source + _text(dataset_cfg, "separator", "\n")
     _check_chat(tokenizer)
     user = {"role": "user", "content": _user_content(example_source, dataset_cfg, tokenizer, max_source_tokens)}
     return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)

@@ -353,3 +353,37 @@ def test_a_corrupt_jsonl_line_is_named_by_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"test\.jsonl, line 3: not valid JSON") as err:
         load_examples(cfg("e2e", path=str(tmp_path)))
     assert "line 1 column" not in str(err.value)
+
+
+def test_dataset_limit_zero_is_refused_and_an_empty_split_too(tmp_path):
+    """limit=0 or an empty file would score nothing and still write a metrics.json marked complete."""
+    write_jsonl(tmp_path / "test.jsonl", [{"document": "d", "summary": "s", "id": "1"}])
+    with pytest.raises(ConfigError, match=r"dataset.limit=0 must be a positive integer"):
+        load_examples(cfg("xsum", path=str(tmp_path), limit=0))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "test.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"split 'test' of dataset.path=.*empty holds no rows"):
+        load_examples(cfg("xsum", path=str(tmp_path / "empty")))
+
+
+def test_every_missing_column_is_named_at_once_and_group_by_null_suggested(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "a note", "summary": "s"}])
+    with pytest.raises(ConfigError) as err:
+        load_examples(cfg("e2e", path=str(tmp_path)))
+    message = str(err.value)
+    assert "dataset.source_field='meaning_representation'" in message
+    assert "dataset.target_field='human_reference'" in message
+    assert "dataset.group_by=null" in message and "'text'" in message
+
+
+def test_custom_dataset_names_what_only_the_user_knows(tmp_path):
+    """dataset=custom: path, columns, instruction and separator are ???; one message names them all."""
+    with pytest.raises(ConfigError) as err:
+        load_examples(cfg("custom"))
+    for key in ("dataset.path", "dataset.source_field", "dataset.target_field", "dataset.instruction",
+                "dataset.separator"):
+        assert key in str(err.value)
+    write_jsonl(tmp_path / "test.jsonl", [{"note": "n1", "gist": "g1"}, {"note": "n2", "gist": "g2"}])
+    conf = cfg("custom", path=str(tmp_path), source_field="note", target_field="gist", instruction="Sum up.",
+               separator="\\n\\nGist:")
+    assert [(e.source, e.references) for e in load_examples(conf)] == [("n1", ["g1"]), ("n2", ["g2"])]

@@ -116,3 +116,19 @@ def test_source_budget_override_keeps_the_template(gpt2, chat_tok):
 def test_prompt_special_tokens_rule():
     assert prompt_special_tokens(chat=False) is True  # a tokenizer's BOS belongs to a base model's prompt
     assert prompt_special_tokens(chat=True) is False  # the chat template writes its own
+
+
+def test_a_backslash_n_in_an_override_is_a_newline(gpt2):
+    """A shell override `dataset.separator="\\n\\nSummary:"` reaches the config as backslash-n (Hydra keeps it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["dataset=xsum", r'dataset.separator="\n\nSummary:"',
+                                                       r'dataset.instruction="Sum up.\nBriefly."'])
+    assert build_prompt("An article.", cfg.dataset, gpt2, chat=False) == "An article.\n\nSummary:"
+    gpt2.chat_template = CHAT_TEMPLATE
+    try:
+        prompt = build_prompt("An article.", cfg.dataset, gpt2, chat=True)
+    finally:
+        gpt2.chat_template = None
+    assert "Sum up.\nBriefly.\n\nAn article." in prompt

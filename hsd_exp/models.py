@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from hsd_exp.atomic import publish
 from hsd_exp.data.hub import hub_reachable  # one Hub probe for models and datasets
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import FAMILIES, MODEL_TYPES
@@ -262,8 +263,7 @@ def gguf_to_safetensors(name: str, cache_dir: str, package: str, file: str, inst
     tok.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return publish(tmp, out)  # mkdtemp's 0700 would hide the cache from other users
 
 
 # ------------------------------------------------------------------------------------------------- tiny

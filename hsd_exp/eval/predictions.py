@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hsd_exp.atomic import publish
 from hsd_exp.errors import ConfigError
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -151,7 +152,7 @@ def write_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, run_dir / METRICS_FILE)
+        publish(tmp, run_dir / METRICS_FILE)  # mkstemp's 0600 would hide it from colleagues
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -87,3 +88,15 @@ def test_write_metrics_is_atomic_and_json_safe(tmp_path):
     write_metrics(tmp_path / "run", {"rouge1": 13.0})  # replaces, leaves no temp files
     assert json.loads(path.read_text()) == {"rouge1": 13.0}
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json"]
+
+
+def test_metrics_json_follows_the_umask(tmp_path):
+    """mkstemp writes 0600; metrics.json must be as readable as the predictions beside it."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = write_metrics(tmp_path, {"rougeL": 1.0})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

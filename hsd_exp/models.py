@@ -107,7 +107,8 @@ def load_model(
     # Local dirs and cached Hub ids were checked before their weights loaded; this catches the rest (Hub
     # downloads, tiny configs).
     check_family(name, hub_id if source == "hub" and path is None else name, model.config.model_type, family)
-    check_num_layers(name, model.config, num_layers, tiny=source == "tiny" and path is None)
+    layers = model.config.get_text_config().num_hidden_layers
+    check_num_layers(name, layers, num_layers, tiny=source == "tiny" and path is None)
     # Decoder-only batched generation needs left padding and a pad token.
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -152,10 +153,9 @@ def check_family(name: str, where: str, model_type: str | None, family: str) -> 
     )
 
 
-def check_num_layers(name: str, config: Any, num_layers: int | None, tiny: bool = False) -> None:
-    """ConfigError unless the model config's layer count is ``model.num_layers`` (policies are checked
+def check_num_layers(name: str, got: int, num_layers: int | None, tiny: bool = False) -> None:
+    """ConfigError unless the model's layer count ``got`` is ``model.num_layers`` (policies are checked
     against the latter before the model loads)."""
-    got = config.get_text_config().num_hidden_layers
     if num_layers is not None and got != num_layers:
         alt = f" (or model.tiny.layers={num_layers})" if tiny else ""
         raise ConfigError(f"model '{name}' has {got} layers but model.num_layers={num_layers}; "
@@ -163,23 +163,32 @@ def check_num_layers(name: str, config: Any, num_layers: int | None, tiny: bool 
 
 
 # --------------------------------------------------------------------------------------------- hub / dir
-def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool, family: str | None = None,
-              num_layers: int | None = None, where: str | None = None):
+def local_num_layers(name: str, path: str, family: str, trust_remote_code: bool = False,
+                     where: str | None = None) -> int:
+    """The layer count of the model in ``model.path``, read from its config.json after its family is checked:
+    a model brought by path is judged by its own config, not by the preset it started from."""
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise ConfigError(
             f"model '{name}': model.path={path} is not a model directory (no config.json there); "
             "point model.path at a folder written by save_pretrained()"
         )
-    if family is not None:  # before the weights load: a mismatch fails in milliseconds, not after the load
-        try:
-            model_type = json.loads((p / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError) as e:
-            raise ConfigError(f"model '{name}': {p / 'config.json'} is not a readable config ({e}); "
-                              "rewrite it with save_pretrained()") from None
-        check_family(name, where or f"model.path={path}", model_type, family)
-        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-        check_num_layers(name, config, num_layers)
+    try:
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"model '{name}': {p / 'config.json'} is not a readable config ({e}); "
+                          "rewrite it with save_pretrained()") from None
+    check_family(name, where or f"model.path={path}", model_type, family)  # the family first: it decides the rest
+    config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    return config.get_text_config().num_hidden_layers
+
+
+def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool, family: str,
+              num_layers: int | None = None, where: str | None = None):
+    p = Path(path).expanduser()
+    # before the weights load: a mismatch fails in milliseconds, not after the load
+    got = local_num_layers(name, path, family, trust_remote_code, where)
+    check_num_layers(name, got, num_layers)
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
@@ -208,7 +217,7 @@ def _from_hub(name: str, hub_id: str | None, revision: str | None, dtype: torch.
         raise _offline_error(name, hub_id, "is not in the local Hugging Face cache")
     if local and family is not None:  # the cached config: check before the weights load
         check_family(name, hub_id, config.model_type, family)
-        check_num_layers(name, config, num_layers)
+        check_num_layers(name, config.get_text_config().num_hidden_layers, num_layers)
     try:
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=local, **kw)
         tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=local, **kw)

@@ -31,11 +31,10 @@ def multirun(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def one_thread(monkeypatch):
-    """Tiny models on one thread (more only contend with other jobs), plain progress output."""
+def one_thread():
+    """Tiny models on one thread (more only contend with other jobs)."""
     import torch
 
-    monkeypatch.setenv("HSD_PROGRESS", "plain")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -3,13 +3,14 @@ grids, synthetic run folders, the composed Hydra config."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from hsd_exp.report.runs import parse_policy_label
+from hsd_exp.skip.policies import build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = os.environ.get("HSD_CACHE_DIR", str(ROOT / ".cache"))  # the GGUF conversion is reused across runs
@@ -91,16 +92,21 @@ policy:
 {policy}
 """
 
-POLICIES = {  # dir name -> (policy yaml, policy_label, avg_layers, tokens/s, quality scale vs. full)
-    "0_full": ("name: full", "full", 30.0, 100.0, 1.0),
-    "1_calm": ("name: calm\n  d: 0.02\n  criterion: softmax\n  first_exit: 1", "calm(d=0.02,softmax)",
-               21.5, 110.0, 0.9),
-    "2_skipdecode": ("name: skipdecode\n  min: 10\n  max: 20", "skipdecode(10,20)", 15.0, 180.0, 0.7),
-    "3_hsd": ("name: hsd\n  s: 1\n  min: 0\n  max: 18", "hsd(s=1,0,18)", 16.7, 170.0, 0.95),
-    "4_hsd": ("name: hsd\n  s: 2\n  min: 0\n  max: 12", "hsd(s=2,0,12)", 11.3, 230.0, 0.85),
+POLICIES = {  # dir name -> (policy.name, its parameters, avg_layers, tokens/s, quality scale vs. full)
+    "0_full": ("full", {}, 30.0, 100.0, 1.0),
+    "1_calm": ("calm", {"d": 0.02, "criterion": "softmax", "first_exit": 1}, 21.5, 110.0, 0.9),
+    "2_skipdecode": ("skipdecode", {"min": 10, "max": 20}, 15.0, 180.0, 0.7),
+    "3_hsd": ("hsd", {"s": 1, "min": 0, "max": 18}, 16.7, 170.0, 0.95),
+    "4_hsd": ("hsd", {"s": 2, "min": 0, "max": 12}, 11.3, 230.0, 0.85),
 }
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FULL_QUALITY = {"rouge1": 41.23456789, "rouge2": 17.654321, "rougeL": 33.3333333333, "bleu1": 29.87654,
                 "bertscore_f1": 88.123456}
+
+
+def policy_yaml(name: str, params: dict | None = None) -> str:
+    """The policy node's lines for write_run: ``name: hsd\n  s: 1 ...``."""
+    return "\n  ".join([f"name: {name}", *(f"{k}: {json.dumps(v)}" for k, v in (params or {}).items())])
 
 
 def write_run(run_dir: Path, policy_yaml: str, metrics: dict | None, predictions: int = 5, *,
@@ -121,27 +127,42 @@ def write_run(run_dir: Path, policy_yaml: str, metrics: dict | None, predictions
     return run_dir
 
 
-def metrics_for(policy: str, label: str, layers: float, speed: float, scale: float, *, model="smollm2-135m",
+def metrics_for(policy: str, params: dict, layers: float, speed: float, scale: float, *, model="smollm2-135m",
                 dataset="e2e", backbone="all-MiniLM-L6-v2") -> dict:
+    """metrics.json as tasks.evaluate writes it for ``build_policy(policy, **params)``: quality = scale * full."""
+    built = build_policy(policy, **params)
     return {**{k: v * scale for k, v in FULL_QUALITY.items()}, "bertscore_model": backbone,
             "avg_layers": layers, "tokens_per_s": speed, "num_examples": 5, "num_layers": 30, "policy": policy,
-            "policy_label": label, "policy_params": parse_policy_label(label), "dataset": dataset,
+            "policy_label": built.label, "policy_params": built.params(), "dataset": dataset,
             "split": "test", "model": model, "num_beams": 4, "ckpt_path": None, "complete": True}
 
 
 def make_multirun(root: Path, *, dataset: str = "e2e", with_full: bool = True, partial: bool = True) -> Path:
     """full + calm + skipdecode + hsd s=1 + hsd s=2 (+ a half-finished hsd run without metrics.json)."""
-    for name, (policy_yaml, label, layers, speed, scale) in POLICIES.items():
+    for name, (policy, params, layers, speed, scale) in POLICIES.items():
         if name == "0_full" and not with_full:
             continue
-        policy = policy_yaml.split("\n")[0].removeprefix("name: ")
-        write_run(root / name, policy_yaml, metrics_for(policy, label, layers, speed, scale, dataset=dataset),
-                  dataset=dataset)
+        write_run(root / name, policy_yaml(policy, params),
+                  metrics_for(policy, params, layers, speed, scale, dataset=dataset), dataset=dataset)
     if partial:
         write_run(root / "5_hsd", "name: hsd\n  s: 1\n  min: 0\n  max: 8", None, predictions=3, dataset=dataset,
                   torn_line=True)
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def set_config(run_dir: Path, **values) -> None:
+    """Edit a run's saved .hydra/config.yaml (dotted keys given with "__" for "."), interpolations kept."""
+    path = run_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(path)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
+    OmegaConf.save(cfg, path)
 
 
 def compose_config(tmp, *overrides: str):

@@ -22,7 +22,7 @@ from hsd_exp.skip.policies import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = ("model", "dataset", "policy", "decode", "finetune", "trainer", "logger", "paths", "hydra")
+GROUPS = ("model", "dataset", "policy", "decode", "finetune", "trainer", "callbacks", "logger", "paths", "hydra")
 TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
 
 
@@ -56,9 +56,15 @@ def test_every_group_has_members():
         assert members(group), f"conf/{group}/ is empty"
 
 
+# what a member leaves to the user (???), as its header comment's example sets it
+USER_VALUES = {("dataset", "custom"): ["dataset.path=/data/notes", "dataset.source_field=text",
+                                       "dataset.target_field=summary", "dataset.instruction=Summarize the note.",
+                                       "dataset.separator=Summary:"]}
+
+
 @pytest.mark.parametrize(("group", "member"), GROUP_MEMBERS, ids=[f"{g}={m}" for g, m in GROUP_MEMBERS])
 def test_group_member_composes(group, member):
-    cfg = compose_cfg([f"{group}={member}"])
+    cfg = compose_cfg([f"{group}={member}", *USER_VALUES.get((group, member), [])])
     job = resolved(cfg)
     assert job["task"] in TASKS
     if group == "model":
@@ -99,6 +105,11 @@ def test_group_member_composes(group, member):
 
             trainer = instantiate(job["trainer"], logger=False, enable_progress_bar=False)
             assert isinstance(trainer, pl.Trainer)
+    elif group == "callbacks":
+        for node in job["callbacks"].values():
+            assert node["_target_"].startswith("pytorch_lightning.callbacks.")
+        if not job["callbacks"]:  # no bar of ours: Lightning's default one must stay off too
+            assert job["trainer"]["enable_progress_bar"] is False
     elif group == "logger":
         assert job["logger"], "logger group member defines no logger"
         for node in job["logger"].values():
@@ -187,7 +198,7 @@ def test_sweep_task_wins_over_the_experiment_whatever_the_order(sweep, order, tm
 # ---------------------------------------------------------------------------------------------- CLI
 def _env(**extra) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HSD_PROGRESS="plain", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+               WANDB_MODE="offline", PYTHONWARNINGS="ignore")
     env.pop("HYDRA_FULL_ERROR", None)
     env.update(extra)
     return env

@@ -72,10 +72,9 @@ def test_cuda_calm_keeps_the_cache_complete():
 
 
 def run_cli(tmp_path, *overrides: str):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR, "HSD_PROGRESS": "none",
-           "WANDB_MODE": "offline"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR, "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "hsd_exp", "model=tiny-llama", "dataset=e2e", "dataset.path=sample",
-                           "trainer=gpu", "model.device=cuda", "bertscore.enabled=false", *overrides],
+                           "trainer=gpu", "model.device=cuda", "bertscore.enabled=false", "callbacks=none", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

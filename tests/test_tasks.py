@@ -14,15 +14,17 @@ import torch
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-from hsd_exp import tasks
+from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
+from hsd_exp.eval.callbacks import bertscore_config
 from hsd_exp.eval.predictions import read_predictions
+from hsd_exp.trainer import make_trainer, world_size
 
 from helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=4", "decode.batch_size=2",
-        "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu"]
+        "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu", "callbacks=plain"]
 FULL = "{_target_:hsd_exp.build_policy,name:full}"
 HSD = "{_target_:hsd_exp.build_policy,name:hsd,s:1,min:0,max:4}"
 
@@ -155,8 +157,8 @@ def test_ddp_evaluation_scores_every_example_once_and_resumes(tmp_path):
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "hsd_exp", "task=evaluate", *[o for o in BASE if "limit" not in o],
            "dataset.limit=5", "trainer.devices=2", "trainer.strategy=ddp", "policy=hsd", "policy.s=1",
-           "policy.max=4", f"hydra.run.dir={run_dir}"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HSD_PROGRESS": "none"}
+           "policy.max=4", "callbacks=none", f"hydra.run.dir={run_dir}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(run_dir.glob("predictions*.jsonl"))
@@ -202,7 +204,8 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
         for ok in (hydra_cfg("MULTIRUN", "task=evaluate"), hydra_cfg("RUN", *ddp),
                    hydra_cfg("MULTIRUN", "task=generate", "trainer.devices=2")):
             HydraConfig.instance().set_config(ok)
-            tasks._check_multirun_ddp(ok)  # one device, a single run, or no Trainer at all
+            ranks = 1 if ok.task == "generate" else world_size(ok.trainer)
+            preflight.check_multirun_ddp(ok, ranks)  # one device, a single run, or no Trainer at all
     finally:
         HydraConfig.instance().cfg = None
 
@@ -214,11 +217,12 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
     ({"devices": 1}, 4, 1),
 ])
 def test_num_processes(trainer, cuda, expected):
+    """The rank count comes from Lightning's own Trainer (built, never run)."""
     from omegaconf import OmegaConf
 
     with mock.patch.object(torch.cuda, "is_available", return_value=cuda > 0), \
             mock.patch.object(torch.cuda, "device_count", return_value=cuda):
-        assert tasks.num_processes(OmegaConf.create(trainer)) == expected
+        assert world_size(OmegaConf.create({"_target_": "pytorch_lightning.Trainer", **trainer})) == expected
 
 
 # ---------------------------------------------------------------------------------------------- device / dtype
@@ -244,22 +248,23 @@ def test_model_device_and_dtype_follow_the_trainer(tmp_path, overrides, expected
         cuda["is_available"].return_value, cuda["is_bf16_supported"].return_value = True, True
         cuda["device_count"].return_value = 2
         cfg = compose_config(tmp_path, "model=smollm2-135m", "task=evaluate", *overrides)
-        assert tasks.model_overrides(cfg) == expected
+        assert tasks.model_overrides(cfg, world_size(cfg.trainer)) == expected
 
 
 def test_trainer_cpu_loads_a_float32_cpu_model_on_a_gpu_machine(tmp_path):
     with _on_gpu_machine() as cuda:
         cuda["is_available"].return_value, cuda["is_bf16_supported"].return_value = True, True
+        cuda["device_count"].return_value = 1
         cfg = make_cfg(tmp_path, "task=evaluate", "trainer=cpu", "model.device=auto", "model.dtype=auto")
-        lm = tasks.build(cfg.model, **tasks.model_overrides(cfg))
+        lm = tasks.build(cfg.model, **tasks.model_overrides(cfg, world_size(cfg.trainer)))
         assert lm.model.device.type == "cpu" and lm.model.dtype == torch.float32
-        assert tasks.bertscore_config(cfg)["device"] == "cpu"  # bertscore.device=auto follows the run
+        assert bertscore_config(cfg)["device"] == "cpu"  # bertscore.device=auto follows the run
 
 
 def test_full_finetune_refuses_half_precision_weights(tmp_path):
     cfg = compose_config(tmp_path, "model=smollm2-135m", "task=finetune", "finetune=full", "model.dtype=bf16")
     with pytest.raises(ConfigError, match=r"model.dtype=bf16.*model.dtype=auto"):
-        tasks.model_overrides(cfg)
+        tasks.model_overrides(cfg, 1)
 
 
 # ---------------------------------------------------------------------------------------------- early checks
@@ -287,12 +292,10 @@ def test_missing_bertscore_backbone_is_refused_before_the_model_loads(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- progress
-@pytest.mark.parametrize(("mode", "bar"), [("rich", "RichProgressBar"), ("plain", "TQDMProgressBar"),
+@pytest.mark.parametrize(("mode", "bar"), [("default", "RichProgressBar"), ("plain", "TQDMProgressBar"),
                                            ("none", None)])
-def test_progress_bar_for_evaluation_too(tmp_path, monkeypatch, mode, bar):
-    monkeypatch.setenv("HSD_PROGRESS", mode)
-    monkeypatch.delenv("CI", raising=False)
-    trainer = tasks.make_trainer(make_cfg(tmp_path, "task=evaluate"), [], tmp_path)  # fit=False: evaluation
+def test_progress_bar_for_evaluation_too(tmp_path, mode, bar):
+    trainer = make_trainer(make_cfg(tmp_path, "task=evaluate", f"callbacks={mode}"), [], tmp_path)  # evaluation
     got = trainer.progress_bar_callback
     assert (type(got).__name__ if got is not None else None) == bar
 

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from hsd_exp.eval.metrics import summarize_run
-from hsd_exp.eval.predictions import PredictionWriter, read_run_predictions, write_metrics
+from hsd_exp.eval.predictions import METRICS_FILE, PredictionWriter, read_run_predictions, write_metrics
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 
 
+def bertscore_config(cfg: DictConfig) -> dict:
+    """``cfg.bertscore`` with ``device: auto`` resolved to the run's device (cpu under trainer.accelerator=cpu)."""
+    bs = OmegaConf.to_container(cfg.bertscore, resolve=True)
+    if bs["device"] == "auto" and str(cfg.trainer.accelerator).lower() == "cpu":
+        bs["device"] = "cpu"
+    return bs
+
+
 class WarmUpCallback(pl.Callback):
-    """``pl_module.warm_up()`` when testing/predicting starts: after Lightning has moved the model to this rank's
-    device (under DDP the model is loaded on the CPU), and under the same precision context as the steps, so the
-    kernels it warms are the ones decoding uses. Put it first: the other callbacks start their clocks and the
-    skip policy after it, so its tokens count in neither tokens/s nor Avg. Layer.
+    """``pl_module.warm_up()`` when testing starts: after Lightning has moved the model to this rank's device (under
+    DDP the model is loaded on the CPU), and under the same precision context as the steps, so the kernels it warms
+    are the ones decoding uses. Put it first: the other callbacks start their clocks and the skip policy after it,
+    so its tokens count in neither tokens/s nor Avg. Layer.
     """
 
     def on_test_start(self, trainer, pl_module):
         with trainer.precision_plugin.test_step_context():
             pl_module.warm_up()
 
-    def on_predict_start(self, trainer, pl_module):
-        with trainer.precision_plugin.predict_step_context():
-            pl_module.warm_up()
-
 
 class SkipPolicyCallback(pl.Callback):
-    """Enters ``layer_skipping`` when testing/predicting starts and leaves it when it ends.
+    """Enters ``layer_skipping`` when testing starts and leaves it when it ends (or fails).
 
     Training and validation are untouched; after ``on_test_end`` the model's ``generate()`` is plain again.
     """
@@ -57,12 +63,6 @@ class SkipPolicyCallback(pl.Callback):
         self._enter(pl_module)
 
     def on_test_end(self, trainer, pl_module):
-        self._exit(pl_module)
-
-    def on_predict_start(self, trainer, pl_module):
-        self._enter(pl_module)
-
-    def on_predict_end(self, trainer, pl_module):
         self._exit(pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
@@ -133,6 +133,14 @@ class PredictionsCallback(pl.Callback):
                 logger.log_table(key="predictions", columns=["id", "source", "references", "prediction"], data=rows)
 
     on_test_start = _start
-    on_predict_start = _start
     on_test_end = _end
-    on_predict_end = _end
+
+    def finish_without_loop(self, trainer, pl_module) -> None:
+        """Nothing was left to generate, so Lightning skipped the loop and these hooks: keep a finished run's
+        metrics (the tokens/s of the run that generated), or score a run that stopped before writing them."""
+        done = self.run_dir / METRICS_FILE
+        if done.is_file():
+            self.metrics = json.loads(done.read_text())
+        else:
+            self._start(trainer, pl_module)
+            self._end(trainer, pl_module)

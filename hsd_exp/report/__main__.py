@@ -1,8 +1,103 @@
-"""``python -m hsd_exp.report DIR [DIR ...]``: the comparison report (see ``hsd_exp.report.tables``)."""
+"""Comparison report over evaluation runs: ``python -m hsd_exp.report DIR [DIR ...]``.
 
+Each DIR is a Hydra multirun dir or a single run dir. Every run folder below DIR (.hydra/config.yaml,
+metrics.json, predictions*.jsonl; task=compare subfolders included) is one row (see hsd_exp.report.runs and
+DEVELOPERS.md "Run directory format"). The table follows the HSD paper's layout: one row per decoding
+setting, one table per (model, dataset).
+
+Outputs (into --out, default the first DIR):
+  report.md              the tables (numbers rounded to 2 decimals) with notes, and the figure
+  report.csv             every row at full precision, plus each metric's retention <m>_pct_full
+  quality_vs_layers.png  the paper's Fig. 1: quality (--metric) vs. Avg. Layer, one line per method
+                         family (and per setting, when the runs hold several), Full as a star
+--wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set);
+--wandb-runs logs one W&B run per row (flat config + numbers), for runs evaluated without logger=wandb.
+
+Columns:
+  Avg. Layer  mean decoder layers run per generated token (prefill excluded)
+  Speedup     tokens/s / tokens/s(Full)
+  % of full   mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of m / m(Full) * 100
+
+Full is the full-decoding run of the same setting: same model.name and dataset.name, and the same
+model.path, ckpt_path, dataset split and limit, decode.num_beams, do_sample and max_new_tokens (read from
+each run's .hydra/config.yaml). A complete Full run is preferred to a partial one. With no Full run of a
+setting, its rows leave Speedup and % of full blank; a Full run without tokens/s (e.g. scored on resume)
+still gives % of full, only Speedup stays blank. A metric missing from either run, or whose Full value is 0,
+is left out of the mean; so is BERTScore when the two runs used different backbones. When the runs of one
+table span several settings, each row names its setting after the method ("HSD (s=1, 0, 18) [beams=1]",
+only the fields that differ), so no two rows look alike.
+
+Rows: Full first, then CALM, SkipDecode, HSD (any other policy after them), each by Avg. Layer descending. Every number is the run's own
+metrics.json value. A half-finished run is a row marked "partial (N predictions)", never dropped; its
+metrics cells are blank (or its last metrics.json values) and it is not plotted.
+
+Mixed inputs: DIRs whose runs span several models or datasets are refused (exit status 2) unless
+--allow-mixed, which writes one table (and figure panel) per (model, dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
-from hsd_exp.report.tables import main
+from hsd_exp.errors import ConfigError
+from hsd_exp.eval.metrics import QUALITY_KEYS
+from hsd_exp.report.runs import as_text, collect_runs
+from hsd_exp.report.tables import build_table, check_not_mixed, default_title, write_report
+from hsd_exp.report.wandb_log import log_wandb, log_wandb_runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hsd_exp.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="multirun or run directories of `python -m hsd_exp`")
+    p.add_argument("--out", help="output directory (default: the first DIR)")
+    p.add_argument("--title", help="report / figure title (default: names the model and dataset)")
+    p.add_argument("--metric", default="rougeL", choices=QUALITY_KEYS, help="figure y axis (default rougeL)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="allow several models/datasets: one table (and figure panel) per (model, dataset)")
+    p.add_argument("--wandb", action="store_true", help="also log the table and figure to W&B")
+    p.add_argument("--wandb-runs", action="store_true",
+                   help="also log one W&B run per row (config + numbers), for runs evaluated without "
+                        "logger=wandb: W&B's run comparer and parallel coordinates then compare them")
+    p.add_argument("--wandb-project", default="hsd_exp", help="W&B project (default hsd_exp)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
+        return int(e.code or 0)
+    try:
+        runs = collect_runs(args.dirs)
+        if not args.allow_mixed:
+            check_not_mixed(runs)
+        paths = write_report(runs, args.out or args.dirs[0], metric=args.metric, title=args.title)
+        rows = build_table(runs)
+        if len({as_text(r["bertscore_model"]) for r in rows if r["bertscore_f1"] is not None}) > 1:
+            print("warning: runs used different BERTScore backbones; BERTScore values are not comparable",
+                  file=sys.stderr)
+        print(paths["md"].read_text(encoding="utf-8"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if args.wandb or args.wandb_runs:
+        try:
+            if args.wandb:
+                log_wandb(runs, rows, paths["png"], args.title or default_title(runs), args.metric,
+                          project=args.wandb_project)
+            if args.wandb_runs:
+                log_wandb_runs(runs, rows, project=args.wandb_project)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # the report files are written; say what failed instead of a stack trace
+            print(f"error: W&B logging failed ({type(e).__name__}: {e}); report files are written", file=sys.stderr)
+            return 1
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -11,6 +11,11 @@ Any folder holding one of these is a run. A ``task=compare`` run holds only the 
 ``compare_policies`` entry (named ``slug(policy.label)``); the subfolders are the runs and take model, dataset
 and decode settings from the parent's config. A run without ``metrics.json`` (or with ``"complete": false``)
 is half-finished: its status says ``partial (N predictions)``.
+
+What a run's row is called, where it sorts and how it is drawn, its policy says: the report rebuilds the
+Policy from the recorded name and parameters (metrics.json's ``policy_params``, else the config's policy node
+or the ``compare_policies`` entry) and asks it. A policy that cannot be rebuilt (unknown name, bad parameters,
+or one whose label differs from the recorded one) leaves the row named after its label or folder.
 """
 
 from __future__ import annotations
@@ -25,20 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.eval.predictions import METRICS_FILE, PREDICTIONS_FILE
-from hsd_exp.skip.policies import config_label
+from hsd_exp.eval.metrics import QUALITY_KEYS
+from hsd_exp.eval.predictions import METRICS_FILE
+from hsd_exp.report.folders import CONFIG_FILE, count_predictions, find_run_dirs
+from hsd_exp.skip.policies import Policy, build_policy, config_label, policy_class
 
-QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
 METRIC_FIELDS = (*QUALITY_KEYS, "bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers")
-FAMILY_ORDER = {"full": 0, "calm": 1, "skipdecode": 2, "hsd": 3}
-CONFIG_FILE = Path(".hydra") / "config.yaml"
 
 NO_RUNS = ("no runs found under {dir}: expected folders with .hydra/config.yaml or metrics.json "
            "(a multirun dir of `python -m hsd_exp -m ...`)")
-
-
-# -----------------------------------------------------------------------------
-# Run folders
 
 
 @dataclass
@@ -51,13 +51,9 @@ class RunRecord:
     num_predictions: int | None = None
     model: str | None = None
     dataset: str | None = None
-    policy: str | None = None  # policy.name: full | calm | skipdecode | hsd
+    policy: str | None = None  # policy.name, e.g. "hsd"
     policy_label: str | None = None  # metrics.json's label (else the config policy's), e.g. "hsd(s=1,0,18)"
-    s: Any = None
-    min: Any = None
-    max: Any = None
-    d: Any = None
-    criterion: Any = None
+    params: dict = field(default_factory=dict)  # the policy's parameters as recorded, e.g. {"s": 1, "min": 0, ...}
     num_beams: Any = None
     ckpt_path: Any = None
     model_path: Any = None  # model.path: a local copy or fine-tuned weights under the same model.name
@@ -76,19 +72,34 @@ class RunRecord:
     num_examples: Any = None
     num_layers: Any = None
     config: dict = field(default_factory=dict, repr=False)  # raw (unresolved) .hydra/config.yaml
+    built: Policy | None = field(default=None, repr=False)  # the policy rebuilt from (policy, params), if it can be
 
     @property
     def method(self) -> str:
-        """The paper's row name: "Full", "CALM (d=0.02)", "SkipDecode (10,20)", "HSD (s=1, 0, 18)"; options
-        beyond the paper's parameters follow them: "HSD (s=1, 0, 18, keep_first=2)"."""
-        return method_label(self.policy, self.s, self.min, self.max, self.d, self.criterion, self.policy_label,
-                            extra=label_extras(self.policy_label))
+        """The row name (``Policy.display_name``, e.g. "HSD (s=1, 0, 18)"), else the label or folder name."""
+        return self.built.display_name if self.built else self.policy_label or policy_name(self.policy, None)
 
     @property
     def family(self) -> str:
-        """Plot line / sort group: "Full", "CALM", "SkipDecode", "HSD s=1", "HSD s=2", "HSD s=1 (keep_first=2)"."""
-        return family_label(self.policy, self.s, self.criterion, self.policy_label,
-                            extra=label_extras(self.policy_label))
+        """Plot line / sort group (``Policy.family``, e.g. "HSD s=1"), else the policy class's title or name."""
+        if self.built:
+            return self.built.family
+        cls = self.policy_class
+        return cls.title if cls else policy_name(self.policy, self.policy_label)
+
+    @property
+    def policy_class(self) -> type[Policy] | None:
+        return type(self.built) if self.built else policy_class(policy_name(self.policy, self.policy_label))
+
+    @property
+    def order(self) -> int:
+        """The family's place among the others (``Policy.order``; Full first)."""
+        return (self.policy_class or Policy).order
+
+    @property
+    def is_baseline(self) -> bool:
+        """A full-decoding run: the Speedup and % of full reference of its setting."""
+        return bool(self.policy_class and self.policy_class.baseline)
 
     @property
     def setting(self) -> tuple[str, ...]:
@@ -115,31 +126,6 @@ def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunRecord]:
     return sorted(runs.values(), key=lambda r: str(r.path))
 
 
-def find_run_dirs(root: Path) -> list[Path]:
-    """Run folders at or below ``root`` (hidden dirs skipped).
-
-    A run folder holds ``.hydra/config.yaml``, ``metrics.json`` or ``predictions*.jsonl``. A folder whose
-    config has no results of its own but run folders below it is the parent of a ``task=compare`` run
-    (one subfolder per policy): only the subfolders are runs.
-    """
-    marked = []
-    for here, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-        here = Path(here)
-        if _has_results(files) or (here / CONFIG_FILE).is_file():
-            marked.append(here)
-    return [d for d in marked if _has_results(os.listdir(d)) or not any(d in m.parents for m in marked)]
-
-
-def _has_results(files: Iterable[str]) -> bool:
-    return any(f == METRICS_FILE or _is_predictions_file(f) for f in files)
-
-
-def _is_predictions_file(name: str) -> bool:  # predictions.jsonl, or predictions.rank<N>.jsonl under DDP
-    stem, suffix = os.path.splitext(PREDICTIONS_FILE)
-    return name.startswith(stem) and name.endswith(suffix)
-
-
 def read_run(run_dir: Path) -> RunRecord:
     """A RunRecord from a run dir; never raises for a broken or half-finished run (its status says why)."""
     record = RunRecord(path=run_dir, status="complete")
@@ -155,8 +141,7 @@ def read_run(run_dir: Path) -> RunRecord:
         problems.append(f"unreadable {METRICS_FILE} ({type(e).__name__})")
     if metrics is not None:
         _apply_metrics(record, metrics)
-    if record.s is None and record.min is None and record.d is None and record.policy_label:
-        _set_params(record, parse_policy_label(record.policy_label))
+    record.built = rebuild_policy(record.policy, record.params, record.policy_label)
     # metrics.json is written when a run finishes; only an explicit "complete": false says otherwise.
     record.complete = metrics is not None and metrics.get("complete", True) is not False
     record.num_predictions = count_predictions(run_dir)
@@ -174,7 +159,6 @@ CONFIG_KEYS = (("model", "model.name"), ("dataset", "dataset.name"), ("num_beams
 # RunRecord.setting: (attribute, short name shown in a row's "[...]" suffix when settings differ), in that order.
 SETTING_FIELDS = (("model_path", "model.path"), ("ckpt_path", "ckpt"), ("split", "split"), ("limit", "limit"),
                   ("num_beams", "beams"), ("do_sample", "sample"), ("max_new_tokens", "max_new_tokens"))
-POLICY_KEYS = ("s", "min", "max", "d", "criterion")
 
 
 def _apply_config(record: RunRecord, run_dir: Path) -> None:
@@ -193,7 +177,9 @@ def _apply_config(record: RunRecord, run_dir: Path) -> None:
         setattr(record, attr, _config_value(cfg, record.config, key))
     if path == own:
         record.policy = _config_value(cfg, record.config, "policy.name")
-        _set_params(record, {k: _config_value(cfg, record.config, f"policy.{k}") for k in POLICY_KEYS})
+        node = record.config.get("policy")
+        record.params = _policy_params({k: _config_value(cfg, record.config, f"policy.{k}")
+                                        for k in (node if isinstance(node, dict) else {})})
         record.policy_label = config_label(record.config.get("policy"))  # metrics.json's label, if any, wins
     else:
         _apply_compare_policy(record, record.config.get("compare_policies"), run_dir.name)
@@ -219,7 +205,20 @@ def _config_value(cfg: Any, raw: dict, key: str) -> Any:
 
 
 def _policy_params(policy: dict) -> dict:
-    return {k: v for k, v in policy.items() if k not in ("_target_", "name")}
+    """A policy node's parameters: everything but ``_target_`` and ``name``; a None value counts as unknown."""
+    return {k: v for k, v in policy.items() if k not in ("_target_", "name") and v is not None}
+
+
+def rebuild_policy(name: Any, params: dict, label: str | None = None) -> Policy | None:
+    """The Policy a run recorded, or None: unknown name, invalid parameters, or a rebuilt label that is not
+    the recorded ``label`` (the parameters do not say what ran, e.g. metrics.json without policy_params)."""
+    if policy_class(name) is None:
+        return None
+    try:
+        policy = build_policy(name, **params)
+    except Exception:  # a raw "${...}" or a mistyped value: the row keeps its label
+        return None
+    return policy if label is None or policy.label == label else None
 
 
 def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
@@ -228,7 +227,7 @@ def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
         label = config_label(entry)
         if label is not None and slug(label) == folder:
             record.policy, record.policy_label = entry["name"], label
-            _set_params(record, _policy_params(entry))
+            record.params = _policy_params(entry)
             return
     record.policy_label = folder  # unknown policy: at least name the row after its folder
 
@@ -236,12 +235,6 @@ def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
 def slug(label: str) -> str:
     """A policy label as a folder name: task=compare runs each policy in ``out_dir / slug(policy.label)``."""
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in label).strip("_")
-
-
-def _set_params(record: RunRecord, params: dict) -> None:
-    for key in POLICY_KEYS:
-        if params.get(key) is not None:
-            setattr(record, key, params[key])
 
 
 def _load_metrics(path: Path) -> dict | None:
@@ -267,112 +260,8 @@ def _apply_metrics(record: RunRecord, metrics: dict) -> None:
         for key in ("model_path", "split", "limit", "do_sample", "max_new_tokens"):
             if metrics.get(key) is not None:
                 setattr(record, key, metrics[key])
-    if isinstance(metrics.get("policy_params"), dict):
-        _set_params(record, metrics["policy_params"])
-
-
-def count_predictions(run_dir: Path) -> int:
-    """Complete JSON lines in the run's predictions*.jsonl (a torn last line from a crash does not count)."""
-    n = 0
-    for path in sorted(run_dir.iterdir()):
-        if path.is_file() and _is_predictions_file(path.name):
-            n += _count_lines(path)
-    return n
-
-
-def _count_lines(path: Path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n") or not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except ValueError:
-                continue
-            n += 1
-    return n
-
-
-# -----------------------------------------------------------------------------
-# Labels
-
-
-_LABEL_RE = (  # Policy.label formats (hsd_exp/policies.py); "extra" = options beyond the paper's parameters
-    re.compile(r"hsd\(s=(?P<s>[^,]+),(?P<min>[^,]+),(?P<max>[^,)]+)(?:,(?P<extra>.+))?\)"),
-    re.compile(r"skipdecode\((?P<min>[^,]+),(?P<max>[^,)]+)(?:,(?P<extra>.+))?\)"),
-    re.compile(r"calm\(d=(?P<d>[^,)]+)(?:,(?P<criterion>[^,)=]+))?(?:,(?P<extra>.+))?\)"),
-)
-
-
-def _match_label(label: str) -> dict:
-    for pattern in _LABEL_RE:
-        m = pattern.fullmatch(label.strip())
-        if m:
-            return {k: v for k, v in m.groupdict().items() if v is not None}
-    return {}
-
-
-def parse_policy_label(label: str) -> dict:
-    """Parameters from a ``Policy.label`` ("hsd(s=1,0,18)" -> {"s": 1, "min": 0, "max": 18}); {} if unknown."""
-    return {k: _number(v) for k, v in _match_label(label).items() if k != "extra"}
-
-
-def label_extras(label: str | None) -> str | None:
-    """The options a label shows beyond the paper's parameters ("hsd(s=1,0,18,keep_first=2)" -> "keep_first=2")."""
-    return _match_label(label).get("extra") if label else None
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _fmt_param(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def policy_name(policy: str | None, label: str | None) -> str:
-    """``policy.name``, else the name its label starts with ("hsd(s=1,0,18)" -> "hsd"); "?" if neither."""
-    if policy:
-        return str(policy)
-    return re.split(r"[(\s]", label or "", maxsplit=1)[0] or "?"
-
-
-def method_label(policy, s=None, lo=None, hi=None, d=None, criterion=None, fallback=None, extra=None) -> str:
-    """The paper's row names. CALM names its criterion only when it is not the paper's softmax; options beyond
-    the paper's parameters (``extra``, e.g. "keep_first=2") follow them, so variants never share a row name."""
-    name = policy_name(policy, fallback)
-    p = _fmt_param
-    more = f", {extra.replace(',', ', ')}" if extra else ""
-    if name == "full":
-        return "Full"
-    if name == "calm" and d is not None:
-        crit = "" if criterion in (None, "softmax") else f", {criterion}"
-        return f"CALM (d={p(d)}{crit}{more})"
-    if name == "skipdecode" and lo is not None and hi is not None:
-        return f"SkipDecode ({p(lo)},{p(hi)}{more})"
-    if name == "hsd" and s is not None and lo is not None and hi is not None:
-        return f"HSD (s={p(s)}, {p(lo)}, {p(hi)}{more})"
-    return fallback or name
-
-
-def family_label(policy, s=None, criterion=None, fallback=None, extra=None) -> str:
-    """One plot line per method family; a variant (``extra``) gets its own line."""
-    name = policy_name(policy, fallback)
-    if name == "hsd":
-        family = f"HSD s={_fmt_param(s)}" if s is not None else "HSD"
-    elif name == "calm":
-        family = "CALM" if criterion in (None, "softmax") else f"CALM ({criterion})"
-    else:
-        family = {"full": "Full", "skipdecode": "SkipDecode"}.get(name, name)
-    return f"{family} ({extra.replace(',', ', ')})" if extra and name != "full" else family
+    if isinstance(metrics.get("policy_params"), dict):  # all of the policy's parameters, as it ran
+        record.params = _policy_params(metrics["policy_params"])
 
 
 def flat_config(d: dict, prefix: str = "") -> dict:
@@ -387,15 +276,11 @@ def flat_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resolved_config(record: RunRecord) -> dict:
-    """The run's .hydra/config.yaml with its interpolations resolved where they resolve (Hydra's own
-    resolvers, such as ``now``, do not outside a Hydra run: then the raw values)."""
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_container(OmegaConf.create(record.config), resolve=True)
-    except Exception:  # noqa: BLE001 - an unresolvable interpolation: keep the file's text
-        return record.config
+def policy_name(policy: str | None, label: str | None) -> str:
+    """``policy.name``, else the name its label starts with ("hsd(s=1,0,18)" -> "hsd"); "?" if neither."""
+    if policy:
+        return str(policy)
+    return re.split(r"[(\s]", label or "", maxsplit=1)[0] or "?"
 
 
 def as_text(value: Any) -> str:

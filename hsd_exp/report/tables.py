@@ -1,81 +1,33 @@
-"""Comparison report over evaluation runs: ``python -m hsd_exp.report DIR [DIR ...]``.
+"""The comparison table: one row per run, Full-relative Speedup and % of full, as Markdown and CSV.
 
-Each DIR is a Hydra multirun dir or a single run dir. Every run folder below DIR (.hydra/config.yaml,
-metrics.json, predictions*.jsonl; task=compare subfolders included) is one row (see hsd_exp.report.runs and
-DEVELOPERS.md "Run directory format"). The table follows the HSD paper's layout: one row per decoding
-setting, one table per (model, dataset).
-
-Outputs (into --out, default the first DIR):
-  report.md              the tables (numbers rounded to 2 decimals) with notes, and the figure
-  report.csv             every row at full precision, plus each metric's retention <m>_pct_full
-  quality_vs_layers.png  the paper's Fig. 1: quality (--metric) vs. Avg. Layer, one line per method
-                         family (and per setting, when the runs hold several), Full as a star
---wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set);
---wandb-runs logs one W&B run per row (flat config + numbers), for runs evaluated without logger=wandb.
-
-Columns:
-  Avg. Layer  mean decoder layers run per generated token (prefill excluded)
-  Speedup     tokens/s / tokens/s(Full)
-  % of full   mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of m / m(Full) * 100
-
-Full is the full-decoding run of the same setting: same model.name and dataset.name, and the same
-model.path, ckpt_path, dataset split and limit, decode.num_beams, do_sample and max_new_tokens (read from
-each run's .hydra/config.yaml). A complete Full run is preferred to a partial one. With no Full run of a
-setting, its rows leave Speedup and % of full blank; a Full run without tokens/s (e.g. scored on resume)
-still gives % of full, only Speedup stays blank. A metric missing from either run, or whose Full value is 0,
-is left out of the mean; so is BERTScore when the two runs used different backbones. When the runs of one
-table span several settings, each row names its setting after the method ("HSD (s=1, 0, 18) [beams=1]",
-only the fields that differ), so no two rows look alike.
-
-Rows: Full first, then CALM, SkipDecode, HSD, each by Avg. Layer descending. Every number is the run's own
-metrics.json value. A half-finished run is a row marked "partial (N predictions)", never dropped; its
-metrics cells are blank (or its last metrics.json values) and it is not plotted.
-
-Mixed inputs: DIRs whose runs span several models or datasets are refused (exit status 2) unless
---allow-mixed, which writes one table (and figure panel) per (model, dataset).
+Rows follow the HSD paper's layout: one table per (model, dataset), Full first, then each policy family in
+its ``Policy.order`` (CALM, SkipDecode, HSD), each by Avg. Layer descending. ``python -m hsd_exp.report``
+(hsd_exp.report.__main__) is the command; its --help says what every column means.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.report.plots import METRIC_NAMES, plot_quality_vs_layers
+from hsd_exp.eval.metrics import QUALITY_KEYS
+from hsd_exp.report.plots import plot_quality_vs_layers
 from hsd_exp.report.runs import (
-    CONFIG_FILE,
-    FAMILY_ORDER,
-    METRIC_FIELDS,
-    NO_RUNS,
-    QUALITY_KEYS,
     SETTING_FIELDS,
     RunRecord,
     as_text,
-    collect_runs,
-    count_predictions,
-    family_label,
-    find_run_dirs,
-    flat_config,
     group_key,
     is_number,
-    method_label,
-    parse_policy_label,
     policy_name,
-    read_run,
-    resolved_config,
 )
 
-__all__ = [  # the report's own API, plus what it re-exports from hsd_exp.report.runs and hsd_exp.report.plots
-    "CONFIG_FILE", "CSV_COLUMNS", "FAMILY_ORDER", "MD_COLUMNS", "METRIC_FIELDS", "METRIC_NAMES", "NO_RUNS",
-    "OUTPUT_FILES", "QUALITY_KEYS", "RunRecord", "build_table", "check_not_mixed", "collect_runs",
-    "count_predictions", "default_title", "family_label", "find_run_dirs", "group_key", "group_notes",
-    "log_wandb", "log_wandb_runs", "main", "markdown_table", "method_label", "parse_args", "parse_policy_label",
-    "plot_quality_vs_layers", "read_run", "render_markdown", "retention_vs_full", "setting_names", "wandb_group", "wandb_row_runs",
+__all__ = [
+    "CSV_COLUMNS", "MD_COLUMNS", "OUTPUT_FILES", "PARAM_COLUMNS", "build_table", "check_not_mixed",
+    "default_title", "group_notes", "markdown_table", "render_markdown", "retention_vs_full", "setting_names",
     "write_csv", "write_report",
 ]
 
@@ -87,10 +39,12 @@ MD_COLUMNS = (
     ("R-L", "rougeL"), ("BLEU-1", "bleu1"), ("BERTScore", "bertscore_f1"), ("tokens/s", "tokens_per_s"),
     ("Speedup", "speedup"), ("% of full", "pct_full"), ("Status", "status"),
 )
+PARAM_COLUMNS = ("s", "min", "max", "d", "criterion")  # the papers' parameters; a policy's others are in its row name
 CSV_COLUMNS = (
-    "model", "dataset", "method", "family", "policy", "s", "min", "max", "d", "criterion", "setting", "num_beams",
+    "model", "dataset", "method", "family", "policy", *PARAM_COLUMNS, "setting", "num_beams",
     "ckpt_path", "model_path", "split", "limit", "do_sample", "max_new_tokens", "avg_layers", "num_layers",
-    *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS), "num_examples", "num_predictions", "status", "path",
+    *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS),
+    "num_examples", "num_predictions", "status", "path",
 )
 
 
@@ -158,7 +112,7 @@ def _baselines(group: list[RunRecord]) -> dict[tuple, RunRecord]:
     quality metrics, a complete one first, then one with tokens/s."""
     best: dict[tuple, RunRecord] = {}
     for run in group:
-        if policy_name(run.policy, run.policy_label) != "full" or not _has_quality(run):
+        if not run.is_baseline or not _has_quality(run):
             continue
         current = best.get(run.setting)
         if current is None or _baseline_rank(run) > _baseline_rank(current):
@@ -171,17 +125,16 @@ def _baseline_rank(run: RunRecord) -> tuple[bool, bool]:
 
 
 def _sort_key(run: RunRecord) -> tuple:
-    rank = FAMILY_ORDER.get(policy_name(run.policy, run.policy_label), len(FAMILY_ORDER))
     layers = run.avg_layers if is_number(run.avg_layers) else -math.inf
-    return (run.setting, rank, -layers, run.method, str(run.path))
+    return (run.setting, run.order, -layers, run.method, str(run.path))
 
 
 def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]) -> dict:
     setting = setting_names.get(run.setting, "")
     row = {
         "model": run.model, "dataset": run.dataset, "method": run.method, "family": run.family,
-        "policy": policy_name(run.policy, run.policy_label), "s": run.s, "min": run.min, "max": run.max,
-        "d": run.d, "criterion": run.criterion, "setting": setting, "num_beams": run.num_beams,
+        "policy": policy_name(run.policy, run.policy_label), **{k: run.params.get(k) for k in PARAM_COLUMNS},
+        "setting": setting, "num_beams": run.num_beams,
         "ckpt_path": run.ckpt_path, "model_path": run.model_path, "split": run.split, "limit": run.limit,
         "do_sample": run.do_sample, "max_new_tokens": run.max_new_tokens,
         "avg_layers": run.avg_layers, "num_layers": run.num_layers,
@@ -342,137 +295,3 @@ def default_title(runs: list[RunRecord]) -> str:
     if len(keys) == 1:
         return f"Layer-skipping decoding: {keys[0][0]} on {keys[0][1]}"
     return "Layer-skipping decoding comparison"
-
-
-def log_wandb(runs: list[RunRecord], rows: list[dict], png: Path, title: str, metric: str,
-              project: str = "hsd_exp") -> None:
-    """One W&B run: the table as wandb.Table plus the figure. Offline unless WANDB_API_KEY (or WANDB_MODE)."""
-    try:
-        import wandb
-    except ImportError as e:
-        raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
-    datasets = sorted({as_text(r.dataset) or "?" for r in runs})
-    models = sorted({as_text(r.model) or "?" for r in runs})
-    mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
-    config = {  # flat dotted keys: W&B's run comparer and parallel-coordinates panels need them
-        "report.title": title, "report.metric": metric, "report.num_runs": len(runs),
-        "report.datasets": ",".join(datasets), "report.models": ",".join(models),
-    }
-    run = wandb.init(project=project, group=wandb_group(runs), name=title, job_type="report", config=config,
-                     mode=mode)
-    try:
-        table = wandb.Table(columns=list(CSV_COLUMNS), data=[[_wandb_value(row[k]) for k in CSV_COLUMNS]
-                                                             for row in rows])
-        run.log({"report": table, "quality_vs_layers": wandb.Image(str(png))})
-    finally:
-        run.finish()
-
-
-def wandb_row_runs(runs: list[RunRecord], rows: list[dict]) -> list[dict]:
-    """What ``--wandb-runs`` logs per table row: name, config (the run's whole config, flat and resolved,
-    plus the row's text fields as ``report.*``) and summary (the row's numbers)."""
-    by_path = {str(r.path): r for r in runs}
-    out = []
-    for row in rows:
-        record = by_path.get(str(row["path"]))
-        config = flat_config(resolved_config(record)) if record is not None else {}
-        config.update({f"report.{k}": _wandb_value(row[k]) for k in CSV_COLUMNS if not is_number(row[k])})
-        summary = {k: float(row[k]) for k in CSV_COLUMNS if is_number(row[k])}
-        out.append({"name": str(row["method"]), "config": config, "summary": summary})
-    return out
-
-
-def log_wandb_runs(runs: list[RunRecord], rows: list[dict], project: str = "hsd_exp") -> int:
-    """One W&B run per table row (``wandb_row_runs``), grouped like the evaluation runs, for evaluations that
-    ran without logger=wandb: W&B's run comparer and parallel-coordinates panels then compare the settings.
-    Offline unless WANDB_API_KEY (or WANDB_MODE). Returns the number of runs logged."""
-    try:
-        import wandb
-    except ImportError as e:
-        raise ConfigError("--wandb-runs needs the wandb package: pip install wandb") from e
-    mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
-    entries = wandb_row_runs(runs, rows)
-    for entry in entries:
-        run = wandb.init(project=project, group=wandb_group(runs), name=entry["name"], job_type="report-row",
-                         config=entry["config"], mode=mode)
-        try:
-            run.summary.update(entry["summary"])
-        finally:
-            run.finish()
-    return len(entries)
-
-
-def wandb_group(runs: list[RunRecord]) -> str:
-    """The W&B group of the evaluation runs reported on (conf/logger/wandb.yaml groups them by ``task_name``),
-    so the report lands beside them; several task names joined with "+", "report" when no config names one."""
-    names = sorted({as_text(r.config.get("task_name")) for r in runs} - {""})
-    return "+".join(names) or "report"
-
-
-def _wandb_value(value: Any) -> Any:
-    """Numbers as floats and everything else as text, so each table column has one type."""
-    if value is None:
-        return None
-    if is_number(value):
-        return float(value)
-    return str(value)
-
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hsd_exp.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="multirun or run directories of `python -m hsd_exp`")
-    p.add_argument("--out", help="output directory (default: the first DIR)")
-    p.add_argument("--title", help="report / figure title (default: names the model and dataset)")
-    p.add_argument("--metric", default="rougeL", choices=QUALITY_KEYS, help="figure y axis (default rougeL)")
-    p.add_argument("--allow-mixed", action="store_true",
-                   help="allow several models/datasets: one table (and figure panel) per (model, dataset)")
-    p.add_argument("--wandb", action="store_true", help="also log the table and figure to W&B")
-    p.add_argument("--wandb-runs", action="store_true",
-                   help="also log one W&B run per row (config + numbers), for runs evaluated without "
-                        "logger=wandb: W&B's run comparer and parallel coordinates then compare them")
-    p.add_argument("--wandb-project", default="hsd_exp", help="W&B project (default hsd_exp)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
-        return int(e.code or 0)
-    try:
-        runs = collect_runs(args.dirs)
-        if not args.allow_mixed:
-            check_not_mixed(runs)
-        paths = write_report(runs, args.out or args.dirs[0], metric=args.metric, title=args.title)
-        rows = build_table(runs)
-        if len({as_text(r["bertscore_model"]) for r in rows if r["bertscore_f1"] is not None}) > 1:
-            print("warning: runs used different BERTScore backbones; BERTScore values are not comparable",
-                  file=sys.stderr)
-        print(paths["md"].read_text(encoding="utf-8"))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    if args.wandb or args.wandb_runs:
-        try:
-            if args.wandb:
-                log_wandb(runs, rows, paths["png"], args.title or default_title(runs), args.metric,
-                          project=args.wandb_project)
-            if args.wandb_runs:
-                log_wandb_runs(runs, rows, project=args.wandb_project)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except Exception as e:  # the report files are written; say what failed instead of a stack trace
-            print(f"error: W&B logging failed ({type(e).__name__}: {e}); report files are written", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

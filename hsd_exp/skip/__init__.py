@@ -1,2 +1,8 @@
 """The method: skip policies (which layers run per generated token) and the engine that applies them
-inside Hugging Face ``generate()``."""
+inside Hugging Face ``generate()``.
+
+Importing the package registers every policy (``policies.POLICIES``): the static ones in ``policies``,
+CALM in ``calm``. Neither imports torch, so the report can rebuild policies cheaply.
+"""
+
+from hsd_exp.skip import calm, policies  # noqa: F401  (registers the policies)

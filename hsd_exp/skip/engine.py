@@ -19,8 +19,12 @@ How it works, without copying model code:
    or a training batch with a fixed ``prompt_len``) run every layer on the whole sequence and keep, per
    position, the layer's output only where that position's own set includes the layer (``torch.where``):
    each position runs exactly its own layer set. Outside generate() a cache-less forward is a new prompt.
-CALM decides per token: after each layer it measures confidence and, once confident, the layers above only
-write their K/V from the exited state (state propagation) so the cache stays complete.
+5. A dynamic policy (``policy.static`` False, e.g. CALM in hsd_exp.skip.calm) decides inside each cached
+   decode step. ``policy.begin_step(T, Tmax, L, readout)`` returns a step object; for each layer i (1-indexed)
+   the engine asks ``step.runs(i)``: True runs the layer (then, for i < L, ``step.after_layer(i, h_in, h_out)``
+   lets it look at the result), False passes the state through and writes only the layer's K/V from it
+   (``write_kv_only``), so later tokens find a complete cache. After layer L, ``step.evals`` (the checks it
+   computed) and ``step.record(ran)`` (its own trace, e.g. CalmExit) go into SkipStats.
 
 transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (of ``generate()``, the
 model forwards and the layers); the engine reads the name off the model's ``forward`` signature, so both work.
@@ -32,13 +36,16 @@ import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MethodType
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
-from hsd_exp.skip.policies import CALM, Policy
+from hsd_exp.skip.policies import Policy
+
+if TYPE_CHECKING:
+    from hsd_exp.skip.calm import CalmExit
 
 
 def cache_argument(model) -> str:
@@ -61,16 +68,6 @@ class SkipCache(DynamicCache):
 
 
 @dataclass
-class CalmExit:
-    """CALM's decision for one generated token: the confidences seen and where it exited (1-indexed)."""
-
-    step: int
-    exit_layer: int
-    confidences: list[float]  # min over rows, for layers first_exit..exit_layer
-    thresholds: list[float]
-
-
-@dataclass
 class SkipStats:
     """What the engine ran, per processed generated token (decode step), prefill excluded.
 
@@ -88,9 +85,9 @@ class SkipStats:
     num_layers: int
     per_step: list[int] = field(default_factory=list)  # layers run per processed generated token
     step_layers: list[tuple[int, ...]] = field(default_factory=list)  # which (0-based), same order
-    kv_only: list[int] = field(default_factory=list)  # CALM: layers that only wrote K/V, per token
-    confidence_evals: list[int] = field(default_factory=list)  # CALM: confidence computations, per token
-    calm_exits: list[CalmExit] = field(default_factory=list)
+    kv_only: list[int] = field(default_factory=list)  # dynamic: layers that only wrote K/V, per token
+    confidence_evals: list[int] = field(default_factory=list)  # dynamic: exit checks computed, per token
+    calm_exits: list[CalmExit] = field(default_factory=list)  # dynamic: each step's record
     last_call: list[int] = field(default_factory=list)  # per_step of the most recent generate() call
     prefill_tokens: int = 0  # prompt positions processed with every layer (B * prompt length, summed)
     decode_rows: int = 0  # rows (batch x beams) per decode step, summed over steps
@@ -99,6 +96,26 @@ class SkipStats:
     def avg_layers(self) -> float:
         """Mean layers per decode step; NaN when no decode step ran (max_new_tokens=1: prefill only)."""
         return sum(self.per_step) / len(self.per_step) if self.per_step else float("nan")
+
+    def record(self, layer_set: tuple[int, ...], kv_only: int = 0, evals: int = 0) -> None:
+        self.per_step.append(len(layer_set))
+        self.step_layers.append(tuple(layer_set))
+        self.kv_only.append(kv_only)
+        self.confidence_evals.append(evals)
+        self.last_call.append(len(layer_set))
+
+
+def write_kv_only(layer, family, signature: inspect.Signature, h, args, kwargs) -> None:
+    """Run ``layer``'s attention block on attn_norm(h) for its side effect alone: writing this position's K/V
+    into the cache, so later tokens that run the layer find it complete. ``args``/``kwargs`` are what the
+    layer's forward got (bound by ``signature``); h (B, Q, C) is the state it would have received."""
+    bound = signature.bind(h, *args, **kwargs).arguments
+    extra = bound.pop(next(n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
+    attn_kwargs = {k: bound[k] for k in ("cache", "past_key_values", "attention_mask", "position_ids",
+                                         "position_embeddings", "use_cache") if k in bound}
+    attn = getattr(layer, family.attn)
+    norm = getattr(layer, family.attn_norm)
+    attn(norm(h), **attn_kwargs, **extra)
 
 
 class SkipEngine:
@@ -109,20 +126,21 @@ class SkipEngine:
         self.family = family_of(self.model)
         self.layers = decoder_layers(self.model)
         self.L = len(self.layers)
-        policy.check_num_layers(self.L)
+        policy.validate(self.L)
         self.policy = policy
         self.max_new_tokens = max_new_tokens
         self.stats = SkipStats(num_layers=self.L)
         self.cache_kw = cache_argument(self.model)
-        self.final_norm = submodule(self.model, self.family.final_norm)
-        self.lm_head = submodule(self.model, self.family.lm_head)
+        final_norm = submodule(self.model, self.family.final_norm)
+        lm_head = submodule(self.model, self.family.lm_head)
+        self.readout = lambda h: lm_head(final_norm(h))  # (B, C) -> (B, V): what a dynamic policy may score
         self._plan: list = [True] * self.L  # per layer: True (run), False (skip) or a (Q,) bool tensor
         self._prompt_len: int | None = None
         self._fixed_prompt_len = prompt_len  # training: batches laid out with every prompt ending at one column
         self._call_tmax: int | None = None
-        self._step = -1
-        self._exited = False
-        self._calm_trace: list[tuple[float, float]] = []
+        self._step = -1  # T of the current decode step; -1 in the prefill
+        self._dynamic = None  # a dynamic policy's object for the current decode step (None otherwise)
+        self._ran: list[int] = []  # layers (0-based) the dynamic step has run so far
         self._handles: list = []
         self._saved: list = []  # (object, attribute, previous instance value or None)
 
@@ -164,7 +182,7 @@ class SkipEngine:
         try:
             return self._orig_generate(*args, **kwargs)
         finally:  # a later plain forward in the context is a new prompt, not this call's next token
-            self._prompt_len, self._call_tmax, self._step = None, None, -1
+            self._prompt_len, self._call_tmax, self._step, self._dynamic = None, None, -1, None
 
     # ------------------------------------------------------------------ before the layers: make the plan
     def _before_stack(self, module, args, kwargs):
@@ -173,7 +191,7 @@ class SkipEngine:
             x = kwargs.get("inputs_embeds")
         if x is None and args:
             x = args[0]
-        q = x.shape[1]  # query positions in this forward
+        q = x.shape[1]  # query positions in this forward; x is (B, Q) ids or (B, Q, C) embeddings
         cache = kwargs.get(self.cache_kw)
         past = cache.get_seq_length() if cache is not None else 0
         if self._fixed_prompt_len is not None:
@@ -192,8 +210,8 @@ class SkipEngine:
         tmax = self._call_tmax or self.max_new_tokens
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
 
-        self._exited, self._calm_trace = False, []
-        if steps[-1] < 0:  # prefill: every layer (and no CALM exits: _step < 0)
+        self._dynamic, self._ran = None, []
+        if steps[-1] < 0:  # prefill: every layer
             self.stats.prefill_tokens += x.shape[0] * q
             self._plan, self._step = [True] * self.L, -1
             return None
@@ -202,41 +220,38 @@ class SkipEngine:
         self._step = steps[-1]
         self.stats.decode_rows += x.shape[0]
 
-        if not self.policy.static:  # CALM: decided layer by layer in _layer_forward
+        if not self.policy.static:  # decided layer by layer in _layer_forward
             if q != 1 or cache is None:
-                raise ValueError("policy 'calm' needs cached decoding (use_cache=True), one token per step")
+                raise ValueError(f"policy '{self.policy.name}' needs cached decoding (use_cache=True), "
+                                 "one token per step")
             self._plan = [True] * self.L
+            self._dynamic = self.policy.begin_step(self._step, tmax, self.L, self.readout)
             return None
 
         new_set = self.policy.layers(self._step, tmax, self.L)
-        self._record(new_set, kv_only=0, evals=0)
+        self.stats.record(new_set)
         if q == 1:  # cached decoding: whole layers run or are skipped
             run = set(new_set)
             self._plan = [i in run for i in range(self.L)]
             if cache is not None and len(run) < self.L:
-                if not isinstance(cache, SkipCache):
-                    raise ValueError(
-                        "layer skipping with a KV cache needs hsd_exp.skip.engine.SkipCache "
-                        f"(generate() inside layer_skipping passes one): pass {self.cache_kw}=SkipCache(config=model.config)"
-                    )
-                for i in range(self.L):  # monotone: a skipped layer never runs again, so drop its K/V
-                    if i not in run and i < len(cache.layers) and cache.layers[i].get_seq_length() > 0:
-                        cache.layers[i].keys = cache.layers[i].keys[..., :0, :]
-                        cache.layers[i].values = cache.layers[i].values[..., :0, :]
-        else:  # several positions (no-cache reference): per-position masks
+                self._drop_skipped_kv(cache, run)
+        else:  # several positions (no-cache reference): per-position (Q,) masks
             sets = {t: set(self.policy.layers(t, tmax, self.L)) for t in set(steps) if t >= 0}
-            device = x.device
-            self._plan = [
-                torch.tensor([t < 0 or i in sets[t] for t in steps], device=device) for i in range(self.L)
-            ]
+            self._plan = [torch.tensor([t < 0 or i in sets[t] for t in steps], device=x.device)
+                          for i in range(self.L)]
         return None
 
-    def _record(self, layer_set: tuple[int, ...], kv_only: int, evals: int) -> None:
-        self.stats.per_step.append(len(layer_set))
-        self.stats.step_layers.append(tuple(layer_set))
-        self.stats.kv_only.append(kv_only)
-        self.stats.confidence_evals.append(evals)
-        self.stats.last_call.append(len(layer_set))
+    def _drop_skipped_kv(self, cache, run: set[int]) -> None:
+        """Monotone policies never run a skipped layer again: its K/V is dead weight (memory, beam reorders)."""
+        if not isinstance(cache, SkipCache):
+            raise ValueError(
+                "layer skipping with a KV cache needs hsd_exp.skip.engine.SkipCache "
+                f"(generate() inside layer_skipping passes one): pass {self.cache_kw}=SkipCache(config=model.config)"
+            )
+        for i in range(self.L):
+            if i not in run and i < len(cache.layers) and cache.layers[i].get_seq_length() > 0:
+                cache.layers[i].keys = cache.layers[i].keys[..., :0, :]  # (B, H, 0, D)
+                cache.layers[i].values = cache.layers[i].values[..., :0, :]
 
     # ------------------------------------------------------------------ one decoder layer
     def _layer_forward(self, idx: int, orig_forward):
@@ -245,8 +260,8 @@ class SkipEngine:
 
         def forward(layer, hidden_states, *args, **kwargs):
             plan = engine._plan[idx]
-            if isinstance(engine.policy, CALM) and engine._step >= 0 and plan is True:
-                return engine._calm_layer(idx, layer, orig_forward, signature, hidden_states, args, kwargs)
+            if engine._dynamic is not None:
+                return engine._dynamic_layer(idx, layer, orig_forward, signature, hidden_states, args, kwargs)
             if plan is True:
                 return orig_forward(hidden_states, *args, **kwargs)
             if plan is False:
@@ -256,47 +271,24 @@ class SkipEngine:
 
         return forward
 
-    def _calm_layer(self, idx, layer, orig_forward, signature, h, args, kwargs):
-        """One layer under CALM during a decode step (B rows, one query position)."""
-        policy: CALM = self.policy
-        if self._exited:  # state propagation: K/V from the exited hidden state, output unchanged
-            self._write_kv(layer, signature, h, args, kwargs)
-            return h
-        out = orig_forward(h, *args, **kwargs)  # (B, 1, C)
+    def _dynamic_layer(self, idx, layer, orig_forward, signature, h, args, kwargs):
+        """One layer during a dynamic policy's decode step (B rows, one query position: h is (B, 1, C))."""
         i = idx + 1  # 1-indexed layer
-        if i < policy.first_exit or i == self.L:
-            if i == self.L:
-                self._finish_calm(exit_layer=self.L)
-            return out
-        if policy.criterion == "softmax":
-            probs = F.softmax(self.lm_head(self.final_norm(out[:, -1])).float(), dim=-1)  # (B, V)
-            top2 = probs.topk(2, dim=-1).values
-            conf = top2[:, 0] - top2[:, 1]  # (B,)
-        else:
-            conf = F.cosine_similarity(out[:, -1].float(), h[:, -1].float(), dim=-1)  # (B,)
-        lam = policy.threshold(i, self._step, self._call_tmax or self.max_new_tokens)
-        least = conf.min().item()  # t5x: the batch exits when its least confident row is confident
-        self._calm_trace.append((least, lam))
-        if least >= lam:
-            self._exited = True
-            self._finish_calm(exit_layer=i)
+        if self._dynamic.runs(i):
+            out = orig_forward(h, *args, **kwargs)  # (B, 1, C)
+            self._ran.append(idx)
+            if i < self.L:  # after the last layer there is nothing left to decide
+                self._dynamic.after_layer(i, h, out)
+        else:  # the state passes through; the layer still writes its K/V from it (CALM's state propagation)
+            write_kv_only(layer, self.family, signature, h, args, kwargs)
+            out = h
+        if i == self.L:
+            ran = tuple(self._ran)
+            record = self._dynamic.record(ran)
+            if record is not None:
+                self.stats.calm_exits.append(record)
+            self.stats.record(ran, kv_only=self.L - len(ran), evals=self._dynamic.evals)
         return out
-
-    def _finish_calm(self, exit_layer: int) -> None:
-        conf = [c for c, _ in self._calm_trace]
-        lam = [t for _, t in self._calm_trace]
-        self.stats.calm_exits.append(CalmExit(self._step, exit_layer, conf, lam))
-        self._record(tuple(range(exit_layer)), kv_only=self.L - exit_layer, evals=len(conf))
-
-    def _write_kv(self, layer, signature, h, args, kwargs) -> None:
-        """Run the layer's attention block on norm(h) only for its side effect: the K/V write."""
-        bound = signature.bind(h, *args, **kwargs).arguments
-        extra = bound.pop(next(n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
-        attn_kwargs = {k: bound[k] for k in ("cache", "past_key_values", "attention_mask", "position_ids",
-                                             "position_embeddings", "use_cache") if k in bound}
-        attn = getattr(layer, self.family.attn)
-        norm = getattr(layer, self.family.attn_norm)
-        attn(norm(h), **attn_kwargs, **extra)
 
 
 @contextmanager

@@ -6,17 +6,24 @@ layer. Code returns 0-based indices (``i - 1``), sorted.
 
 The static policies (full, SkipDecode, HSD) are *monotone*: the set run at T+1 is a subset of the set run
 at T. So any layer that runs for a token already holds K/V for every earlier position, and the KV cache
-stays exact without recomputation. ``tests/test_policies.py`` asserts it.
+stays exact without recomputation. ``tests/skip/test_policies.py`` asserts it.
+
+A policy class describes itself to the rest of the code: ``name`` (its key in ``POLICIES`` and
+``conf/policy/*.yaml``), ``label`` (run names, folder slugs), ``display_name`` and ``family`` (the report's
+row and plot line), ``order``, ``style``, ``baseline``. Defining a subclass with a ``name`` registers it.
+This module imports no torch: the report rebuilds policies from run folders to name their rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 from hsd_exp.errors import ConfigError
+
+POLICIES: dict[str, type[Policy]] = {}  # name -> class, filled by Policy.__init_subclass__
 
 
 def band_size(step: int, max_steps: int, min_layers: float, max_layers: float) -> float:
@@ -41,36 +48,98 @@ def bottom_layers(keep_first: int) -> set[int]:
     return set(range(keep_first))
 
 
-def _extra_label(keep_first: int) -> str:
-    return f",keep_first={keep_first}" if keep_first else ""
+def fmt(value: Any) -> str:
+    """A parameter as the report shows it: 18.0 -> "18", 0.020 -> "0.02", "state" -> "state"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Base class. ``static`` policies decide from (T, Tmax, L) alone; dynamic ones (CALM) per token."""
+    """Base class: a frozen dataclass whose fields are the policy's parameters (``params()``).
 
-    name = "policy"
-    static = True
+    ``static`` policies decide from (T, Tmax, L) alone (``layers``); dynamic ones decide inside each decode
+    step (``begin_step``; the protocol is in hsd_exp.skip.engine's docstring). A subclass that sets ``name``
+    is registered in POLICIES, so ``build_policy(name, ...)`` and ``conf/policy/<file>.yaml`` reach it.
+    """
 
-    @property
-    def label(self) -> str:  # the row name in tables and plots
-        return self.name
+    name: ClassVar[str] = "policy"  # registry key: conf/policy/*.yaml's `name:`
+    title: ClassVar[str] = ""  # the paper's method name in the report ("HSD"); default: name
+    static: ClassVar[bool] = True
+    baseline: ClassVar[bool] = False  # the report's reference row (Speedup, % of full)
+    order: ClassVar[int] = 100  # where the report puts this family among the others (rows, plot lines)
+    style: ClassVar[tuple[str | None, str]] = (None, "o")  # plot (colour, marker); None = matplotlib's next
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # a helper subclass (tests' Replay) names no policy: not registered
+            return
+        cls.title = cls.__dict__.get("title") or cls.name
+        taken = POLICIES.get(cls.name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"policy name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
+                             f"give {cls.__qualname__} another name")
+        POLICIES[cls.name] = cls
+
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
     def params(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.param_names()}
 
-    def check_num_layers(self, num_layers: int) -> None:
-        """Raise ConfigError if the policy cannot apply to a model of ``num_layers`` layers."""
+    def options(self) -> list[str]:
+        """Options beyond the paper's setting, as "key=value" (e.g. ["keep_first=2"]): a variant gets its
+        own label, row and plot line."""
+        return []
+
+    @property
+    def variant(self) -> bool:  # the plot draws a variant dashed, in a colour of its own
+        return bool(self.options())
+
+    @property
+    def label(self) -> str:
+        """Run name and folder slug: "name" or "name(k=v,...)"."""
+        inner = ",".join(f"{k}={fmt(v)}" for k, v in self.params().items())
+        return f"{self.name}({inner})" if inner else self.name
+
+    @property
+    def display_name(self) -> str:
+        """The report's row name: "Title" or "Title (k=v, ...)"."""
+        inner = ", ".join(f"{k}={fmt(v)}" for k, v in self.params().items())
+        return f"{self.title} ({inner})" if inner else self.title
+
+    @property
+    def family(self) -> str:
+        """The report's plot line (and sort group); a variant's options follow the family's name."""
+        return _with_options(self.title, self.options())
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ConfigError naming the bad parameter; with ``num_layers`` (L) also check the policy fits."""
 
     def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Static: the sorted 0-based layers run for generated token ``step`` (T) of ``max_steps`` (Tmax)."""
+        raise NotImplementedError(f"{type(self).__name__} is static: define layers(step, max_steps, num_layers)")
+
+    def begin_step(self, step: int, max_steps: int, num_layers: int, readout):
+        """Dynamic: an object deciding decode step T layer by layer (``runs``, ``after_layer``, ``record``, ``evals``)."""
+        raise NotImplementedError(f"{type(self).__name__} is dynamic (static=False): define begin_step(...)")
+
+
+def _with_options(text: str, options: list[str]) -> str:
+    return f"{text} ({', '.join(options)})" if options else text
 
 
 @dataclass(frozen=True)
 class Full(Policy):
-    """Every layer, every token: plain decoding through the engine (the quality/speed baseline)."""
+    """Every layer, every token: run { i : 1 <= i <= L }. Plain decoding through the engine, the baseline
+    every other row's Speedup and % of full are measured against."""
 
     name = "full"
+    title = "Full"
+    baseline = True
+    order = 0
 
     def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
@@ -91,12 +160,22 @@ class SkipDecode(Policy):
     max: float = 20
     keep_first: int = 0
     name = "skipdecode"
+    title = "SkipDecode"
+    order = 2
+    style = ("tab:blue", "^")
+
+    def options(self) -> list[str]:
+        return [f"keep_first={self.keep_first}"] if self.keep_first else []
 
     @property
     def label(self) -> str:
-        return f"skipdecode({self.min:g},{self.max:g}{_extra_label(self.keep_first)})"
+        return f"skipdecode({self.min:g},{self.max:g}{_suffix(self.options())})"
 
-    def check_num_layers(self, num_layers: int) -> None:
+    @property
+    def display_name(self) -> str:
+        return f"SkipDecode ({fmt(self.min)},{fmt(self.max)}{_suffix(self.options(), ', ')})"
+
+    def validate(self, num_layers: int | None = None) -> None:
         _check_band(self.min, self.max, num_layers)
         _check_keep_first(self.keep_first, num_layers)
 
@@ -123,12 +202,31 @@ class HSD(Policy):
     max: float = 18
     keep_first: int = 0
     name = "hsd"
+    title = "HSD"
+    order = 3
+
+    def options(self) -> list[str]:
+        return [f"keep_first={self.keep_first}"] if self.keep_first else []
+
+    @property
+    def style(self) -> tuple[str | None, str]:  # one line per s: the paper's two in its colours
+        return {1: ("tab:red", "o"), 2: ("tab:orange", "s")}.get(self.s, (None, "o"))
 
     @property
     def label(self) -> str:
-        return f"hsd(s={self.s},{self.min:g},{self.max:g}{_extra_label(self.keep_first)})"
+        return f"hsd(s={self.s},{self.min:g},{self.max:g}{_suffix(self.options())})"
 
-    def check_num_layers(self, num_layers: int) -> None:
+    @property
+    def display_name(self) -> str:
+        return f"HSD (s={fmt(self.s)}, {fmt(self.min)}, {fmt(self.max)}{_suffix(self.options(), ', ')})"
+
+    @property
+    def family(self) -> str:
+        return _with_options(f"HSD s={fmt(self.s)}", self.options())
+
+    def validate(self, num_layers: int | None = None) -> None:
+        if not isinstance(self.s, int) or isinstance(self.s, bool) or self.s < 0:
+            raise ConfigError(f"policy.s={self.s} is out of range: must be an integer >= 0")
         _check_band(self.min, self.max, num_layers)
         _check_keep_first(self.keep_first, num_layers)
 
@@ -136,51 +234,11 @@ class HSD(Policy):
         return _cached_hsd(step, max_steps, num_layers, self.s, self.min, self.max, self.keep_first)
 
 
-@dataclass(frozen=True)
-class CALM(Policy):
-    """CALM early exit (Schuster et al. 2022), as the HSD paper ran it.
-
-    After each layer i >= ``first_exit`` (1-indexed) of a generated token, a confidence c_i is computed and
-    the token exits when c_i >= lambda_i, with the depth-decreasing threshold
-
-        lambda_i = clip(1 - d * i, 0, 1)
-        optional position decay (CALM eq. 6):  lambda_i(t) = clip(0.9 * lambda_i + 0.1 * exp(-tau * t / Tmax), 0, 1)
-
-    Criteria: ``softmax``: c_i = p_top1 - p_top2 of softmax(lm_head(final_norm(h_i)));
-              ``state``:   c_i = cos(h_i, h_{i-1}) (hidden-state saturation).
-    Batch / beams: one exit per step for the whole batch, taken when the *least* confident row is
-    confident (c_i >= lambda_i for every row) - t5x's CALM rule; so no row exits earlier than it would alone.
-    Layers above the exit receive the exited hidden state and write their K/V from it (state propagation),
-    so later tokens always find a complete cache.
-    """
-
-    d: float = 0.02
-    criterion: str = "softmax"
-    first_exit: int = 1
-    decay: bool = False
-    tau: float = 4.0
-    name = "calm"
-    static = False
-
-    @property
-    def label(self) -> str:
-        extra = "" if self.first_exit == 1 else f",first_exit={self.first_exit}"
-        extra += f",decay(tau={self.tau:g})" if self.decay else ""
-        return f"calm(d={self.d:g},{self.criterion}{extra})"
-
-    def check_num_layers(self, num_layers: int) -> None:
-        if not 1 <= self.first_exit <= num_layers:
-            raise ConfigError(f"policy.first_exit={self.first_exit} is out of range: must be in [1, {num_layers}]")
-
-    def threshold(self, layer: int, step: int, max_steps: int) -> float:
-        """lambda for 1-indexed ``layer`` at generated-token index ``step``."""
-        lam = min(max(1.0 - self.d * layer, 0.0), 1.0)
-        if self.decay:
-            lam = 0.9 * lam + 0.1 * math.exp(-self.tau * step / max(max_steps, 1))
-        return min(max(lam, 0.0), 1.0)
+def _suffix(options: list[str], sep: str = ",") -> str:
+    return "".join(sep + o for o in options)
 
 
-def _check_number(key: str, value: Any, valid: str) -> None:
+def check_number(key: str, value: Any, valid: str) -> None:
     """ConfigError unless ``value`` is a finite int or float (a bool is not): e.g. ``policy.max=abc`` from the CLI."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"policy.{key}={value} is not a finite number: must be {valid}")
@@ -188,8 +246,8 @@ def _check_number(key: str, value: Any, valid: str) -> None:
 
 def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
     L = "L" if num_layers is None else f"L={num_layers}"
-    _check_number("min", lo, f"a number with 0 <= min <= max <= {L} (the model's layers)")
-    _check_number("max", hi, f"a number with 0 <= min <= max <= {L} (the model's layers)")
+    check_number("min", lo, f"a number with 0 <= min <= max <= {L} (the model's layers)")
+    check_number("max", hi, f"a number with 0 <= min <= max <= {L} (the model's layers)")
     if lo < 0:
         raise ConfigError(f"policy.min={lo:g} is out of range: must be >= 0")
     if lo > hi:
@@ -217,8 +275,29 @@ def _cached_hsd(step, max_steps, num_layers, s, lo, hi, keep_first) -> tuple[int
     return tuple(sorted(spaced | top_band(step, max_steps, num_layers, lo, hi) | bottom_layers(keep_first)))
 
 
-POLICIES = {"full": Full, "skipdecode": SkipDecode, "hsd": HSD, "calm": CALM}
-CRITERIA = ("softmax", "state")
+def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
+    """Validate and build a policy: ``build_policy("hsd", s=1, min=0, max=18)``.
+
+    ``num_layers`` (L, when known before loading the model) also checks ``max <= L``. All checks run
+    before any model is loaded and raise ConfigError naming the parameter, its value and the valid range.
+    """
+    cls = policy_class(name)
+    if cls is None:
+        raise ConfigError(f"policy.name={name} is unknown; choose one of {', '.join(POLICIES)}")
+    unknown = set(params) - set(cls.param_names())
+    if unknown:
+        raise ConfigError(
+            f"policy '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(cls.param_names()) or 'none'}"
+        )
+    policy = cls(**params)
+    policy.validate(num_layers)
+    return policy
+
+
+def policy_class(name: Any) -> type[Policy] | None:
+    """The registered class of ``policy.name`` (None if unknown)."""
+    return POLICIES.get(name) if isinstance(name, str) else None
 
 
 def config_label(policy: Any) -> str | None:
@@ -231,51 +310,3 @@ def config_label(policy: Any) -> str | None:
         return build_policy(policy["name"], **params).label
     except Exception:  # e.g. an unresolved interpolation as a parameter
         return None
-
-
-def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
-    """Validate and build a policy: ``build_policy("hsd", s=1, min=0, max=18)``.
-
-    ``num_layers`` (L, when known before loading the model) also checks ``max <= L``. All checks run
-    before any model is loaded and raise ConfigError naming the parameter, its value and the valid range.
-    """
-    if name not in POLICIES:
-        raise ConfigError(f"policy.name={name} is unknown; choose one of {', '.join(POLICIES)}")
-    cls = POLICIES[name]
-    unknown = set(params) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(
-            f"policy '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "
-            f"valid: {', '.join(cls.__dataclass_fields__) or 'none'}"
-        )
-    if name == "hsd":
-        s = params.get("s", HSD.s)
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise ConfigError(f"policy.s={s} is out of range: must be an integer >= 0")
-    if name in ("hsd", "skipdecode"):
-        default = cls()
-        _check_band(params.get("min", default.min), params.get("max", default.max), num_layers)
-        _check_keep_first(params.get("keep_first", 0), num_layers)
-    if name == "calm":
-        d = params.get("d", CALM.d)
-        _check_number("d", d, "a number > 0 (the paper uses 0.02 and 0.005)")
-        if not d > 0:
-            raise ConfigError(f"policy.d={d} is out of range: must be > 0 (the paper uses 0.02 and 0.005)")
-        crit = params.get("criterion", CALM.criterion)
-        if crit not in CRITERIA:
-            raise ConfigError(f"policy.criterion={crit} is unknown; choose one of {', '.join(CRITERIA)}")
-        first_exit = params.get("first_exit", CALM.first_exit)
-        if not isinstance(first_exit, int) or isinstance(first_exit, bool) or first_exit < 1:
-            raise ConfigError(f"policy.first_exit={first_exit} is out of range: must be an integer >= 1 "
-                              "(the 1-indexed first layer that may exit, <= L)")
-        tau = params.get("tau", CALM.tau)
-        _check_number("tau", tau, "a number >= 0 (the position decay's rate; CALM uses 4)")
-        if tau < 0:
-            raise ConfigError(f"policy.tau={tau:g} is out of range: must be >= 0 (the position decay's rate; CALM uses 4)")
-        decay = params.get("decay", CALM.decay)
-        if not isinstance(decay, bool):  # a string "no" would otherwise switch the decay on
-            raise ConfigError(f"policy.decay={decay!r} must be true or false (CALM's position decay)")
-    policy = cls(**params)
-    if num_layers is not None:
-        policy.check_num_layers(num_layers)
-    return policy

@@ -1,4 +1,4 @@
-"""SkipPolicyCallback (engine attached only while testing/predicting) and PredictionsCallback (streamed
+"""SkipPolicyCallback (engine attached only while testing) and PredictionsCallback (streamed
 predictions.jsonl, metrics.json, resume after a crash), through Lightning and through task=evaluate."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW = 8
 BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=5", "decode.batch_size=2",
         f"decode.max_new_tokens={MAX_NEW}", "bertscore.enabled=false", "trainer.accelerator=cpu",
-        "policy=hsd", "policy.s=1", "policy.min=0", "policy.max=4"]
+        "policy=hsd", "policy.s=1", "policy.min=0", "policy.max=4", "callbacks=plain"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def installed(model) -> dict:
 
 
 class Probe(pl.Callback):
-    """Records, at every test/predict batch, whether the engine is installed."""
+    """Records, at every test batch, whether the engine is installed."""
 
     def __init__(self):
         self.seen = []
@@ -55,15 +55,12 @@ class Probe(pl.Callback):
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._record(pl_module)
 
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._record(pl_module)
-
 
 @pytest.fixture
 def setup(tmp_path):
     cfg = make_cfg(tmp_path)
     lm = tasks.build(cfg.model)  # a fresh model: a leaked engine must not reach other tests
-    module = CausalLMModule(lm.model, lm.tokenizer, decode=tasks._plain(cfg.decode))
+    module = CausalLMModule(lm.model, lm.tokenizer, tasks.generation_config(cfg.decode, lm.tokenizer))
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=2)
     policy = build_policy("hsd", s=1, min=0, max=4)
     return lm, module, dm, policy
@@ -75,13 +72,12 @@ def trainer_with(*callbacks) -> pl.Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- SkipPolicyCallback
-@pytest.mark.parametrize("stage", ["test", "predict"])
-def test_skip_policy_attached_only_while_decoding(setup, stage):
+def test_skip_policy_attached_only_while_decoding(setup):
     lm, module, dm, policy = setup
     assert installed(lm.model) == {"generate": False, "layers": [False] * 6}
     skip, probe = SkipPolicyCallback(policy, MAX_NEW), Probe()
     trainer = trainer_with(skip, probe)
-    getattr(trainer, stage)(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
 
     assert len(probe.seen) == 3  # 5 examples, batches of 2
     for seen in probe.seen:  # during: generate() and every layer wrapped, stats readable by the module
@@ -218,8 +214,7 @@ def test_resume_refuses_another_setting_in_the_same_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- WarmUpCallback
-@pytest.mark.parametrize("stage", ["test", "predict"])
-def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, stage, monkeypatch):
+def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, monkeypatch):
     """Under DDP the model is loaded on the CPU: warm-up must wait until Lightning has moved it, and its
     tokens must count neither in the policy's stats nor in tokens/s (so it runs before the other callbacks)."""
     from hsd_exp.eval.callbacks import WarmUpCallback
@@ -235,7 +230,7 @@ def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, stage, m
 
     monkeypatch.setattr(CausalLMModule, "warm_up", warm_up)
     trainer = trainer_with(WarmUpCallback(), SkipPolicyCallback(policy, MAX_NEW))
-    getattr(trainer, stage)(module, datamodule=dm)
-    getattr(trainer, stage)(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
     assert seen[0] == {"device": "cpu", "engine": False, "stats": False}
     assert module._warm  # the second loop found it warm already (warm_up returns at once)

@@ -12,7 +12,7 @@ from helpers import CACHE_DIR, ROOT
 
 
 def run(args, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR, "HSD_PROGRESS": "plain"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hsd_exp.report.runs import collect_runs, parse_policy_label, slug
+from hsd_exp.report.runs import collect_runs, rebuild_policy, slug
 
 from helpers import FULL_QUALITY, metrics_for, write_run
 
@@ -15,18 +15,20 @@ def test_collect_runs_reads_raw_config_and_metrics(multirun):
     runs = collect_runs([multirun])
     assert [r.path.name for r in runs] == ["0_full", "1_calm", "2_skipdecode", "3_hsd", "4_hsd", "5_hsd"]
     hsd = runs[3]
-    assert (hsd.policy, hsd.s, hsd.min, hsd.max, hsd.num_beams, hsd.ckpt_path) == ("hsd", 1, 0, 18, 4, None)
+    assert (hsd.policy, hsd.num_beams, hsd.ckpt_path) == ("hsd", 4, None)
+    assert hsd.params == {"s": 1, "min": 0, "max": 18, "keep_first": 0}  # metrics.json's policy_params
     assert hsd.config["paths"]["root_dir"] == "${hsd_root:}"  # kept raw, never resolved
     assert (hsd.model, hsd.dataset, hsd.complete, hsd.status) == ("smollm2-135m", "e2e", True, "complete")
     assert hsd.rougeL == FULL_QUALITY["rougeL"] * 0.95
-    assert runs[1].d == 0.02 and runs[1].criterion == "softmax"
+    assert runs[1].params["d"] == 0.02 and runs[1].params["criterion"] == "softmax"
     partial = runs[5]
     assert (partial.complete, partial.num_predictions, partial.rougeL) == (False, 3, None)
-    assert (partial.model, partial.dataset, partial.max) == ("smollm2-135m", "e2e", 8)  # from the config
+    assert (partial.model, partial.dataset) == ("smollm2-135m", "e2e")  # from the config
+    assert partial.params == {"s": 1, "min": 0, "max": 8}
 
 
 def test_metrics_with_complete_false_is_partial(tmp_path):
-    metrics = metrics_for("hsd", "hsd(s=1,0,18)", 16.7, 170.0, 1.0)
+    metrics = metrics_for("hsd", {"s": 1, "min": 0, "max": 18}, 16.7, 170.0, 1.0)
     write_run(tmp_path / "run", "name: hsd\n  s: 1\n  min: 0\n  max: 18", {**metrics, "complete": False}, 4)
     (run,) = collect_runs([tmp_path / "run"])
     assert run.status == "partial (4 predictions)" and run.rougeL == metrics["rougeL"]
@@ -35,28 +37,44 @@ def test_metrics_with_complete_false_is_partial(tmp_path):
 def test_single_run_dir_and_metrics_only_run(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.json").write_text(json.dumps(metrics_for("calm", "calm(d=0.005,state)", 25.0, 90, 1)))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_for("calm", {"d": 0.005, "criterion": "state"}, 25.0, 90, 1)))
     (run,) = collect_runs([run_dir])
-    assert (run.method, run.family, run.d, run.num_predictions) == ("CALM (d=0.005, state)", "CALM (state)",
-                                                                     0.005, 0)
+    assert (run.method, run.family, run.params["d"], run.num_predictions) == (
+        "CALM (d=0.005, state)", "CALM (state)", 0.005, 0)
 
 
-@pytest.mark.parametrize("label, expected", [
-    ("hsd(s=2,0,12)", {"s": 2, "min": 0, "max": 12}),
-    ("skipdecode(10,24)", {"min": 10, "max": 24}),
-    ("calm(d=0.02,softmax)", {"d": 0.02, "criterion": "softmax"}),
-    ("calm(d=0.02,softmax,first_exit=3)", {"d": 0.02, "criterion": "softmax"}),
-    ("hsd(s=1,0,18,keep_first=2)", {"s": 1, "min": 0, "max": 18}),
-    ("full", {}),
+@pytest.mark.parametrize("name, params, label, expected", [
+    ("hsd", {"s": 2, "min": 0, "max": 12}, "hsd(s=2,0,12)", "HSD (s=2, 0, 12)"),
+    ("calm", {"d": 0.02, "first_exit": 3}, None, "CALM (d=0.02, first_exit=3)"),
+    ("full", {}, "full", "Full"),
+    ("hsd", {}, "hsd(s=2,0,12)", None),  # no parameters recorded: the defaults are not what ran
+    ("hsd", {"s": -1}, None, None),  # invalid
+    ("hsd", {"max": "${oops:}"}, None, None),  # unresolved
+    ("nope", {}, "nope(x=1)", None),  # unknown name
 ])
-def test_parse_policy_label(label, expected):
-    assert parse_policy_label(label) == expected
+def test_rebuild_policy_or_none(name, params, label, expected):
+    built = rebuild_policy(name, params, label)
+    assert (built.display_name if built else None) == expected
+
+
+def test_a_run_whose_policy_cannot_be_rebuilt_keeps_its_label(tmp_path):
+    """metrics.json from before policy_params, an unknown policy, invalid parameters: rows named by label."""
+    metrics = metrics_for("hsd", {"s": 2, "min": 0, "max": 12}, 11.3, 230.0, 0.85)
+    del metrics["policy_params"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "foo").mkdir()
+    (tmp_path / "foo" / "metrics.json").write_text(json.dumps({**metrics, "policy": "foo", "policy_label": "foo(x=1)"}))
+    write_run(tmp_path / "bad", "name: hsd\n  s: -1", None)
+    runs = {r.path.name: r for r in collect_runs([tmp_path])}
+    assert [(runs[n].method, runs[n].family, runs[n].order) for n in ("old", "foo", "bad")] == [
+        ("hsd(s=2,0,12)", "HSD", 3), ("foo(x=1)", "foo", 100), ("hsd", "HSD", 3)]
 
 
 def test_options_beyond_the_paper_name_their_own_row_and_line(tmp_path):
     """A variant (keep_first, CALM's first_exit) must never share a row with the paper's setting, also
     when the run is half-finished and only its config says what it ran."""
-    variant = metrics_for("hsd", "hsd(s=1,0,18,keep_first=2)", 19.0, 170.0, 1.0)
+    variant = metrics_for("hsd", {"s": 1, "min": 0, "max": 18, "keep_first": 2}, 19.0, 170.0, 1.0)
     write_run(tmp_path / "m" / "0", "name: hsd\n  s: 1\n  min: 0\n  max: 18", variant, 4)
     write_run(tmp_path / "m" / "1", "name: hsd\n  s: 1\n  min: 0\n  max: 18\n  keep_first: 1", None, 2)
     write_run(tmp_path / "m" / "2", "name: calm\n  d: 0.02\n  first_exit: 3", None, 2)
@@ -67,13 +85,15 @@ def test_options_beyond_the_paper_name_their_own_row_and_line(tmp_path):
 
 
 def test_metrics_without_complete_key_is_complete_and_interpolated_params(tmp_path):
-    metrics = metrics_for("skipdecode", "skipdecode(10,30)", 20.0, 150.0, 1.0)
-    del metrics["complete"]
+    metrics = metrics_for("skipdecode", {"min": 10, "max": 30}, 20.0, 150.0, 1.0)
+    del metrics["complete"], metrics["policy_params"]  # the parameters come from the config alone
     write_run(tmp_path / "a", "name: skipdecode\n  min: 10\n  max: ${model.num_layers}", metrics)
     write_run(tmp_path / "b", "name: skipdecode\n  min: ${oops:}\n  max: 20", None)
     a, b = collect_runs([tmp_path])
-    assert a.complete and a.status == "complete" and a.max == 30  # plain interpolation: resolved for this key
-    assert b.min == "${oops:}" and b.status == "partial (5 predictions)"  # unknown resolver: kept raw
+    assert a.complete and a.status == "complete" and a.params["max"] == 30  # plain interpolation: resolved
+    assert a.method == "SkipDecode (10,30)"
+    assert b.params["min"] == "${oops:}" and b.status == "partial (5 predictions)"  # unknown resolver: kept raw
+    assert b.method == "skipdecode"  # no policy to rebuild from a raw interpolation: the name
 
 
 def test_slug_names_compare_subfolders_after_policy_labels():
@@ -87,7 +107,7 @@ def test_compare_task_subfolders_are_runs_and_inherit_the_parent_config(tmp_path
     (parent / "predictions.jsonl").unlink()
     with open(parent / ".hydra" / "config.yaml", "a") as f:
         f.write("compare_policies:\n  - {name: full}\n  - {name: hsd, s: 1, min: 0, max: 18}\n")
-    full = {**metrics_for("full", "full", 30.0, 100.0, 1.0), "num_beams": 1}
+    full = {**metrics_for("full", {}, 30.0, 100.0, 1.0), "num_beams": 1}
     (parent / "full").mkdir()
     (parent / "full" / "metrics.json").write_text(json.dumps(full))
     (parent / "hsd_s_1_0_18").mkdir()  # crashed mid-way: predictions only
@@ -113,7 +133,7 @@ def test_setting_reads_weights_inputs_and_decoding_from_the_config(tmp_path):
     metrics.json lack them); max_new_tokens' ${dataset.max_new_tokens} is resolved."""
     from omegaconf import OmegaConf
 
-    run_dir = write_run(tmp_path / "run", "name: full", metrics_for("full", "full", 30.0, 100.0, 1.0))
+    run_dir = write_run(tmp_path / "run", "name: full", metrics_for("full", {}, 30.0, 100.0, 1.0))
     path = run_dir / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(path)
     for key, value in (("model.path", "/models/ft"), ("dataset.split", "validation"), ("dataset.limit", 100),

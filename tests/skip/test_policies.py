@@ -1,7 +1,9 @@
+from dataclasses import dataclass
+
 import pytest
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.skip.policies import HSD, SkipDecode, band_size, build_policy
+from hsd_exp.skip.policies import HSD, POLICIES, Policy, SkipDecode, band_size, build_policy, policy_class
 
 from helpers import ABLATIONS, PAPER_GRID
 
@@ -119,14 +121,46 @@ def test_band_holds_floor_n_plus_one_layers():
         assert len(p.layers(t, 64, 30)) == int(band_size(t, 64, 10, 20)) + 1
 
 
-def test_calm_threshold_decreases_with_depth():
-    p = build_policy("calm", d=0.02)
-    assert p.threshold(1, 0, 10) == pytest.approx(0.98)
-    assert p.threshold(30, 0, 10) == pytest.approx(0.4)
-    assert p.threshold(60, 0, 10) == 0.0  # clipped
-    decayed = build_policy("calm", d=0.02, decay=True, tau=4.0)
-    assert decayed.threshold(10, 0, 10) == pytest.approx(0.9 * 0.8 + 0.1)
-    assert decayed.threshold(10, 10, 10) < decayed.threshold(10, 0, 10)
+@pytest.mark.parametrize("name,params,label,display,family,variant", [
+    ("full", {}, "full", "Full", "Full", False),
+    ("calm", {"d": 0.02}, "calm(d=0.02,softmax)", "CALM (d=0.02)", "CALM", False),
+    ("calm", {"d": 0.005, "criterion": "state"}, "calm(d=0.005,state)", "CALM (d=0.005, state)", "CALM (state)", True),
+    ("calm", {"first_exit": 3, "decay": True}, "calm(d=0.02,softmax,first_exit=3,decay(tau=4))",
+     "CALM (d=0.02, first_exit=3, decay(tau=4))", "CALM (first_exit=3, decay(tau=4))", True),
+    ("skipdecode", {"min": 10, "max": 20}, "skipdecode(10,20)", "SkipDecode (10,20)", "SkipDecode", False),
+    ("skipdecode", {"keep_first": 1}, "skipdecode(10,20,keep_first=1)", "SkipDecode (10,20, keep_first=1)",
+     "SkipDecode (keep_first=1)", True),
+    ("hsd", {"s": 1, "min": 0, "max": 18}, "hsd(s=1,0,18)", "HSD (s=1, 0, 18)", "HSD s=1", False),
+    ("hsd", {"s": 2, "min": 0.0, "max": 12.0}, "hsd(s=2,0,12)", "HSD (s=2, 0, 12)", "HSD s=2", False),
+    ("hsd", {"s": 1, "keep_first": 2}, "hsd(s=1,0,18,keep_first=2)", "HSD (s=1, 0, 18, keep_first=2)",
+     "HSD s=1 (keep_first=2)", True),
+])
+def test_policies_name_themselves(name, params, label, display, family, variant):
+    """The run label (folders, W&B names) and the report's row and plot line, as the papers name them; a
+    variant (options beyond the paper's setting) is drawn as a line of its own."""
+    policy = build_policy(name, **params)
+    assert (policy.label, policy.display_name, policy.family, policy.variant) == (label, display, family, variant)
+
+
+def test_the_registry_holds_every_policy_in_report_order():
+    assert list(POLICIES) == ["full", "skipdecode", "hsd", "calm"]
+    assert sorted(POLICIES, key=lambda n: POLICIES[n].order) == ["full", "calm", "skipdecode", "hsd"]
+    assert [n for n, cls in POLICIES.items() if cls.baseline] == ["full"]
+    assert [n for n, cls in POLICIES.items() if not cls.static] == ["calm"]
+    assert policy_class("hsd") is HSD and policy_class("nope") is None and policy_class(None) is None
+
+
+def test_a_name_already_taken_is_refused():
+    with pytest.raises(ValueError, match="policy name 'hsd' is taken by hsd_exp.skip.policies.HSD"):
+        @dataclass(frozen=True)
+        class Other(Policy):
+            name = "hsd"
+    assert POLICIES["hsd"] is HSD
+
+
+def test_unknown_parameter_lists_only_the_dataclass_fields():
+    with pytest.raises(ConfigError, match=r"has no parameter\(s\) order; valid: s, min, max, keep_first$"):
+        build_policy("hsd", order=1)
 
 
 def test_config_label_and_the_wandb_name_resolver():

@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
-from hsd_exp import tasks
+from hsd_exp import preflight, tasks
 from hsd_exp.data.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, unwrap
@@ -25,7 +26,7 @@ from helpers import compose_config, load
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["model=tiny-llama", "dataset.path=sample", "bertscore.enabled=false", "decode.max_new_tokens=8",
         "dataset.limit=3", "finetune.batch_size=4", "finetune.train_limit=4", "finetune.max_length=96",
-        "finetune.lr=1e-3", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logger=csv"]
+        "finetune.lr=1e-3", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logger=csv", "callbacks=plain"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,10 +38,14 @@ def make_cfg(tmp: Path, *overrides: str):
 
 def make_module(cfg) -> tuple:
     lm = tasks.build(cfg.model)
-    policy = tasks.build_policy(cfg.policy, cfg.model.num_layers)
-    module = CausalLMModule(lm.model, lm.tokenizer, finetune=tasks._plain(cfg.finetune),
-                            decode=tasks._plain(cfg.decode), skip_policy=policy)
+    module = tasks.lightning_module(cfg, lm, tasks.build(cfg.policy, num_layers=cfg.model.num_layers))
     return lm, module
+
+
+def restore(cfg, lm, module, ckpt: str) -> None:
+    """Lightning restores ``ckpt`` into ``module`` as task=evaluate does (a short evaluation into cfg's folder)."""
+    policy = tasks.build(cfg.policy, num_layers=cfg.model.num_layers)
+    tasks.evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir), ckpt, restore=ckpt)
 
 
 def fixed_batch(cfg, lm, n: int = 4) -> dict:
@@ -122,17 +127,16 @@ def test_lora_checkpoint_holds_adapter_only_reloads_and_evaluates(tmp_path):
     inputs = {k: x[k] for k in ("input_ids", "attention_mask", "position_ids")}
     with torch.no_grad():
         untrained = module.model(**inputs).logits  # lora_B = 0: the base model's logits
-    tasks.load_checkpoint(module, path)
+    restore(fresh_cfg, lm, module, path)
     state = module.state_dict()
     for k, v in ckpt["state_dict"].items():
         assert torch.equal(state[k], v), k
     with torch.no_grad():
         assert not torch.allclose(module.model(**inputs).logits, untrained)
 
-    # an adapter checkpoint is refused by a module without LoRA: one clear message
-    _, full_module = make_module(make_cfg(tmp_path / "y", "finetune=full"))
+    # an adapter checkpoint is refused without LoRA: one clear message
     with pytest.raises(ConfigError, match="finetune=lora"):
-        tasks.load_checkpoint(full_module, path)
+        tasks.run(make_cfg(tmp_path / "y", "task=evaluate", "finetune=full", f"ckpt_path={path}"))
 
     # task=evaluate with the adapter
     eval_dir = tmp_path / "eval"
@@ -266,24 +270,25 @@ def test_checkpoint_that_does_not_fit_is_a_config_error(tmp_path):
         for p in trained.model.parameters():
             p.add_(0.01)
     full = tmp_path / "full.ckpt"
-    torch.save({"state_dict": trained.state_dict(), "global_step": 1}, full)
+    torch.save({"state_dict": trained.state_dict(), "global_step": 1, "pytorch-lightning_version": pl.__version__},
+               full)
 
-    plain_lm = tasks.build(cfg.model)
-    plain = CausalLMModule(plain_lm.model, plain_lm.tokenizer)  # finetune=none takes a full checkpoint too
-    tasks.load_checkpoint(plain, str(full))
+    evaluation = [o for o in BASE if not o.startswith("finetune.")]  # finetune=none has no training keys
+    plain_cfg = compose_config(tmp_path / "plain", *evaluation, "task=evaluate", f"ckpt_path={full}")
+    plain_lm, plain = make_module(plain_cfg)  # finetune=none takes a full checkpoint too
+    restore(plain_cfg, plain_lm, plain, str(full))
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), trained.state_dict().values(),
                                                   strict=True))
 
-    _, lora = make_module(make_cfg(tmp_path, "finetune=lora"))
     with pytest.raises(ConfigError, match="finetune=lora"):
-        tasks.load_checkpoint(lora, str(full))
-    _, other = make_module(make_cfg(tmp_path, "finetune=full", "model=tiny-gpt2"))
+        tasks.run(make_cfg(tmp_path / "lora", "task=evaluate", "finetune=lora", f"ckpt_path={full}"))
     with pytest.raises(ConfigError, match="model=gpt2"):
-        tasks.load_checkpoint(other, str(full))
+        tasks.run(make_cfg(tmp_path / "gpt2", "task=evaluate", "finetune=full", "model=tiny-gpt2",
+                           f"ckpt_path={full}"))
     garbage = tmp_path / "notes.ckpt"
     garbage.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="notes.ckpt"):
-        tasks.load_checkpoint(plain, str(garbage))
+        tasks.run(compose_config(tmp_path / "garbage", *evaluation, "task=evaluate", f"ckpt_path={garbage}"))
 
 
 # ---------------------------------------------------------------------------------------------- training dtype / policy
@@ -299,11 +304,12 @@ def test_full_finetune_trains_float32_weights(tmp_path):
 
 
 def test_skip_aware_training_refuses_a_dynamic_policy_but_evaluation_accepts_it(tmp_path):
-    cfg = make_cfg(tmp_path, "task=finetune", "finetune=full", "finetune.skip_aware=true", "policy=calm")
-    lm, module = make_module(cfg)
-    module.setup("test")  # evaluating a skip-aware checkpoint with CALM is fine
+    ckpt = tmp_path / "skip_aware.ckpt"  # what the preflight reads of a checkpoint
+    torch.save({"state_dict": {}, "pytorch-lightning_version": pl.__version__}, ckpt)
+    calm = ["finetune=full", "finetune.skip_aware=true", "policy=calm", f"ckpt_path={ckpt}"]
+    preflight.check(make_cfg(tmp_path, "task=evaluate", *calm))  # evaluating a skip-aware checkpoint with CALM
     with pytest.raises(ConfigError, match=r"finetune.skip_aware=true.*calm"):
-        module.setup("fit")
+        preflight.check(make_cfg(tmp_path, "task=finetune", *calm))
 
 
 # ---------------------------------------------------------------------------------------------- per-token layer records
@@ -329,7 +335,7 @@ def test_layer_record_of_a_row_does_not_depend_on_the_rest_of_its_batch(tmp_path
 
     cfg = make_cfg(tmp_path, "finetune=full")
     lm, module = make_module(cfg)
-    module.decode.update(max_new_tokens=8, num_beams=1)
+    module.generation_config.max_new_tokens, module.generation_config.num_beams = 8, 1
     policy = build_policy("hsd", s=1, min=0, max=4)
     tok = lm.tokenizer
     tok.padding_side = "left"

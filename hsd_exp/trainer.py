@@ -1,0 +1,97 @@
+"""The Lightning Trainer a task runs: ``conf/trainer`` + ``conf/callbacks`` + ``conf/logger``, and W&B run ends."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+
+from hsd_exp.errors import ConfigError
+from hsd_exp.report.runs import flat_config
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """How many processes (ranks) ``trainer_cfg`` runs, as Lightning counts them; building a Trainer spawns nothing."""
+    node = OmegaConf.to_container(trainer_cfg, resolve=True)
+    node.update(logger=False, callbacks=[], enable_progress_bar=False, enable_checkpointing=False,
+                enable_model_summary=False)
+    with _quiet():  # the run's own Trainer prints the device banner
+        return _instantiate(node).world_size
+
+
+def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = False,
+                 run_name: str | None = None) -> pl.Trainer:
+    """A Trainer writing into ``run_dir``: the config's callbacks after ``callbacks`` (the task's own), its loggers
+    (``csv/eval`` when evaluating, so finetune_evaluate keeps its training curves in ``csv/``), the W&B run named
+    ``run_name`` (task=compare: each policy's label) and offline when W&B finds no API key."""
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    static = [instantiate(c) for c in cfg.callbacks.values()]
+    if not node.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false wins over the bar
+        static = [c for c in static if not isinstance(c, pl.callbacks.ProgressBar)]
+    loggers = [_logger(name, lg, run_dir, fit, run_name) for name, lg in cfg.logger.items()]
+    for lg in loggers:
+        lg.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
+    node.update(callbacks=[*callbacks, *static], logger=loggers or False, default_root_dir=str(run_dir))
+    if not fit:
+        node["enable_checkpointing"] = False
+    return _instantiate(node)
+
+
+def _logger(name: str, node: DictConfig, run_dir: Path, fit: bool, run_name: str | None):
+    node = OmegaConf.to_container(node, resolve=True)
+    node["save_dir"] = str(run_dir)
+    if name == "csv" and not fit:
+        node["version"] = "eval"
+    if name == "wandb":
+        if node.get("offline") is None:
+            node["offline"] = not wandb_logged_in()
+        if run_name:
+            node["name"] = run_name
+    return instantiate(node)
+
+
+def wandb_logged_in() -> bool:
+    """W&B's own credential lookup (WANDB_API_KEY, settings, .netrc); never prompts, never goes online."""
+    import wandb
+
+    return bool(wandb.login(prompt=False, verify=False))
+
+
+def finish_wandb() -> None:
+    """End the W&B run this job opened, if any.
+
+    WandbLogger reuses a run still open in the process, and Hydra's basic launcher runs a multirun's jobs in one
+    process (task=compare: every policy in one job): each evaluation would log into the first one's run.
+    """
+    wandb = sys.modules.get("wandb")  # imported only when logger=wandb made a run
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _instantiate(node: dict) -> pl.Trainer:
+    try:
+        return instantiate(node)
+    except InstantiationException as err:  # Lightning's own refusal of the setting: one line, no traceback
+        if not isinstance(err.__cause__, MisconfigurationException):
+            raise
+        setting = ", ".join(f"trainer.{k}={node.get(k)}" for k in ("accelerator", "devices", "strategy", "precision"))
+        raise ConfigError(f"{setting}: {str(err.__cause__).splitlines()[0]} Choose a setting this machine runs, "
+                          "e.g. trainer=cpu") from None
+
+
+@contextmanager
+def _quiet():
+    lg = logging.getLogger("pytorch_lightning")
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)

@@ -1,0 +1,70 @@
+"""hsd_exp.report.wandb_log: the report's W&B runs, offline (nothing leaves tmp_path)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hsd_exp.report.__main__ import main
+from hsd_exp.report.runs import collect_runs, is_number
+from hsd_exp.report.tables import build_table
+from hsd_exp.report.wandb_log import wandb_group, wandb_row_runs
+
+from helpers import make_multirun, set_config
+
+
+def test_wandb_offline(multirun, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing written outside tmp_path
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert main([str(multirun), "--out", str(tmp_path / "out"), "--wandb", "--wandb-project", "t"]) == 0
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_runs_one_per_row_with_flat_config(multirun, tmp_path, monkeypatch):
+    """--wandb-runs: one run per row, its config flat and its numbers in the summary, for W&B's panels."""
+    pytest.importorskip("wandb")
+    runs = collect_runs([multirun])
+    rows = build_table(runs)
+    entries = wandb_row_runs(runs, rows)
+    assert len(entries) == len(rows) == 6
+    for entry, row in zip(entries, rows, strict=True):
+        assert entry["name"] == row["method"]
+        assert all(not isinstance(v, dict | list) for v in entry["config"].values())  # flat
+        assert entry["config"]["policy.name"] == row["policy"]
+        assert entry["config"]["report.status"] == row["status"]
+        for key in ("avg_layers", "rougeL", "tokens_per_s"):
+            if is_number(row[key]):
+                assert entry["summary"][key] == pytest.approx(row[key])
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    started, init = [], wandb.init  # counted at init: wandb keeps its first run dir for the whole process
+
+    def counting_init(**kwargs):
+        started.append(kwargs)
+        return init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", counting_init)
+    assert main([str(multirun), "--out", str(tmp_path / "out"), "--wandb-runs", "--wandb-project", "t"]) == 0
+    assert [k["name"] for k in started] == [e["name"] for e in entries]
+    assert {k["job_type"] for k in started} == {"report-row"} and wandb.run is None
+
+
+def test_wandb_group_is_the_runs_task_name(multirun, tmp_path):
+    """conf/logger/wandb.yaml groups evaluation runs by task_name: the report run joins that group."""
+    assert wandb_group(collect_runs([multirun])) == "hsd"
+    make_multirun(tmp_path / "other", partial=False)
+    for run_dir in (tmp_path / "other").iterdir():
+        if run_dir.is_dir():
+            set_config(run_dir, task_name="phi2_xsum")
+    assert wandb_group(collect_runs([multirun, tmp_path / "other"])) == "hsd+phi2_xsum"

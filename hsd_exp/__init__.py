@@ -2,7 +2,7 @@
 
 The stable Python API is this package's top level::
 
-    from hsd_exp import build_policy, layer_skipping
+    from hsd_exp import SkipRouter, build_policy, layer_skipping
 
     with layer_skipping(model, build_policy("hsd", s=1, min=0, max=18), max_new_tokens=64) as stats:
         model.generate(**inputs, max_new_tokens=64)
@@ -24,7 +24,8 @@ _PUBLIC = {
     "build_policy": "hsd_exp.skip.policies",
     "Policy": "hsd_exp.skip.policies",
     "layer_skipping": "hsd_exp.skip.engine",
-    "SkipStats": "hsd_exp.skip.engine",
+    "SkipStats": "hsd_exp.skip.stats",
+    "SkipRouter": "hsd_exp.skip.router",
     "ConfigError": "hsd_exp.errors",
 }
 __all__ = sorted(_PUBLIC)
@@ -43,9 +44,19 @@ def _policy_label(policy) -> str:
     return config_label(node) or str(node.get("name", "policy") if isinstance(node, dict) else node)
 
 
+def _policy_slug(policy) -> str:
+    from hsd_exp.report.runs import slug  # no torch: the report's module, which names task=compare's folders
+
+    return slug(_policy_label(policy))
+
+
 # `${hsd_root:}` in conf/paths: where the project lives, wherever Hydra runs from.
 if not OmegaConf.has_resolver("hsd_root"):
     OmegaConf.register_new_resolver("hsd_root", lambda: str(ROOT))
 # `${hsd_policy_label:${policy}}` in conf/logger/wandb.yaml: a run's name is its policy's label, hsd(s=1,0,18).
 if not OmegaConf.has_resolver("hsd_policy_label"):
     OmegaConf.register_new_resolver("hsd_policy_label", _policy_label)
+# `${hsd_policy_slug:${policy}}` in conf/hydra/default.yaml: a multirun job's folder names its policy's label as
+# task=compare's folders do, hsd(s=1,0,18) -> hsd_s_1_0_18 (after the job number, so no two jobs share one).
+if not OmegaConf.has_resolver("hsd_policy_slug"):
+    OmegaConf.register_new_resolver("hsd_policy_slug", _policy_slug)

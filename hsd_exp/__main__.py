@@ -1,28 +1,70 @@
-"""``python -m hsd_exp [overrides]``: the Hydra entry point (see README for the commands)."""
+"""``python -m hsd_exp [overrides]``: the Hydra entry point (see README for the commands).
+
+``-v`` (= ``hydra.verbose=hsd_exp``) or any ``hydra.verbose`` keeps the libraries' boilerplate (``console.py``).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import hsd_exp  # noqa: F401  (registers the ${hsd_root:} resolver)
 from hsd_exp.errors import ConfigError
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report Ctrl-C
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hsd_exp import trainer
+    from hsd_exp.console import quiet_libraries
     from hsd_exp.tasks import run
 
+    quiet_libraries(HydraConfig.get().verbose)
     try:
         result = run(cfg)
     except ConfigError as err:  # bad input: one line, no stack trace
         logging.getLogger("hsd_exp").debug("config error", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading, scoring)
+        interrupted(cfg)
+    except SystemExit:  # Lightning turns Ctrl-C inside fit/test into sys.exit(1)
+        if trainer.interrupted():
+            interrupted(cfg)
+        raise
     return objective(result, cfg.get("avg_layer_budget"))
+
+
+def interrupted(cfg: DictConfig) -> None:
+    """Exit 130 with one line: how to resume what was interrupted (predictions and checkpoints are kept)."""
+    print(f"interrupted: {resume_hint(cfg)}", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    if cfg.task == "generate":
+        return "nothing to resume (task=generate); rerun the command"
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN:  # the sweep folder (hydra.sweep.dir itself would resolve ${now:} anew)
+        return (f"rerun the same command with hydra.sweep.dir={run_dir.parent} to resume: finished runs are kept, "
+                "an interrupted one continues from its predictions")
+    if cfg.task in ("finetune", "finetune_evaluate"):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return (f"no checkpoint was saved yet in {run_dir} (finetune.checkpoint_every_n_steps); rerun the "
+                    "command to start again")
+        return f"rerun the same command with hydra.run.dir={run_dir} ckpt_path={last} to resume from its last checkpoint"
+    return (f"rerun the same command with hydra.run.dir={run_dir} to resume: the predictions already written are "
+            "kept")
 
 
 # ROUGE-L is at most 100: an over-budget score (ROUGE-L - 100 - penalty, penalty > 0) is below 0, and so below
@@ -43,5 +85,11 @@ def objective(result, budget: float | None) -> float | None:
     return score
 
 
+def expand_verbose(argv: list[str]) -> list[str]:
+    """``-v`` / ``--verbose`` -> ``hydra.verbose=hsd_exp`` (Hydra's parser knows neither flag)."""
+    return ["hydra.verbose=hsd_exp" if a in VERBOSE_FLAGS else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = expand_verbose(sys.argv[1:])  # also what Lightning's DDP relaunch of the other ranks reads
     main()

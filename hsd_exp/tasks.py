@@ -13,15 +13,22 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from hsd_exp import preflight
+from hsd_exp.console import StepTick, progress_bar
 from hsd_exp.data.datamodule import HSDDataModule
-from hsd_exp.data.prompts import build_prompt
+from hsd_exp.data.prompts import build_prompt, template_tokens
 from hsd_exp.errors import ConfigError
-from hsd_exp.eval.callbacks import PredictionsCallback, SkipPolicyCallback, WarmUpCallback, bertscore_config
+from hsd_exp.eval.callbacks import (
+    PredictionsCallback,
+    SkipPolicyCallback,
+    TokenProgressCallback,
+    WarmUpCallback,
+    bertscore_config,
+)
 from hsd_exp.eval.predictions import read_predictions, read_run_predictions
-from hsd_exp.eval.resume import check_resume_setting, setting
+from hsd_exp.eval.resume import check_resume_limit, check_resume_setting, recorded_setting, setting
 from hsd_exp.models import LoadedModel, resolve_dtype
 from hsd_exp.preflight import build
 from hsd_exp.report.runs import slug
@@ -37,10 +44,13 @@ __all__ = ["build", "run"]  # build: also hsd_exp.bench's model loader
 def run(cfg: DictConfig) -> dict | None:
     plan = preflight.check(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    lm: LoadedModel = build(cfg.model, **model_overrides(cfg, plan.world_size))
+    # model.path: the depth its config.json gave preflight, whatever the preset it started from says
+    depth = {"num_layers": plan.num_layers} if cfg.model.get("path") else {}
+    lm: LoadedModel = build(cfg.model, **model_overrides(cfg, plan.world_size), **depth)
     if cfg.task == "generate":
         return generate(cfg, lm, plan.policy)
-    module = lightning_module(cfg, lm, plan.policy)
+    check_context(cfg, lm)
+    module = lightning_module(cfg, lm, plan.policy, plan.compare)
     ckpt = cfg.ckpt_path
     if cfg.task in preflight.TRAINING:
         ckpt = finetune(cfg, lm, module, resume=ckpt)
@@ -97,26 +107,88 @@ def generation_config(decode: DictConfig, tokenizer) -> GenerationConfig:
     return build(node, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def lightning_module(cfg: DictConfig, lm: LoadedModel, policy: Policy) -> CausalLMModule:
+def lightning_module(cfg: DictConfig, lm: LoadedModel, policy: Policy, compare: list[Policy] = ()) -> CausalLMModule:
     ft = cfg.finetune
+    router_cfg = OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else {}
     return CausalLMModule(lm.model, lm.tokenizer, generation_config(cfg.decode, lm.tokenizer),
                           finetune=OmegaConf.to_container(ft, resolve=True),
                           optimizer=build(ft.optimizer) if "optimizer" in ft else None,
-                          skip_policy=policy if ft.get("skip_aware") else None)
+                          skip_policy=policy if ft.get("skip_aware") else None,
+                          router=make_router(cfg, lm, [policy, *compare], router_cfg), router_cfg=router_cfg)
+
+
+def make_router(cfg: DictConfig, lm: LoadedModel, policies: list[Policy], router_cfg: dict):
+    """SkipLayer's router when one trains (finetune.router) or decodes (policy=skiplayer): dense-initialised
+    from ``router``'s settings, or in the shape the checkpoint recorded, so its weights load into it."""
+    if not cfg.finetune.get("router") and not any("router" in p.objects for p in policies):
+        return None
+    from hsd_exp.skip.router import SkipRouter, checkpoint_router_config
+
+    recorded = checkpoint_router_config(cfg.ckpt_path) if cfg.ckpt_path else None
+    if recorded is not None:
+        return SkipRouter(**recorded).to(lm.model.device)
+    return SkipRouter.for_model(lm.model, **{k: v for k, v in router_cfg.items() if k in SkipRouter.SETTINGS})
 
 
 @contextmanager
-def checkpoint_must_fit(path: str | None, module: CausalLMModule):
-    """Lightning's key/shape mismatch while restoring ``path`` as a ConfigError naming the model and the fix."""
+def checkpoint_must_fit(path: str | None, module: CausalLMModule, model: str | None = None):
+    """Lightning's key/shape mismatch while restoring ``path`` as a ConfigError naming the model (``model``: its
+    preset name, ``LoadedModel.name``, as the user sets it with model=...) and the fix."""
     try:
         yield
     except RuntimeError as err:
         if not path or "Error(s) in loading state_dict" not in str(err):
             raise
         first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))[:300]
-        raise ConfigError(f"ckpt_path={path} does not fit model={module.model.config.model_type} with "
+        name = model or module.model.config.model_type
+        raise ConfigError(f"ckpt_path={path} does not fit model={name} with "
                           f"finetune={module.ft['mode']}: use the model it was trained from, and "
                           f"finetune=full (or none) for a full checkpoint ({first})") from None
+
+
+# ---------------------------------------------------------------------------------------------- context
+def prompt_room(cfg: DictConfig, lm: LoadedModel) -> int | None:
+    """Tokens a prompt may take: the model's positions less decode.max_new_tokens (None: the model states none)."""
+    positions = lm.max_positions
+    return None if positions is None else positions - int(cfg.decode.max_new_tokens)
+
+
+def check_context(cfg: DictConfig, lm: LoadedModel) -> None:
+    """Dataset prompts + decode.max_new_tokens must fit the model's positions (GPT-2 indexes past its 1,024 with an
+    IndexError mid-run). Sources are cut to fit, as dataset.max_source_tokens already cuts them, with a warning
+    naming the budget; only a max_new_tokens that leaves no room for a prompt is refused."""
+    room = prompt_room(cfg, lm)
+    if room is None:
+        return
+    positions, key, max_new = lm.max_positions, preflight.max_new_tokens_key(cfg), int(cfg.decode.max_new_tokens)
+    template = template_tokens(cfg.dataset, lm.tokenizer, lm.chat)
+    if room - template < 1:
+        raise ConfigError(f"{key}={max_new} leaves no room for a prompt in model {lm.name}'s {positions} positions "
+                          f"(its prompt template alone takes {template} tokens); set {key} to at most "
+                          f"{positions - template - 1}")
+    configured = cfg.dataset.get("max_source_tokens")
+    if configured is None or configured > room - template:
+        log.warning("dataset.max_source_tokens=%s: a source that long + the prompt template (%d tokens) + %s=%d "
+                    "would not fit model %s's %d positions, so sources are cut to %d tokens; set "
+                    "dataset.max_source_tokens=%d (or less) to silence this", configured, template, key, max_new,
+                    lm.name, positions, room - template, room - template)
+
+
+def check_prompt_fits(cfg: DictConfig, lm: LoadedModel, prompt_tokens: int, max_new: int) -> None:
+    """task=generate: the prompt is the user's own words, so a prompt too long is refused, not silently cut."""
+    positions = lm.max_positions
+    if positions is None or prompt_tokens + max_new <= positions:
+        return
+    key = preflight.max_new_tokens_key(cfg)
+    fix = (f"shorten the prompt to at most {positions - max_new} tokens (or lower {key})" if positions > max_new
+           else f"set {key} below {positions}")
+    raise ConfigError(f"prompt is {prompt_tokens} tokens and {key}={max_new}: together more than model {lm.name}'s "
+                      f"{positions} positions; {fix}")
+
+
+def progress_enabled(cfg: DictConfig) -> bool:
+    """callbacks=none (or trainer.enable_progress_bar=false) turns every bar off, task=generate's too."""
+    return bool(cfg.get("callbacks")) and cfg.trainer.get("enable_progress_bar", True) is not False
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -124,15 +196,18 @@ def generate(cfg: DictConfig, lm: LoadedModel, policy: Policy) -> dict:
     prompt = build_prompt(cfg.prompt, {"instruction": ""}, lm.tokenizer, lm.chat) if lm.chat else cfg.prompt
     enc = lm.tokenizer([prompt], return_tensors="pt", add_special_tokens=not lm.chat).to(lm.model.device)
     gen = generation_config(cfg.decode, lm.tokenizer)
+    check_prompt_fits(cfg, lm, enc["input_ids"].shape[1], gen.max_new_tokens)
     start = time.perf_counter()
-    with layer_skipping(lm.model, policy, max_new_tokens=gen.max_new_tokens) as stats, torch.no_grad():
-        out = lm.model.generate(**enc, generation_config=gen)
+    with (progress_bar(gen.max_new_tokens, "Generating", enabled=progress_enabled(cfg)) as tick,
+          layer_skipping(lm.model, policy, max_new_tokens=gen.max_new_tokens) as stats, torch.no_grad()):
+        out = lm.model.generate(**enc, generation_config=gen, logits_processor=LogitsProcessorList([StepTick(tick)]))
     seconds = time.perf_counter() - start
     text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     result = {"model": lm.name, "policy": policy.label, "prompt": cfg.prompt, "completion": text,
               "avg_layers": stats.avg_layers, "num_layers": lm.num_layers, "seconds": round(seconds, 3)}
-    print(f"\n[{lm.name} | {policy.label} | Avg. Layer {stats.avg_layers:.2f} of {lm.num_layers}]")
-    print(f"> {cfg.prompt}\n{text}\n")
+    # logged, not printed: the console shows it and the run's log file (<run>/<task_name>.log) keeps it
+    log.info("%s | %s | Avg. Layer %.2f of %d | %.2f s\n> %s\n%s", lm.name, policy.label, stats.avg_layers,
+             lm.num_layers, seconds, cfg.prompt, text)
     return result
 
 
@@ -141,14 +216,15 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     ft = cfg.finetune
     run_dir = Path(cfg.paths.output_dir)
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, train_batch_size=ft.batch_size,
-                       max_length=ft.max_length, train_limit=ft.train_limit, val_limit=ft.val_limit)
+                       max_length=ft.max_length, train_limit=ft.train_limit, val_limit=ft.val_limit,
+                       max_positions=lm.max_positions)
     dm.setup("fit")
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                                            every_n_train_steps=ft.checkpoint_every_n_steps or None)
     trainer = make_trainer(cfg, [ckpt_cb], run_dir, fit=True)
     if not dm.val_pairs:
         trainer.limit_val_batches = 0
-    with checkpoint_must_fit(resume, module):
+    with checkpoint_must_fit(resume, module, lm.name):
         trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     last = ckpt_cb.last_model_path or str(run_dir / "checkpoints" / "last.ckpt")
     # With every_n_train_steps, ModelCheckpoint saves last.ckpt only at multiples of N (and at train end only
@@ -160,6 +236,8 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
         export = run_dir / "hf_model"
         module.model.save_pretrained(export, safe_serialization=True)  # LoRA: the adapter only
         lm.tokenizer.save_pretrained(export)
+        if module.router is not None:  # SkipRouter.load(<run>/hf_model/router, model)
+            module.router.save(export / "router")
         log.info("weights (safetensors): %s", export)
     return last
 
@@ -174,19 +252,23 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     run_dir.mkdir(parents=True, exist_ok=True)
     done = {str(r["id"]) for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
     check_resume_setting(run_dir, setting(cfg, lm.name, policy.label, ckpt_path), resuming=bool(done))
+    check_resume_limit(run_dir, cfg.dataset.limit, len(done))
     if done:
         log.info("resuming: %d predictions already in %s", len(done), run_dir)
-    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done)
+    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done,
+                       max_prompt_tokens=prompt_room(cfg, lm))
     meta = {"policy": policy.name, "policy_label": policy.label, "policy_params": policy.params(),
             "dataset": cfg.dataset.name, "split": cfg.dataset.split, "model": lm.name,
-            "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams, "ckpt_path": ckpt_path}
+            "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams, "ckpt_path": ckpt_path,
+            **recorded_setting(cfg, lm.chat)}  # what the report pairs runs on (with metrics' examples_hash)
     preds = PredictionsCallback(str(run_dir), bertscore_config(cfg), meta)
     # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
     # it runs once Lightning has put the model on this rank's device.
-    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds]
+    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds,
+                 TokenProgressCallback(int(cfg.decode.max_new_tokens))]
     trainer = make_trainer(cfg, callbacks, run_dir, run_name=policy.label)
     try:
-        with checkpoint_must_fit(restore, module):
+        with checkpoint_must_fit(restore, module, lm.name):
             trainer.test(module, datamodule=dm, ckpt_path=restore, verbose=False, weights_only=True)
         if not dm.test_examples:  # a resumed run with nothing left to generate
             preds.finish_without_loop(trainer, module)
@@ -200,6 +282,11 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     return m
 
 
+def one_line(text: str) -> str:
+    """A prediction on one line of the side-by-side view: its newlines shown as ``\\n``, as JSON writes them."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+
+
 def print_comparison(out_dir: Path) -> None:
     """task=compare: the report table of the policies just run, plus a few predictions side by side."""
     from hsd_exp.report.runs import collect_runs
@@ -211,8 +298,8 @@ def print_comparison(out_dir: Path) -> None:
     preds = {run.name: read_predictions(run / "predictions.jsonl") for run in runs}
     first = next(iter(preds.values()), [])
     for i, rec in enumerate(first[:2]):
-        print(f"input: {rec['source']}\nreference: {rec['references'][0] if rec['references'] else ''}")
+        print(f"input: {one_line(rec['source'])}\nreference: {one_line(rec['references'][0] if rec['references'] else '')}")
         for name, records in preds.items():
-            print(f"  {name:>24}: {records[i]['prediction'] if i < len(records) else ''}")
+            print(f"  {name:>24}: {one_line(records[i]['prediction']) if i < len(records) else ''}")
         print()
     print(f"report: {paths['md']}  plot: {paths['png']}")

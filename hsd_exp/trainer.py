@@ -38,10 +38,29 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
     loggers = [_logger(name, lg, run_dir, fit, run_name) for name, lg in cfg.logger.items()]
     for lg in loggers:
         lg.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
-    node.update(callbacks=[*callbacks, *static], logger=loggers or False, default_root_dir=str(run_dir))
+    _INTERRUPTED.clear()  # each Trainer starts uninterrupted (an interrupted one ends the process)
+    node.update(callbacks=[*callbacks, *static, InterruptWatch()], logger=loggers or False,
+                default_root_dir=str(run_dir))
     if not fit:
         node["enable_checkpointing"] = False
     return _instantiate(node)
+
+
+_INTERRUPTED: list[bool] = []
+
+
+class InterruptWatch(pl.Callback):
+    """Lightning turns Ctrl-C inside fit/test into ``sys.exit(1)``: record it, so the entry point can tell a user's
+    interrupt from a failure and say how to resume."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            _INTERRUPTED.append(True)
+
+
+def interrupted() -> bool:
+    """Whether a Trainer of this process was stopped by Ctrl-C."""
+    return bool(_INTERRUPTED)
 
 
 def _logger(name: str, node: DictConfig, run_dir: Path, fit: bool, run_name: str | None):
@@ -52,6 +71,8 @@ def _logger(name: str, node: DictConfig, run_dir: Path, fit: bool, run_name: str
     if name == "wandb":
         if node.get("offline") is None:
             node["offline"] = not wandb_logged_in()
+        if node["offline"]:  # WandbLogger's own switch (WANDB_MODE) comes after wandb.login() has set up W&B
+            node.setdefault("mode", "offline")  # online, so wandb.init would ask for the key it has not got
         if run_name:
             node["name"] = run_name
     return instantiate(node)
@@ -71,8 +92,18 @@ def finish_wandb() -> None:
     process (task=compare: every policy in one job): each evaluation would log into the first one's run.
     """
     wandb = sys.modules.get("wandb")  # imported only when logger=wandb made a run
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    settings = getattr(run, "settings", None)
+    offline, sync_dir = getattr(settings, "_offline", False), getattr(settings, "sync_dir", None)
+    url = None if offline else getattr(run, "url", None)
+    wandb.finish()
+    # W&B's own banner is silenced (console.quiet_libraries): say where the run went, in one line
+    if offline and sync_dir:
+        logging.getLogger(__name__).info("W&B: offline run in %s; upload it with `wandb sync %s`", sync_dir, sync_dir)
+    elif url:
+        logging.getLogger(__name__).info("W&B: %s", url)
 
 
 def _instantiate(node: dict) -> pl.Trainer:

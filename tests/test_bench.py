@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from hsd_exp.bench import bench_setting, call_flops, decode_flops, layer_flops, prefill_flops
+from hsd_exp.bench import (
+    HEAD,
+    bench_setting,
+    call_flops,
+    calls_per_setting,
+    decode_flops,
+    layer_flops,
+    prefill_flops,
+)
 from hsd_exp.skip.engine import SkipStats
 from hsd_exp.skip.policies import build_policy
 
@@ -61,6 +69,16 @@ def test_bench_setting_reports_every_policy(beams, statistic):
     assert all(r["num_beams"] == beams and r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_bench_setting_reports_progress_outside_the_timed_calls():
+    """The benchmark showed no progress: ``progress(label)`` after every call, warm-ups included."""
+    lm = load("tiny-gpt2")
+    policies = [build_policy("full"), build_policy("hsd", s=1, min=0, max=4)]
+    calls = []
+    bench_setting(lm, policies, batch_size=1, beams=1, new_tokens=3, repeats=2, progress=calls.append)
+    assert len(calls) == calls_per_setting(len(policies), 2) == 12
+    assert calls[:4] == ["prefill", "plain generate()", "full", "hsd(s=1,0,4)"]
+
+
 def test_bench_cli_writes_its_tables_and_rejects_bad_policies(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "hsd_exp.bench", "model=tiny-llama", "bench.batch_sizes=[1]",
@@ -72,6 +90,8 @@ def test_bench_cli_writes_its_tables_and_rejects_bad_policies(tmp_path):
     assert {(r["num_beams"], r["policy"]) for r in rows} == {
         (b, p) for b in (1, 4) for p in ("plain generate()", "full", "hsd(s=1,0,4)")}
     assert "measured/ideal" in (tmp_path / "bench.md").read_text()
+    # the table once (its rows as each setting is measured), not once per setting and again at the end
+    assert ok.stdout.count(HEAD) == 1 and ok.stdout.count("hsd(s=1,0,4)") == 2, ok.stdout
 
     bad = subprocess.run([*base, "bench.policies=[{name:hsd,s:1,min:0,max:9}]", f"hydra.run.dir={tmp_path / 'bad'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -121,8 +121,26 @@ def test_hydra_group_composes():
     hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)
     assert hydra_node["job"]["chdir"] is False  # relative dataset/model paths stay relative to the launch dir
     assert "${task_name}" in hydra_node["run"]["dir"] and "${task_name}" in hydra_node["sweep"]["dir"]
-    assert "${policy.name}" in hydra_node["sweep"]["subdir"]  # multirun folders name their policy
+    assert "${hsd_policy_slug:${policy}}" in hydra_node["sweep"]["subdir"]  # multirun folders name their policy
     assert hydra_node["job_logging"]["handlers"]["file"]["filename"].startswith("${hydra.runtime.output_dir}")
+
+
+@pytest.mark.parametrize(("policy", "num", "folder"), [
+    (["policy=hsd_s1_max18"], 5, "5_hsd_s_1_0_18"),
+    (["policy=hsd", "policy.s=2", "policy.max=8", "policy.keep_first=2"], 0, "0_hsd_s_2_0_8_keep_first_2"),
+    (["policy=skipdecode_10_20"], 3, "3_skipdecode_10_20"),
+    (["policy=calm_d002"], 1, "1_calm_d_0.02_softmax"),
+    (["policy=full"], 0, "0_full"),
+])
+def test_multirun_job_folder_names_the_policy_label(policy, num, folder):
+    """Multirun job folders read like task=compare's (slug of the label), after the job number: `5_hsd` said
+    nothing about s, min or max."""
+    from hsd_exp.report.runs import slug
+
+    cfg = compose_cfg(["model=tiny-llama", *policy], hydra_cfg=True)
+    OmegaConf.update(cfg, "hydra.job.num", num, force_add=True)
+    assert OmegaConf.select(cfg, "hydra.sweep.subdir") == folder
+    assert folder.split("_", 1)[1] == slug(instantiate(cfg.policy).label)
 
 
 EXPERIMENTS = members("experiment") if (CONF / "experiment").is_dir() else []

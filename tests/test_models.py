@@ -10,10 +10,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from hsd_exp import models
+from hsd_exp import local_models, models
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, family_of
-from hsd_exp.models import check_family, gpt2_tokenizer, load_model, locate_package_file
+from hsd_exp.local_models import gpt2_tokenizer, locate_package_file
+from hsd_exp.models import check_family, load_model
 
 from helpers import CACHE_DIR, SMOLLM2_GGUF, compose_config, load
 
@@ -227,7 +228,7 @@ def test_smollm2_converts_once_and_answers(monkeypatch):
     def no_gguf(*args, **kwargs):
         raise AssertionError("the GGUF file was read again: the converted folder was not reused")
 
-    monkeypatch.setattr(models, "locate_package_file", no_gguf)
+    monkeypatch.setattr(local_models, "locate_package_file", no_gguf)
     again = load_model("smollm2-135m", "llama", source="gguf", num_layers=30, chat=True, device="cpu",
                        dtype="float32", cache_dir=CACHE_DIR, gguf=SMOLLM2_GGUF)
     ref = lm.model.state_dict()

@@ -318,3 +318,116 @@ def test_wandb_gives_each_policy_its_own_run(tmp_path, monkeypatch):
     assert len(ids) == 2
     import wandb
     assert wandb.run is None  # nothing left open for the next job
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_mismatch_names_the_model_preset(tmp_path):
+    """The error names the preset the user sets (model=tiny-llama), not its family's model_type (llama)."""
+    import pytorch_lightning as pl
+
+    ckpt = tmp_path / "other.ckpt"  # a Lightning checkpoint of another model: keys that do not fit
+    torch.save({"state_dict": {"model.transformer.wte.weight": torch.zeros(4, 2)},
+                "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}, ckpt)
+    with pytest.raises(ConfigError, match=rf"ckpt_path={ckpt} does not fit model=tiny-llama with finetune=none"):
+        tasks.run(make_cfg(tmp_path, "task=evaluate", f"ckpt_path={ckpt}"))
+
+
+# ---------------------------------------------------------------------------------------------- the model's context
+def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
+    """A 5,000-word prompt on tiny-gpt2 (512 positions) ended in an IndexError inside GPT-2's position table."""
+    with pytest.raises(ConfigError) as err:
+        tasks.run(make_cfg(tmp_path, "task=generate", "model=tiny-gpt2", f"prompt='{'word ' * 5000}'"))
+    msg = str(err.value)
+    assert "512 positions" in msg and "decode.max_new_tokens=8" in msg and "shorten the prompt" in msg, msg
+
+
+def test_evaluate_cuts_long_sources_to_fit_the_context(tmp_path, caplog):
+    """A source longer than the model's context (dataset.max_source_tokens allowing it) is cut to fit, with one
+    warning naming the budget that fits; it used to end in an IndexError mid-run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"meaning_representation": f"name[{i}] " + "word " * 3000, "human_reference": "ref"} for i in range(2)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="hsd_exp"):
+        m = tasks.run(make_cfg(tmp_path, "task=evaluate", "model=tiny-gpt2", f"dataset.path={data}",
+                               "dataset.max_source_tokens=6000", "dataset.limit=null", "policy=full"))
+    assert m["num_examples"] == 2
+    cut = [r for r in caplog.records if "sources are cut to" in r.getMessage()]
+    assert len(cut) == 1 and "dataset.max_source_tokens=6000" in cut[0].getMessage()
+
+
+def test_max_new_tokens_leaving_no_room_for_a_prompt_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"decode.max_new_tokens=600 leaves no room.*512 positions.*at most"):
+        tasks.run(make_cfg(tmp_path, "task=evaluate", "model=tiny-gpt2", "decode.max_new_tokens=600"))
+
+
+# ---------------------------------------------------------------------------------------------- what a run prints
+def test_generate_writes_its_result_to_the_run_log(tmp_path):
+    """hsd.log (the Hydra job log) stayed empty for task=generate: its result was printed, not logged."""
+    run_dir = tmp_path / "run"
+    assert cli([*BASE, "task=generate", "prompt=Hello there"], run_dir) == 0
+    log_text = (run_dir / "hsd.log").read_text()
+    assert "Avg. Layer" in log_text and "Hello there" in log_text
+
+
+def test_generate_ticks_its_token_bar(tmp_path, monkeypatch):
+    """task=generate has a bar too (README): one tick per generated token; callbacks=none turns it off."""
+    from contextlib import contextmanager
+
+    seen = []
+
+    @contextmanager
+    def fake_bar(total, description, unit="tokens", enabled=True, min_interval=0.1):
+        ticks = []
+        seen.append((total, enabled, ticks))
+        yield lambda description=None: ticks.append(1)
+
+    monkeypatch.setattr(tasks, "progress_bar", fake_bar)
+    tasks.run(make_cfg(tmp_path, "task=generate", "+decode.min_new_tokens=8"))
+    tasks.run(make_cfg(tmp_path, "task=generate", "callbacks=none"))
+    assert [(total, enabled) for total, enabled, _ in seen] == [(8, True), (8, False)]
+    assert len(seen[0][2]) == 8
+
+
+def test_comparison_shows_each_prediction_on_one_line(tmp_path, capsys, monkeypatch):
+    """The demo's side-by-side view broke on raw newlines in predictions."""
+    import hsd_exp.report.tables as tables
+
+    for name, prediction in (("full", "one line"), ("hsd_s_1_0_18", "Blue\n\n und-red\r\n too")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text(json.dumps(
+            {"id": "0", "source": "name[Blue Spice]", "references": ["A coffee shop."], "prediction": prediction,
+             "layers_per_token": [30]}) + "\n")
+    (tmp_path / "report.md").write_text("table\n")
+    monkeypatch.setattr(tables, "write_report", lambda runs, out: {"md": str(tmp_path / "report.md"),
+                                                                  "png": str(tmp_path / "plot.png")})
+    tasks.print_comparison(tmp_path)
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+    assert "hsd_s_1_0_18: Blue\\n\\n und-red\\n too" in lines, lines
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.fixture
+def sigint_restored():
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT once it has caught one
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.mark.parametrize("where", ["decoding", "loading"])
+def test_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch, sigint_restored, where):
+    """Ctrl-C exits 130 with one line naming the rerun that resumes (inside trainer.test Lightning turns it into
+    sys.exit(1); while the model loads it is a plain KeyboardInterrupt)."""
+    from hsd_exp.train.module import CausalLMModule
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = (CausalLMModule, "generate_batch") if where == "decoding" else (tasks, "build")
+    monkeypatch.setattr(*target, interrupt)
+    run_dir = tmp_path / "run"
+    assert cli([*BASE, "task=evaluate", "policy=full"], run_dir) == 130
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("interrupted: ")]
+    assert len(err) == 1 and f"hydra.run.dir={run_dir}" in err[0], err

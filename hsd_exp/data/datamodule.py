@@ -11,7 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from hsd_exp.data.loaders import Example, load_examples
-from hsd_exp.data.prompts import build_prompt, prompt_special_tokens, training_text, truncate_source
+from hsd_exp.data.prompts import (
+    build_prompt,
+    build_prompt_within,
+    prompt_special_tokens,
+    training_text,
+    truncate_source,
+)
 from hsd_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,11 +44,15 @@ class HSDDataModule(pl.LightningDataModule):
     ``max_length`` caps prompt + target tokens per training pair; None derives it per pair from the
     dataset: ``max_source_tokens + max_new_tokens`` + the prompt template's tokens (what evaluation can
     need at most). Pairs that do not fit get a shorter source, never a cut prompt (see `_pair`).
+
+    The model's context: ``max_positions`` caps every training pair (prompt + target), ``max_prompt_tokens`` (the
+    positions less max_new_tokens) every evaluation prompt; sources are cut further to fit either.
     """
 
     def __init__(self, dataset_cfg: Any, tokenizer, chat: bool, eval_batch_size: int = 8,
                  train_batch_size: int = 8, max_length: int | None = None, train_limit: int | None = None,
-                 val_limit: int | None = None, skip_ids: set[str] | None = None, num_workers: int = 0):
+                 val_limit: int | None = None, skip_ids: set[str] | None = None, num_workers: int = 0,
+                 max_positions: int | None = None, max_prompt_tokens: int | None = None):
         super().__init__()
         self.cfg = dataset_cfg
         self.tok = tokenizer
@@ -53,6 +63,8 @@ class HSDDataModule(pl.LightningDataModule):
         self.train_limit, self.val_limit = train_limit, val_limit
         self.skip_ids = skip_ids or set()  # resume: ids already in predictions.jsonl
         self.num_workers = num_workers
+        self.max_positions = max_positions
+        self.max_prompt_tokens = max_prompt_tokens
         self.train_pairs: list[TrainPair] = []
         self.val_pairs: list[TrainPair] = []
         self.test_examples: list[Example] = []
@@ -106,9 +118,12 @@ class HSDDataModule(pl.LightningDataModule):
         limit = self.max_length
         if limit is None:
             max_new = self.cfg.get("max_new_tokens")
-            if not max_src or not max_new:
-                return _FittedPair(p, t, False)  # nothing to derive a cap from: keep what evaluation builds
-            limit = overhead + max_src + max_new
+            if max_src and max_new:
+                limit = overhead + max_src + max_new
+        if self.max_positions:  # the model has no positions beyond these, whatever the dataset would allow
+            limit = min(limit or self.max_positions, self.max_positions)
+        if limit is None:
+            return _FittedPair(p, t, False)  # nothing to derive a cap from: keep what evaluation builds
         if len(p) + len(t) <= limit:
             return _FittedPair(p, t, False)
         room = limit - overhead  # tokens for source + target
@@ -172,8 +187,13 @@ class HSDDataModule(pl.LightningDataModule):
             "prompt_len": torch.tensor(P),
         }
 
+    def eval_prompt(self, source: str) -> str:
+        if self.max_prompt_tokens is None:
+            return build_prompt(source, self.cfg, self.tok, self.chat)
+        return build_prompt_within(source, self.cfg, self.tok, self.chat, self.max_prompt_tokens)
+
     def collate_eval(self, examples: list[Example]) -> dict[str, Any]:
-        prompts = [build_prompt(ex.source, self.cfg, self.tok, self.chat) for ex in examples]
+        prompts = [self.eval_prompt(ex.source) for ex in examples]
         # same special-token rule as training: a tokenizer that adds BOS adds it to both
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_special_tokens(self.chat))
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

@@ -14,6 +14,10 @@ token's end offset), so no text is re-decoded. Fine-tuning may pass a smaller so
 (``max_source_tokens=``) so that prompt + target fits ``finetune.max_length``: the prompt is then
 built exactly as evaluation would build it for that shorter source (template and separator intact).
 
+Prompt + ``max_new_tokens`` must also fit the model's positions (``max_position_embeddings``): evaluation
+passes ``build_prompt_within`` the tokens left for the prompt, and a source is cut further where
+``max_source_tokens`` would not fit (``tasks.check_context`` warns once with the budget that does).
+
 Prompt strings are tokenised with the tokenizer's special tokens for base models (a tokenizer that adds
 BOS adds it in training and evaluation alike) and without them for chat models, whose template already
 writes them: see `prompt_special_tokens`.
@@ -108,6 +112,33 @@ def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bo
     _check_chat(tokenizer)
     user = {"role": "user", "content": _user_content(example_source, dataset_cfg, tokenizer, max_source_tokens)}
     return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+
+
+def template_tokens(dataset_cfg: Any, tokenizer: Any, chat: bool) -> int:
+    """Tokens a prompt holds besides its source: instruction, separator, chat template, BOS."""
+    prompt = build_prompt("", dataset_cfg, tokenizer, chat)
+    return len(tokenizer(prompt, add_special_tokens=prompt_special_tokens(chat), verbose=False)["input_ids"])
+
+
+def build_prompt_within(source: str, dataset_cfg: Any, tokenizer: Any, chat: bool, max_tokens: int) -> str:
+    """`build_prompt` whose tokens (as evaluation tokenises the prompt) are at most ``max_tokens``.
+
+    The source budget starts at ``dataset.max_source_tokens`` (or the room left by the template, if smaller) and
+    shrinks by the excess while BPE merges at the source/template seam still overflow; the template stays whole.
+    """
+    room = max(1, max_tokens - template_tokens(dataset_cfg, tokenizer, chat))
+    configured = _get(dataset_cfg, "max_source_tokens")
+    budget = min(configured, room) if configured else room
+    while True:
+        prompt = build_prompt(source, dataset_cfg, tokenizer, chat, max_source_tokens=budget)
+        excess = len(tokenizer(prompt, add_special_tokens=prompt_special_tokens(chat), verbose=False)["input_ids"]) \
+            - max_tokens
+        if excess <= 0:
+            return prompt
+        if budget <= 1:
+            raise ConfigError(f"a prompt of this dataset does not fit {max_tokens} tokens even with a 1-token source; "
+                              "lower decode.max_new_tokens")
+        budget = max(1, budget - excess)
 
 
 def training_text(source: str, target: str, dataset_cfg: Any, tokenizer: Any, chat: bool,

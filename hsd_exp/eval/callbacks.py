@@ -9,7 +9,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import LogitsProcessorList
 
+from hsd_exp.console import StepTick
 from hsd_exp.eval.metrics import summarize_run
 from hsd_exp.eval.predictions import METRICS_FILE, PredictionWriter, read_run_predictions, write_metrics
 from hsd_exp.skip.engine import layer_skipping
@@ -49,7 +51,10 @@ class SkipPolicyCallback(pl.Callback):
         self.stats = None
 
     def _enter(self, pl_module) -> None:
-        self._ctx = layer_skipping(pl_module.model, self.policy, max_new_tokens=self.max_new_tokens)
+        policy = self.policy
+        if "router" in policy.objects and policy.router is None and getattr(pl_module, "router", None) is not None:
+            policy = policy.with_router(pl_module.router)  # SkipLayer: the router the checkpoint restored
+        self._ctx = layer_skipping(pl_module.model, policy, max_new_tokens=self.max_new_tokens)
         self.stats = self._ctx.__enter__()
         pl_module.skip_stats = self.stats
 
@@ -67,6 +72,80 @@ class SkipPolicyCallback(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._exit(pl_module)
+
+
+class TokenProgressCallback(pl.Callback):
+    """Moves the test bar within a batch: a CALM batch on a CPU can take minutes, and a bar that moves per batch
+    only sat at 0/1 for all of it.
+
+    ``generate()`` gets a ``StepTick`` (a logits processor that returns the scores untouched: the tokens are those
+    of a run without it, beams and sampling included), and each tick advances the bar by 1/max_new_tokens of a
+    batch and shows ``token t/max_new_tokens`` beside it (Rich: in the description; tqdm: as postfix), redrawn at
+    most every ``min_interval`` seconds. Without a bar it adds nothing.
+    """
+
+    MIN_INTERVAL = 0.2  # seconds between redraws
+
+    def __init__(self, max_new_tokens: int, min_interval: float | None = None):
+        self.max_new_tokens = max(1, int(max_new_tokens))
+        self.min_interval = self.MIN_INTERVAL if min_interval is None else min_interval
+        self.bar = None
+        self.batch_idx = 0
+        self.step = 0
+        self._shown = 0.0
+        self._description: str | None = None
+
+    def on_test_start(self, trainer, pl_module):
+        bar = trainer.progress_bar_callback
+        if bar is None or not bar.is_enabled:
+            return
+        self.bar = bar
+        pl_module.logits_processors = LogitsProcessorList([StepTick(self.tick)])
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.batch_idx, self.step = batch_idx, 0
+
+    def tick(self) -> None:
+        self.step += 1
+        now = time.monotonic()
+        if now - self._shown < self.min_interval:
+            return
+        self._shown = now
+        self._show(f"token {min(self.step, self.max_new_tokens)}/{self.max_new_tokens}",
+                   self.batch_idx + min(self.step, self.max_new_tokens) / self.max_new_tokens)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.bar is not None:  # the bar itself moves to batch_idx + 1 next
+            self._show(None, None)
+
+    def _show(self, text: str | None, completed: float | None) -> None:
+        bar = self.bar
+        if isinstance(bar, pl.callbacks.RichProgressBar):
+            task = getattr(bar, "test_progress_bar_id", None)
+            if bar.progress is None or task is None:
+                return
+            if self._description is None:
+                self._description = bar.progress.tasks[task].description
+            fields = {"description": self._description if text is None else f"{self._description} · {text}"}
+            if completed is not None:
+                fields["completed"] = completed
+            bar.progress.update(task, **fields)
+            bar.refresh()
+        elif isinstance(bar, pl.callbacks.TQDMProgressBar):
+            tqdm_bar = getattr(bar, "_test_progress_bar", None)
+            if tqdm_bar is not None:
+                tqdm_bar.set_postfix_str(text or "", refresh=True)
+
+    def _detach(self, pl_module) -> None:
+        pl_module.logits_processors = None
+        self.bar = None
+        self._description = None
+
+    def on_test_end(self, trainer, pl_module):
+        self._detach(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._detach(pl_module)
 
 
 class PredictionsCallback(pl.Callback):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.eval.predictions import examples_hash
 
 log = logging.getLogger(__name__)
 
@@ -264,5 +265,6 @@ def summarize_run(records: list[dict], bertscore: dict | None = None, **extra: A
     """
     metrics = score([r["prediction"] for r in records], [r["references"] for r in records], bertscore)
     metrics["num_examples"] = len(records)
+    metrics["examples_hash"] = examples_hash(records)  # which examples: the report pairs runs on it
     metrics.update(extra)
     return metrics

@@ -11,6 +11,7 @@ target (``os.replace`` is atomic), so a reader never sees a half-written file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,15 @@ def read_run_predictions(run_dir: str | os.PathLike) -> list[dict]:
     (DistributedSampler repeats examples to even out the ranks, so an id can be in two files)."""
     files = sorted(Path(run_dir).glob("predictions*.jsonl"))
     return list({str(r["id"]): r for f in files for r in read_predictions(f) if "id" in r}.values())
+
+
+def examples_hash(records: list[dict]) -> str:
+    """Which examples a run scored, as 16 hex digits of the SHA-256 of their (id, source, references), taken in
+    id order: two runs of one setting on other data (another dataset.path or limit, an edited file) differ,
+    whatever order or ranks they were generated in. metrics.json records it; the report pairs on it."""
+    rows = sorted(json.dumps([str(r.get("id")), r.get("source"), r.get("references")], ensure_ascii=False)
+                  for r in records)
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()[:16]
 
 
 class PredictionWriter:

@@ -25,6 +25,29 @@ def setting(cfg: DictConfig, model: str, policy_label: str, ckpt_path: str | Non
             "dataset_path": where(cfg.dataset.get("path")), "split": cfg.dataset.split, "decode": decode}
 
 
+def recorded_setting(cfg: DictConfig, chat: bool) -> dict:
+    """What metrics.json records of a run's setting besides policy, model, dataset and checkpoint: the values
+    as the config gives them (like .hydra/config.yaml; ``chat``: the prompt format the model ran with). The
+    report pairs each run with the Full run that shares these (hsd_exp.report.runs.SETTING_FIELDS)."""
+    data, decode = cfg.dataset, cfg.decode
+    return {"model_path": cfg.model.get("path"), "chat": chat, "dataset_path": data.get("path"),
+            "limit": data.get("limit"), "instruction": data.get("instruction"), "separator": data.get("separator"),
+            "max_source_tokens": data.get("max_source_tokens"), "do_sample": decode.get("do_sample"),
+            "max_new_tokens": decode.get("max_new_tokens"), "temperature": decode.get("temperature"),
+            "top_p": decode.get("top_p")}
+
+
+def check_resume_limit(run_dir: Path, limit: int | None, scored: int) -> None:
+    """Refuse to resume ``run_dir`` under a ``dataset.limit`` below the number of examples it already holds:
+    its metrics cover every prediction in the folder, so they would be labelled with a limit they exceed.
+    A larger limit (or none) extends the run."""
+    if limit is not None and scored > int(limit):
+        raise ConfigError(f"{run_dir} holds predictions for {scored} examples but dataset.limit={limit}: its "
+                          f"metrics would cover all {scored} (a run folder only grows). Resume it with "
+                          f"dataset.limit={scored} or more (or null), give this run its own folder "
+                          f"(hydra.run.dir=...), or delete {run_dir} to start over")
+
+
 def check_resume_setting(run_dir: Path, setting: dict, resuming: bool) -> None:
     """Refuse to resume ``run_dir`` with another setting (one metrics.json would mix two settings' predictions);
     otherwise record ``setting`` in its ``run.json``."""

@@ -12,6 +12,7 @@ Outputs (into --out, default the first DIR):
                          family (and per setting, when the runs hold several), Full as a star
 --wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set);
 --wandb-runs logs one W&B run per row (flat config + numbers), for runs evaluated without logger=wandb.
+W&B's files go into --out's wandb/ (WANDB_DIR, when set, wins).
 
 Columns:
   Avg. Layer  mean decoder layers run per generated token (prefill excluded)
@@ -19,11 +20,14 @@ Columns:
   % of full   mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of m / m(Full) * 100
 
 Full is the full-decoding run of the same setting: same model.name and dataset.name, and the same
-model.path, ckpt_path, dataset split and limit, decode.num_beams, do_sample and max_new_tokens (read from
-each run's .hydra/config.yaml). A complete Full run is preferred to a partial one. With no Full run of a
-setting, its rows leave Speedup and % of full blank; a Full run without tokens/s (e.g. scored on resume)
-still gives % of full, only Speedup stays blank. A metric missing from either run, or whose Full value is 0,
-is left out of the mean; so is BERTScore when the two runs used different backbones. When the runs of one
+model.path, ckpt_path, model.chat, dataset.path, split and limit, prompt format (dataset.instruction,
+separator, max_source_tokens), decode.num_beams, do_sample and max_new_tokens (temperature and top_p when
+sampling), read from each run's .hydra/config.yaml (the limit from metrics.json when it records one), that
+scored the same examples (metrics.json's examples_hash; for runs without one, as many examples). A complete
+Full run is preferred to a partial one. A row with no Full run of its own leaves Speedup and % of full
+blank, and a note under its table names what differs from the nearest Full run; a Full run without tokens/s
+(e.g. scored on resume) still gives % of full, only Speedup stays blank. A metric missing from either run,
+or whose Full value is 0, is left out of the mean; so is BERTScore when the two runs used different backbones. When the runs of one
 table span several settings, each row names its setting after the method ("HSD (s=1, 0, 18) [beams=1]",
 only the fields that differ), so no two rows look alike.
 
@@ -38,6 +42,7 @@ Mixed inputs: DIRs whose runs span several models or datasets are refused (exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hsd_exp.errors import ConfigError
@@ -84,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     if args.wandb or args.wandb_runs:
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and summary per run: hundreds of lines
         try:
             if args.wandb:
                 log_wandb(runs, rows, paths["png"], args.title or default_title(runs), args.metric,
-                          project=args.wandb_project)
+                          project=args.wandb_project, out_dir=paths["md"].parent)
             if args.wandb_runs:
-                log_wandb_runs(runs, rows, project=args.wandb_project)
+                n = log_wandb_runs(runs, rows, project=args.wandb_project, out_dir=paths["md"].parent)
+                print(f"W&B: {n} runs logged to project {args.wandb_project} (files under "
+                      f"{paths['md'].parent}/wandb)", file=sys.stderr)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

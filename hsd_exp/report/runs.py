@@ -61,6 +61,14 @@ class RunRecord:
     limit: Any = None
     do_sample: Any = None
     max_new_tokens: Any = None
+    temperature: Any = None  # sampling only: greedy and beam search ignore it
+    top_p: Any = None
+    dataset_path: Any = None  # dataset.path: another dataset under the same dataset.name
+    chat: Any = None  # model.chat: the prompt format (chat template or instruction + separator)
+    instruction: Any = None
+    separator: Any = None
+    max_source_tokens: Any = None
+    examples_hash: Any = None  # metrics.json: the scored examples' identity (ids, sources, references)
     rouge1: Any = None
     rouge2: Any = None
     rougeL: Any = None
@@ -104,9 +112,13 @@ class RunRecord:
     @property
     def setting(self) -> tuple[str, ...]:
         """What a Full baseline must share besides (model.name, dataset.name): one text per SETTING_FIELDS.
-        Two runs of one model name can still differ in weights (model.path, ckpt_path), inputs (split, limit)
-        or decoding (beams, sampling, length); each such setting gets its own baseline, rows and lines."""
-        return tuple(as_text(getattr(self, attr)) for attr, _ in SETTING_FIELDS)
+        Two runs of one model name can still differ in weights (model.path, ckpt_path), inputs (split, limit,
+        dataset.path), prompt format (model.chat, instruction, separator, max_source_tokens) or decoding (beams,
+        sampling, length; temperature and top_p when sampling); each such setting gets its own baseline, rows
+        and lines. Which examples were scored (``examples_hash``) is checked apart: ``same_examples``."""
+        sampling = str(self.do_sample).lower() == "true"
+        return tuple("" if attr in SAMPLING_ONLY and not sampling else as_text(getattr(self, attr))
+                     for attr, _ in SETTING_FIELDS)
 
 
 def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunRecord]:
@@ -155,10 +167,22 @@ def read_run(run_dir: Path) -> RunRecord:
 CONFIG_KEYS = (("model", "model.name"), ("dataset", "dataset.name"), ("num_beams", "decode.num_beams"),
                ("ckpt_path", "ckpt_path"), ("model_path", "model.path"), ("split", "dataset.split"),
                ("limit", "dataset.limit"), ("do_sample", "decode.do_sample"),
-               ("max_new_tokens", "decode.max_new_tokens"))
+               ("max_new_tokens", "decode.max_new_tokens"), ("temperature", "decode.temperature"),
+               ("top_p", "decode.top_p"), ("dataset_path", "dataset.path"), ("chat", "model.chat"),
+               ("instruction", "dataset.instruction"), ("separator", "dataset.separator"),
+               ("max_source_tokens", "dataset.max_source_tokens"))
 # RunRecord.setting: (attribute, short name shown in a row's "[...]" suffix when settings differ), in that order.
 SETTING_FIELDS = (("model_path", "model.path"), ("ckpt_path", "ckpt"), ("split", "split"), ("limit", "limit"),
-                  ("num_beams", "beams"), ("do_sample", "sample"), ("max_new_tokens", "max_new_tokens"))
+                  ("num_beams", "beams"), ("do_sample", "sample"), ("max_new_tokens", "max_new_tokens"),
+                  ("dataset_path", "data"), ("chat", "chat"), ("instruction", "instruction"),
+                  ("separator", "separator"), ("max_source_tokens", "max_source_tokens"),
+                  ("temperature", "temperature"), ("top_p", "top_p"))
+SAMPLING_ONLY = ("temperature", "top_p")  # part of the setting only where decode.do_sample is true
+# What metrics.json records of the setting (tasks.evaluate), read where the run has no config; "limit" wins
+# over the config: it is the limit the scored predictions were made under (a refused resume with another
+# limit has already rewritten .hydra/config.yaml).
+METRICS_SETTING = ("model_path", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
+                   "dataset_path", "chat", "instruction", "separator", "max_source_tokens")
 
 
 def _apply_config(record: RunRecord, run_dir: Path) -> None:
@@ -253,13 +277,13 @@ def _apply_metrics(record: RunRecord, metrics: dict) -> None:
     for key in ("model", "dataset", "policy", "policy_label", "num_beams", "ckpt_path"):
         if metrics.get(key) is not None:
             setattr(record, key, metrics[key])
-    # The rest of the setting comes from the config alone, so a run that has not written metrics.json yet
-    # (whose setting only its config knows) gets the same setting as its finished siblings; metrics.json's
-    # values serve only a run without a config.
-    if not record.config:
-        for key in ("model_path", "split", "limit", "do_sample", "max_new_tokens"):
-            if metrics.get(key) is not None:
-                setattr(record, key, metrics[key])
+    # The rest of the setting comes from the config, so a run that has not written metrics.json yet (whose
+    # setting only its config knows) gets the same setting as its finished siblings; metrics.json's values
+    # serve a run without a config, and its "limit" (what the scored predictions were made under) always.
+    for key in METRICS_SETTING if not record.config else ("limit",):
+        if key in metrics:  # a recorded null is a value (dataset.limit=null: every example)
+            setattr(record, key, metrics[key])
+    record.examples_hash = metrics.get("examples_hash")
     if isinstance(metrics.get("policy_params"), dict):  # all of the policy's parameters, as it ran
         record.params = _policy_params(metrics["policy_params"])
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.metrics import QUALITY_KEYS
+from hsd_exp.report.pairing import baselines as find_baselines
+from hsd_exp.report.pairing import full_runs, shown, unpaired_notes
 from hsd_exp.report.plots import plot_quality_vs_layers
 from hsd_exp.report.runs import (
     SETTING_FIELDS,
@@ -42,7 +44,9 @@ MD_COLUMNS = (
 PARAM_COLUMNS = ("s", "min", "max", "d", "criterion")  # the papers' parameters; a policy's others are in its row name
 CSV_COLUMNS = (
     "model", "dataset", "method", "family", "policy", *PARAM_COLUMNS, "setting", "num_beams",
-    "ckpt_path", "model_path", "split", "limit", "do_sample", "max_new_tokens", "avg_layers", "num_layers",
+    "ckpt_path", "model_path", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
+    "dataset_path", "chat", "instruction", "separator", "max_source_tokens", "examples_hash",
+    "avg_layers", "num_layers",
     *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS),
     "num_examples", "num_predictions", "status", "path",
 )
@@ -72,11 +76,12 @@ def build_table(runs: list[RunRecord]) -> list[dict]:
     rows = []
     for key in sorted({group_key(r) for r in runs}):
         group = [r for r in runs if group_key(r) == key]
-        baselines = _baselines(group)
+        baselines = find_baselines(group)
         names = setting_names(group)
+        with_full = {full.setting for full in full_runs(group)}
         # Settings that have a full run first, so the table still starts with "Full".
-        group_rows = [_row(run, baselines.get(run.setting), names)
-                      for run in sorted(group, key=lambda r: (r.setting not in baselines, *_sort_key(r)))]
+        group_rows = [_row(run, baselines.get(run.path), names)
+                      for run in sorted(group, key=lambda r: (r.setting not in with_full, *_sort_key(r)))]
         rows += _distinct_methods(group_rows)
     return rows
 
@@ -86,7 +91,7 @@ def setting_names(group: list[RunRecord]) -> dict[tuple, str]:
     names what sets it apart; all "" when the group holds one setting."""
     settings = sorted({r.setting for r in group})
     differ = [i for i in range(len(SETTING_FIELDS)) if len({s[i] for s in settings}) > 1]
-    return {s: ", ".join(f"{SETTING_FIELDS[i][1]}={s[i] or '-'}" for i in differ) for s in settings}
+    return {s: ", ".join(f"{SETTING_FIELDS[i][1]}={shown(s[i])}" for i in differ) for s in settings}
 
 
 def _distinct_methods(rows: list[dict]) -> list[dict]:
@@ -102,28 +107,6 @@ def _distinct_methods(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _has_quality(run: RunRecord) -> bool:
-    return any(is_number(getattr(run, k)) for k in QUALITY_KEYS)
-
-
-def _baselines(group: list[RunRecord]) -> dict[tuple, RunRecord]:
-    """The full-decoding run per setting, chosen for its quality alone (a Full run scored on resume has no
-    tokens/s but is still the % of full reference; only Speedup then stays blank): among Full runs with
-    quality metrics, a complete one first, then one with tokens/s."""
-    best: dict[tuple, RunRecord] = {}
-    for run in group:
-        if not run.is_baseline or not _has_quality(run):
-            continue
-        current = best.get(run.setting)
-        if current is None or _baseline_rank(run) > _baseline_rank(current):
-            best[run.setting] = run
-    return best
-
-
-def _baseline_rank(run: RunRecord) -> tuple[bool, bool]:
-    return (run.complete, is_number(run.tokens_per_s))
-
-
 def _sort_key(run: RunRecord) -> tuple:
     layers = run.avg_layers if is_number(run.avg_layers) else -math.inf
     return (run.setting, run.order, -layers, run.method, str(run.path))
@@ -137,6 +120,8 @@ def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]
         "setting": setting, "num_beams": run.num_beams,
         "ckpt_path": run.ckpt_path, "model_path": run.model_path, "split": run.split, "limit": run.limit,
         "do_sample": run.do_sample, "max_new_tokens": run.max_new_tokens,
+        **{k: getattr(run, k) for k in ("temperature", "top_p", "dataset_path", "chat", "instruction", "separator",
+                                        "max_source_tokens", "examples_hash")},
         "avg_layers": run.avg_layers, "num_layers": run.num_layers,
         **{k: getattr(run, k) for k in QUALITY_KEYS},
         "bertscore_model": run.bertscore_model, "tokens_per_s": run.tokens_per_s,
@@ -193,7 +178,8 @@ def _md_cell(value: Any, key: str) -> str:
 
 
 def group_notes(rows: list[dict], runs: list[RunRecord]) -> list[str]:
-    """Lines under a group's table: BERTScore backbone(s), missing baseline, partial runs."""
+    """Lines under a group's table: BERTScore backbone(s), missing baselines (for each row without one: what
+    differs from the nearest Full run), partial runs."""
     notes = []
     backbones: dict[str, list[str]] = {}
     for row in rows:
@@ -209,13 +195,12 @@ def group_notes(rows: list[dict], runs: list[RunRecord]) -> list[str]:
                      f"differs from the full run's.**")
     else:
         notes.append("BERTScore: not computed by these runs.")
-    baselines = _baselines(runs)
-    if not baselines:
+    baselines = find_baselines(runs)
+    if not full_runs(runs):
         notes.append("No full-decoding run for these settings: Speedup and % of full are blank.")
-    elif any(r.setting not in baselines for r in runs):
-        notes.append("Rows without a full-decoding run of the same setting (model.path, ckpt_path, split, limit, "
-                     "num_beams, do_sample, max_new_tokens) have blank Speedup and % of full.")
-    no_speed = [f"`{full.path}`" for full in baselines.values() if not is_number(full.tokens_per_s)]
+    notes.extend(unpaired_notes(runs, rows, baselines))
+    used = list({full.path: full for full in baselines.values()}.values())
+    no_speed = [f"`{full.path}`" for full in used if not is_number(full.tokens_per_s)]
     if no_speed:
         notes.append(f"Full run(s) without tokens/s (scored on resume) give % of full but no Speedup: "
                      f"{', '.join(no_speed)}")
@@ -246,7 +231,9 @@ def render_markdown(runs: list[RunRecord], rows: list[dict], title: str, png_nam
         "Speedup = tokens/s / tokens/s(full); % of full = mean over R-1, R-2, R-L, BLEU-1, BERTScore of "
         "metric / metric(full) * 100 (per-metric values in report.csv). Full = the full-decoding run of the "
         "same model, dataset and setting (model.path, ckpt_path, split, limit, num_beams, do_sample, "
-        "max_new_tokens). Avg. Layer = mean decoder layers run per generated token.",
+        "max_new_tokens, dataset.path, model.chat, instruction, separator, max_source_tokens; temperature and "
+        "top_p when sampling) that scored the same examples. Avg. Layer = mean decoder layers run per "
+        "generated token.",
         "",
     ]
     if png_name:

@@ -1,7 +1,8 @@
 """W&B for the report: ``--wandb`` logs the table and figure to one run, ``--wandb-runs`` one run per row.
 
-Offline unless WANDB_API_KEY (or WANDB_MODE) is set. Named wandb_log, not wandb, so that ``import wandb``
-inside this package always means the W&B client.
+Offline unless WANDB_API_KEY (or WANDB_MODE) is set. W&B's files (``wandb/offline-run-*``, ``wandb/run-*``) go
+into the report's output folder beside report.md, not the current folder (``WANDB_DIR``, when set, wins). Named
+wandb_log, not wandb, so that ``import wandb`` inside this package always means the W&B client.
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ from hsd_exp.report.runs import RunRecord, as_text, flat_config, is_number
 from hsd_exp.report.tables import CSV_COLUMNS
 
 
+def wandb_dir(out_dir: str | os.PathLike | None) -> str | None:
+    """Where W&B writes its run folder: ``$WANDB_DIR`` when set, else the report's ``out_dir`` (None: W&B's own
+    default, the current folder)."""
+    if os.environ.get("WANDB_DIR") or out_dir is None:
+        return None  # wandb.init reads WANDB_DIR itself
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return str(out_dir)
+
+
 def log_wandb(runs: list[RunRecord], rows: list[dict], png: Path, title: str, metric: str,
-              project: str = "hsd_exp") -> None:
-    """One W&B run: the table as wandb.Table plus the figure. Offline unless WANDB_API_KEY (or WANDB_MODE)."""
+              project: str = "hsd_exp", out_dir: str | os.PathLike | None = None) -> None:
+    """One W&B run: the table as wandb.Table plus the figure, its files under ``out_dir`` (``wandb_dir``).
+    Offline unless WANDB_API_KEY (or WANDB_MODE)."""
     try:
         import wandb
     except ImportError as e:
@@ -30,7 +41,7 @@ def log_wandb(runs: list[RunRecord], rows: list[dict], png: Path, title: str, me
         "report.datasets": ",".join(datasets), "report.models": ",".join(models),
     }
     run = wandb.init(project=project, group=wandb_group(runs), name=title, job_type="report", config=config,
-                     mode=mode)
+                     mode=mode, dir=wandb_dir(out_dir))
     try:
         table = wandb.Table(columns=list(CSV_COLUMNS), data=[[_wandb_value(row[k]) for k in CSV_COLUMNS]
                                                              for row in rows])
@@ -53,10 +64,12 @@ def wandb_row_runs(runs: list[RunRecord], rows: list[dict]) -> list[dict]:
     return out
 
 
-def log_wandb_runs(runs: list[RunRecord], rows: list[dict], project: str = "hsd_exp") -> int:
+def log_wandb_runs(runs: list[RunRecord], rows: list[dict], project: str = "hsd_exp",
+                   out_dir: str | os.PathLike | None = None) -> int:
     """One W&B run per table row (``wandb_row_runs``), grouped like the evaluation runs, for evaluations that
     ran without logger=wandb: W&B's run comparer and parallel-coordinates panels then compare the settings.
-    Offline unless WANDB_API_KEY (or WANDB_MODE). Returns the number of runs logged."""
+    Their files go under ``out_dir`` (``wandb_dir``). Offline unless WANDB_API_KEY (or WANDB_MODE). Returns the
+    number of runs logged."""
     try:
         import wandb
     except ImportError as e:
@@ -65,7 +78,7 @@ def log_wandb_runs(runs: list[RunRecord], rows: list[dict], project: str = "hsd_
     entries = wandb_row_runs(runs, rows)
     for entry in entries:
         run = wandb.init(project=project, group=wandb_group(runs), name=entry["name"], job_type="report-row",
-                         config=entry["config"], mode=mode)
+                         config=entry["config"], mode=mode, dir=wandb_dir(out_dir))
         try:
             run.summary.update(entry["summary"])
         finally:

@@ -25,6 +25,11 @@ How it works, without copying model code:
    lets it look at the result), False passes the state through and writes only the layer's K/V from it
    (``write_kv_only``), so later tokens find a complete cache. After layer L, ``step.evals`` (the checks it
    computed) and ``step.record(ran)`` (its own trace, e.g. CalmExit) go into SkipStats.
+6. A per-token policy (``policy.per_token``, SkipLayer's router in hsd_exp.skip.skiplayer) decides per row and
+   position: ``policy.begin_forward(steps, device)`` returns a step whose ``decide(idx, h)`` gives a (B, Q)
+   run mask for each layer. Rows that skip keep their input state; the layer still runs for them when any row
+   runs (its K/V write is the same either way: projections of the layer's input), and only its K/V when none
+   does. While the router trains, the straight-through gate joins the mix so its gradient flows.
 
 transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (of ``generate()``, the
 model forwards and the layers); the engine reads the name off the model's ``forward`` signature, so both work.
@@ -34,88 +39,14 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from types import MethodType
-from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
+from hsd_exp.skip.cache import SkipCache, cache_argument, write_kv_only
 from hsd_exp.skip.policies import Policy
-
-if TYPE_CHECKING:
-    from hsd_exp.skip.calm import CalmExit
-
-
-def cache_argument(model) -> str:
-    """generate()'s (and the forwards') cache argument: "cache" from transformers 5.24 on, "past_key_values"
-    before. Read off the model class's ``forward``: instance hooks (accelerate) may wrap the bound one."""
-    return "cache" if "cache" in inspect.signature(type(unwrap(model)).forward).parameters else "past_key_values"
-
-
-class SkipCache(DynamicCache):
-    """A DynamicCache whose length is the longest layer's: layer 0 may be skipped and stay short."""
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max((layer.get_seq_length() for layer in self.layers), default=0)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0  # (kv_length, kv_offset)
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.get_seq_length()
-
-
-@dataclass
-class SkipStats:
-    """What the engine ran, per processed generated token (decode step), prefill excluded.
-
-    ``avg_layers`` = mean of ``per_step``: the paper's "Avg. Layer". For CALM a step's count is its exit layer
-    e (layers 1..e, the exit layer included). The layers above the exit do not count, yet they are not free:
-    each still runs its attention block (its norm, the Q/K/V/O projections and attention over the context)
-    on the propagated state so as to write K/V, and their number is ``kv_only``. ``hsd_exp.bench``'s FLOP
-    model adds that cost (2 * attention-block parameters + 4 * ctx * d per such layer and row) and one LM
-    head per confidence check (``confidence_evals``; for ``state`` too, an upper bound); Avg. Layer leaves
-    both out.
-    CALM in a batch (and across beams) takes one exit per step for all rows, when the least confident row is
-    confident; rows already finished (padding after their EOS) still take part in that minimum.
-    """
-
-    num_layers: int
-    per_step: list[int] = field(default_factory=list)  # layers run per processed generated token
-    step_layers: list[tuple[int, ...]] = field(default_factory=list)  # which (0-based), same order
-    kv_only: list[int] = field(default_factory=list)  # dynamic: layers that only wrote K/V, per token
-    confidence_evals: list[int] = field(default_factory=list)  # dynamic: exit checks computed, per token
-    calm_exits: list[CalmExit] = field(default_factory=list)  # dynamic: each step's record
-    last_call: list[int] = field(default_factory=list)  # per_step of the most recent generate() call
-    prefill_tokens: int = 0  # prompt positions processed with every layer (B * prompt length, summed)
-    decode_rows: int = 0  # rows (batch x beams) per decode step, summed over steps
-
-    @property
-    def avg_layers(self) -> float:
-        """Mean layers per decode step; NaN when no decode step ran (max_new_tokens=1: prefill only)."""
-        return sum(self.per_step) / len(self.per_step) if self.per_step else float("nan")
-
-    def record(self, layer_set: tuple[int, ...], kv_only: int = 0, evals: int = 0) -> None:
-        self.per_step.append(len(layer_set))
-        self.step_layers.append(tuple(layer_set))
-        self.kv_only.append(kv_only)
-        self.confidence_evals.append(evals)
-        self.last_call.append(len(layer_set))
-
-
-def write_kv_only(layer, family, signature: inspect.Signature, h, args, kwargs) -> None:
-    """Run ``layer``'s attention block on attn_norm(h) for its side effect alone: writing this position's K/V
-    into the cache, so later tokens that run the layer find it complete. ``args``/``kwargs`` are what the
-    layer's forward got (bound by ``signature``); h (B, Q, C) is the state it would have received."""
-    bound = signature.bind(h, *args, **kwargs).arguments
-    extra = bound.pop(next(n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
-    attn_kwargs = {k: bound[k] for k in ("cache", "past_key_values", "attention_mask", "position_ids",
-                                         "position_embeddings", "use_cache") if k in bound}
-    attn = getattr(layer, family.attn)
-    norm = getattr(layer, family.attn_norm)
-    attn(norm(h), **attn_kwargs, **extra)
+from hsd_exp.skip.stats import SkipStats
 
 
 class SkipEngine:
@@ -140,6 +71,7 @@ class SkipEngine:
         self._call_tmax: int | None = None
         self._step = -1  # T of the current decode step; -1 in the prefill
         self._dynamic = None  # a dynamic policy's object for the current decode step (None otherwise)
+        self._routing = None  # a per-token policy's decisions for the current forward (None otherwise)
         self._ran: list[int] = []  # layers (0-based) the dynamic step has run so far
         self._handles: list = []
         self._saved: list = []  # (object, attribute, previous instance value or None)
@@ -174,7 +106,7 @@ class SkipEngine:
         if not self._call_tmax:
             raise ValueError("layer_skipping needs max_new_tokens (the policies' Tmax): pass it to either")
         self._prompt_len, self._step = None, -1  # a new call starts with its prompt (prefill)
-        self.stats.last_call = []
+        self.stats.last_call, self.stats.last_call_rows = [], []
         use_cache = kwargs.get("use_cache", gen_config.use_cache)
         if use_cache is not False and kwargs.get(self.cache_kw) is None:  # None = generate()'s default: cached
             # Layer 0 may be skipped: give generate() a cache that reports the true length.
@@ -183,6 +115,7 @@ class SkipEngine:
             return self._orig_generate(*args, **kwargs)
         finally:  # a later plain forward in the context is a new prompt, not this call's next token
             self._prompt_len, self._call_tmax, self._step, self._dynamic = None, None, -1, None
+            self._routing = None
 
     # ------------------------------------------------------------------ before the layers: make the plan
     def _before_stack(self, module, args, kwargs):
@@ -210,7 +143,7 @@ class SkipEngine:
         tmax = self._call_tmax or self.max_new_tokens
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
 
-        self._dynamic, self._ran = None, []
+        self._dynamic, self._ran, self._routing = None, [], None
         if steps[-1] < 0:  # prefill: every layer
             self.stats.prefill_tokens += x.shape[0] * q
             self._plan, self._step = [True] * self.L, -1
@@ -220,6 +153,10 @@ class SkipEngine:
         self._step = steps[-1]
         self.stats.decode_rows += x.shape[0]
 
+        if getattr(self.policy, "per_token", False):  # decided per row, position and layer in _layer_forward
+            self._plan = [True] * self.L
+            self._routing = self.policy.begin_forward(steps, x.device)
+            return None
         if not self.policy.static:  # decided layer by layer in _layer_forward
             if q != 1 or cache is None:
                 raise ValueError(f"policy '{self.policy.name}' needs cached decoding (use_cache=True), "
@@ -260,6 +197,8 @@ class SkipEngine:
 
         def forward(layer, hidden_states, *args, **kwargs):
             plan = engine._plan[idx]
+            if engine._routing is not None:
+                return engine._routed_layer(idx, layer, orig_forward, signature, hidden_states, args, kwargs)
             if engine._dynamic is not None:
                 return engine._dynamic_layer(idx, layer, orig_forward, signature, hidden_states, args, kwargs)
             if plan is True:
@@ -288,6 +227,25 @@ class SkipEngine:
             if record is not None:
                 self.stats.calm_exits.append(record)
             self.stats.record(ran, kv_only=self.L - len(ran), evals=self._dynamic.evals)
+        return out
+
+
+    def _routed_layer(self, idx, layer, orig_forward, signature, h, args, kwargs):
+        """One layer under a per-token policy: h (B, Q, C); each (row, position) runs or passes h through."""
+        routing = self._routing
+        run = routing.decide(idx, h)  # (B, Q) bool
+        if not run.any():  # nobody runs: only the K/V write, so later tokens find the cache complete
+            write_kv_only(layer, self.family, signature, h, args, kwargs)
+            out = h
+        else:
+            out = orig_forward(h, *args, **kwargs)  # (B, Q, C); writes K/V from h for every row
+            if not run.all():
+                out = torch.where(run.unsqueeze(-1), out, h)
+            z = routing.gates.get(idx)
+            if z is not None:  # training: exactly the mix above in value, the gate's gradient through (out - h)
+                out = out + (z - z.detach()).unsqueeze(-1).to(out.dtype) * (out - h)
+        if idx == self.L - 1 and self._step >= 0:  # the new token's (last position's) layers, per row
+            self.stats.record_rows(routing.counts[:, -1].tolist())
         return out
 
 

@@ -70,6 +70,7 @@ class Policy:
     baseline: ClassVar[bool] = False  # the report's reference row (Speedup, % of full)
     order: ClassVar[int] = 100  # where the report puts this family among the others (rows, plot lines)
     style: ClassVar[tuple[str | None, str]] = (None, "o")  # plot (colour, marker); None = matplotlib's next
+    objects: ClassVar[tuple[str, ...]] = ()  # constructor arguments that are objects, not parameters (a router)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -254,7 +255,7 @@ def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
         raise ConfigError(f"policy.min={lo:g} > policy.max={hi:g}: need 0 <= min <= max")
     if num_layers is not None and hi > num_layers:
         raise ConfigError(f"policy.max={hi:g} is out of range: must be <= L={num_layers} (the model's layers, "
-                          "model.num_layers: set it too when model.path holds a model of another depth)")
+                          "model.num_layers; read from config.json when model.path is set)")
 
 
 def _check_keep_first(keep_first: int, num_layers: int | None) -> None:
@@ -284,7 +285,7 @@ def build_policy(name: str, num_layers: int | None = None, **params) -> Policy:
     cls = policy_class(name)
     if cls is None:
         raise ConfigError(f"policy.name={name} is unknown; choose one of {', '.join(POLICIES)}")
-    unknown = set(params) - set(cls.param_names())
+    unknown = set(params) - set(cls.param_names()) - set(cls.objects)
     if unknown:
         raise ConfigError(
             f"policy '{name}' has no parameter(s) {', '.join(sorted(unknown))}; "

@@ -14,7 +14,7 @@ it runs, with gradient reaching the gate either way. The density loss pulls the 
     L_density = sum_l (r_l - P)^2,   r_l = mean over target tokens of z_l,   P = ``density``
 
 Layers in ``always_run`` (1-indexed) have no gate and always run. A gate starts dense (bias ``init_bias``, so
-p ~ 0.95 and every layer runs) and the density loss pulls it down.
+p = sigmoid(1) ~ 0.73 and every layer runs) and the density loss pulls it down.
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ class SkipRouter(nn.Module):
     """Gates for the routed decoder layers of one model. ``decide`` is what decoding asks, ``gate`` what training
     uses; ``save`` / ``load`` keep it as safetensors with its config."""
 
+    SETTINGS = ("kind", "always_run", "threshold", "estimator", "temperature", "bottleneck", "init_bias")
+
     def __init__(self, num_layers: int, hidden_size: int, kind: str = "mlp", always_run: list[int] | None = None,
                  threshold: float = 0.5, estimator: str = "ste", temperature: float = 1.0, bottleneck: int = 16,
-                 init_bias: float = 3.0):
+                 init_bias: float = 1.0):
         super().__init__()
         check_router_config(kind=kind, always_run=always_run, threshold=threshold, estimator=estimator,
                             num_layers=num_layers)
@@ -155,6 +157,12 @@ class SkipRouter(nn.Module):
                               "checkpoint trained with this model")
 
 
+def checkpoint_router_config(path: str | Path) -> dict | None:
+    """The router shape a Lightning checkpoint recorded (``hsd_router``), None if it holds no router."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("hsd_router") if isinstance(ckpt, dict) else None
+
+
 def density_loss(run_rates: list[torch.Tensor], density: float) -> torch.Tensor:
     """sum_l (r_l - P)^2 over the routed layers' run rates r_l (each a 0-dim tensor)."""
     if not run_rates:
@@ -190,4 +198,4 @@ def check_router_config(kind: str = "mlp", always_run: list[int] | None = None, 
             raise ConfigError(f"router.always_run has {i}: layers are 1-indexed in [1, {top}]")
 
 
-__all__ = ["SkipRouter", "check_router_config", "density_loss", "run_rate"]
+__all__ = ["SkipRouter", "check_router_config", "checkpoint_router_config", "density_loss", "run_rate"]

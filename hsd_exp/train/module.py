@@ -14,6 +14,8 @@ from transformers import GenerationConfig
 from hsd_exp.families import decoder_layers
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
+from hsd_exp.skip.router import density_loss, run_rate
+from hsd_exp.skip.skiplayer import SkipLayer
 from hsd_exp.train.lora import apply_lora
 
 log = logging.getLogger(__name__)
@@ -28,15 +30,19 @@ class CausalLMModule(pl.LightningModule):
 
     def __init__(self, model, tokenizer, generation_config: GenerationConfig | None = None,
                  finetune: dict | None = None, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 skip_policy: Policy | None = None):
+                 skip_policy: Policy | None = None, router=None, router_cfg: dict | None = None):
         """``finetune``: the resolved ``finetune`` config; ``optimizer``: its ``optimizer`` node instantiated (a
-        partial taking the parameters); ``skip_policy``: train skip-aware, with this policy's layer schedule."""
+        partial taking the parameters); ``skip_policy``: train skip-aware, with this policy's layer schedule;
+        ``router``: SkipLayer's SkipRouter (trained when ``finetune.router``, else evaluated), ``router_cfg`` its
+        training settings (density, loss weights)."""
         super().__init__()
         self.ft = dict(finetune or {"mode": "none"})
         self.tokenizer = tokenizer
         if self.ft["mode"] == "lora":
             model = apply_lora(model, self.ft["lora"])
         self.model = model
+        self.router = router  # a submodule: its weights go into the checkpoint with the model's
+        self.router_cfg = dict(router_cfg or {})
         self.generation_config = generation_config
         self.make_optimizer = optimizer
         self.skip_policy = skip_policy  # skip-aware training only; decoding uses the callback's policy
@@ -52,6 +58,8 @@ class CausalLMModule(pl.LightningModule):
         return self.model(**inputs).loss
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.ft["mode"] == "none" and self.router is not None:
+            self.model.requires_grad_(False)  # the router trains alone on the frozen backbone
         if stage == "fit" and self.ft["mode"] == "full":
             # Full fine-tuning updates the weights themselves: keep them float32 (bf16-mixed autocasts the
             # forward). A bf16 copy would round most AdamW updates away. Before configure_optimizers, so the
@@ -67,6 +75,8 @@ class CausalLMModule(pl.LightningModule):
         self.model.train()
 
     def training_step(self, batch, batch_idx):
+        if self.router is not None and self.ft.get("router"):
+            return self._router_step(batch)
         skip_aware = self.skip_policy is not None
         skipped = skip_aware and random.random() >= self.ft["full_depth_rate"]
         if skipped:
@@ -85,13 +95,49 @@ class CausalLMModule(pl.LightningModule):
                      batch_size=n)
         return loss
 
+    def _router_step(self, batch) -> torch.Tensor:
+        """SkipLayer: every target position is routed as decoding routes it (prompt positions run every layer);
+        loss = CE + loss_weight * sum_l (r_l - P)^2 [+ distill_weight * KL(full-depth || routed)]."""
+        cfg, n = self.router_cfg, len(batch["input_ids"])
+        self.router.train()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        with layer_skipping(self.model, SkipLayer(router=self.router), max_new_tokens=self.ft["skip_max_new_tokens"],
+                            prompt_len=int(batch["prompt_len"])):
+            out = self.model(**inputs)
+        step = self.router.last_step  # the forward's decisions: gates per layer, which positions were routed
+        target = step.generated.unsqueeze(0) & batch["attention_mask"].bool()  # (B, Q) generated, not padding
+        rates = [run_rate(z, target) for z in step.gates.values()]
+        density = density_loss(rates, cfg["density"]).to(out.loss.device)
+        loss = out.loss + cfg["loss_weight"] * density
+        if cfg.get("distill_weight"):
+            with torch.no_grad():
+                full = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (B, Q, V)
+            mask = batch["labels"] != -100  # (B, Q): the positions the CE scores
+            kl = torch.nn.functional.kl_div(out.logits[mask].float().log_softmax(-1),
+                                            full[mask].float().log_softmax(-1), log_target=True,
+                                            reduction="batchmean")
+            loss = loss + cfg["distill_weight"] * kl
+            self.log("train/distill_kl", kl, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/ce", out.loss, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/density_loss", density, on_step=True, on_epoch=True, batch_size=n)
+        if rates:
+            self.log("train/run_rate", torch.stack(rates).mean(), prog_bar=True, on_step=True, batch_size=n)
+            self.log_dict({f"router/run_rate_l{idx + 1}": r for idx, r in zip(step.gates, rates, strict=True)},
+                          on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         return loss
 
     def configure_optimizers(self):
-        opt = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        backbone = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": backbone}] if backbone else []
+        if self.router is not None and self.ft.get("router"):  # the gates learn at their own rate
+            groups.append({"params": list(self.router.parameters()), "lr": self.router_cfg["lr"]})
+        opt = self.make_optimizer(groups)
         warmup = self.ft["warmup_steps"]
         if not warmup:
             return opt
@@ -100,8 +146,11 @@ class CausalLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints: LoRA keeps the adapter only
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.ft["mode"] == "lora":
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        if self.router is not None:  # its shape, so evaluation rebuilds it before loading the weights
+            checkpoint["hsd_router"] = self.router.config
+        if self.ft["mode"] in ("lora", "none"):  # the trained weights only: the adapter and/or the router
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if "lora_" in k or k.startswith("router.")}
             checkpoint["hsd_adapter_only"] = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -116,13 +165,19 @@ class CausalLMModule(pl.LightningModule):
         """Predictions for one batch and, per example, the decoder layers run for each generated token."""
         gen = self.generation_config
         start = time.perf_counter()
+        # progress: eval.callbacks.TokenProgressCallback sets a logits processor that ticks per token, scores untouched
+        ticks = getattr(self, "logits_processors", None)
         out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  generation_config=gen)
+                                  generation_config=gen, **({"logits_processor": ticks} if ticks else {}))
         self.generate_seconds += time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
         per_step = list(self.skip_stats.last_call) if self.skip_stats is not None else []
+        per_row = self.skip_stats.last_call_rows if self.skip_stats is not None else []
+        beams = gen.num_beams or 1
         texts, layers = [], []
-        for row in new.tolist():
+        for b, row in enumerate(new.tolist()):
+            if per_row:  # a per-token policy (router): this example's own rows (its beams' mean), step by step
+                per_step = [sum(step[b * beams:(b + 1) * beams]) / beams for step in per_row]
             n = _generated_length(row, gen.eos_token_id, gen.pad_token_id)
             self.generated_tokens += n
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())

@@ -243,3 +243,21 @@ def test_dataset_limit_cuts_the_evaluation_split_not_the_training_data(tok):
     assert len(dm.train_pairs) == sum(len(ex.references) for ex in train)  # every training example
     assert len(load_examples(e2e(limit=2), split="train")) == len(train)
     assert len(load_examples(e2e(limit=2, split="train"), split="train")) == 2  # its own split: cut
+
+
+def test_prompts_and_pairs_fit_the_model_positions(tok, tmp_path):
+    """Sources longer than the model's context (no dataset.max_source_tokens cut) are cut so that an evaluation
+    prompt fits max_prompt_tokens and a training pair max_positions; the template (separator) stays whole."""
+    rows = [{"meaning_representation": f"name[{i}] " + "word " * 2000, "human_reference": "A reference."}
+            for i in range(3)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = e2e(path=str(tmp_path), max_source_tokens=None)
+    dm = HSDDataModule(cfg, tok, chat=False, max_positions=128, max_prompt_tokens=120, train_limit=3)
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.train_pairs and all(len(p.prompt_ids) + len(p.target_ids) <= 128 for p in dm.train_pairs)
+    batch = dm.collate_eval(dm.test_examples)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert max(lengths) <= 120 and min(lengths) >= 110, lengths  # cut to fit, not to nothing
+    assert all(dm.eval_prompt(ex.source).endswith(cfg.separator) for ex in dm.test_examples)

@@ -213,6 +213,38 @@ def test_resume_refuses_another_setting_in_the_same_folder(tmp_path):
     assert tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=3", "decode.batch_size=1"))["num_examples"] == 3
 
 
+def test_resume_refuses_a_smaller_limit_than_the_folder_holds(tmp_path):
+    """metrics.json covers every prediction in the folder: a rerun under a smaller dataset.limit would label
+    the finished run's 3 examples with limit=2 (and the report would pair them with limit=2 runs)."""
+    tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=3"))
+    before = (tmp_path / "metrics.json").read_text()
+    assert json.loads(before)["limit"] == 3
+    with pytest.raises(ConfigError, match=r"holds predictions for 3 examples but dataset.limit=2.*"
+                                          r"dataset.limit=3 or more \(or null\).*hydra.run.dir"):
+        tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=2"))
+    assert (tmp_path / "metrics.json").read_text() == before  # the finished run is left as it was
+    # the same limit reruns as a finished run; a larger one extends it and records the limit it scored under
+    assert tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=3"))["num_examples"] == 3
+    metrics = tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.limit=4"))
+    assert metrics["num_examples"] == 4 and json.loads((tmp_path / "metrics.json").read_text())["limit"] == 4
+
+
+def test_metrics_json_records_what_the_report_pairs_runs_on(tmp_path):
+    """Data identity and prompt format beside decoding: the report pairs a run with a Full run on these."""
+    from hsd_exp.eval.predictions import examples_hash
+
+    tasks.run(make_cfg(tmp_path, "task=evaluate", "dataset.separator=' Text:'"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    assert metrics["examples_hash"] == examples_hash(records)
+    assert {k: metrics[k] for k in ("dataset_path", "limit", "chat", "separator", "max_source_tokens", "do_sample",
+                                    "max_new_tokens", "model_path")} == {
+        "dataset_path": "sample", "limit": 5, "chat": False, "separator": " Text:", "max_source_tokens": 128,
+        "do_sample": False, "max_new_tokens": MAX_NEW, "model_path": None}
+    assert metrics["instruction"].startswith("Write a short restaurant description")
+    assert "temperature" in metrics and "top_p" in metrics
+
+
 # ---------------------------------------------------------------------------------------------- WarmUpCallback
 def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, monkeypatch):
     """Under DDP the model is loaded on the CPU: warm-up must wait until Lightning has moved it, and its
@@ -234,3 +266,36 @@ def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, monkeypa
     trainer.test(module, datamodule=dm)
     assert seen[0] == {"device": "cpu", "engine": False, "stats": False}
     assert module._warm  # the second loop found it warm already (warm_up returns at once)
+
+
+# ---------------------------------------------------------------------------------------------- TokenProgressCallback
+@pytest.mark.parametrize("bar", ["default", "plain"])
+def test_evaluation_bar_moves_within_a_batch(tmp_path, monkeypatch, bar):
+    """A batch's tokens move the bar (a CALM batch sat at 0/1 for 76 s): Rich advances by token / max_new_tokens
+    of a batch and names the token, tqdm shows it as postfix; predictions are those of a run without a bar."""
+    from hsd_exp.eval.callbacks import TokenProgressCallback
+
+    seen = []
+    show = TokenProgressCallback._show
+
+    def spy(self, text, completed):
+        show(self, text, completed)
+        if text is None:
+            return
+        if isinstance(self.bar, pl.callbacks.RichProgressBar):
+            task = self.bar.progress.tasks[self.bar.test_progress_bar_id]
+            seen.append((task.description, task.completed))
+        else:
+            seen.append((self.bar._test_progress_bar.postfix, None))
+
+    monkeypatch.setattr(TokenProgressCallback, "MIN_INTERVAL", 0.0)
+    monkeypatch.setattr(TokenProgressCallback, "_show", spy)
+    tasks.run(make_cfg(tmp_path / "bar", "task=evaluate", f"callbacks={bar}"))
+    assert len(seen) >= 3 * MAX_NEW - 3  # 3 batches of up to MAX_NEW tokens (a batch may end early at EOS)
+    text, completed = seen[2]
+    assert f"token 3/{MAX_NEW}" in text
+    if bar == "default":
+        assert completed == pytest.approx(3 / MAX_NEW)  # the first batch, 3 of its 8 tokens
+        assert any(1 < c < 2 for _, c in seen)  # the second batch moves the bar between 1 and 2
+    tasks.run(make_cfg(tmp_path / "none", "task=evaluate", "callbacks=none"))
+    assert read_predictions(tmp_path / "bar") == read_predictions(tmp_path / "none")

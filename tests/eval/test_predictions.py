@@ -7,7 +7,7 @@ import os
 import pytest
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.eval.predictions import PredictionWriter, read_predictions, write_metrics
+from hsd_exp.eval.predictions import PredictionWriter, examples_hash, read_predictions, write_metrics
 
 
 def record(i: int) -> dict:
@@ -100,3 +100,16 @@ def test_metrics_json_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_examples_hash_names_the_examples_whatever_their_order():
+    """metrics.json's examples_hash: the same (id, source, references) in any order (DDP ranks, resume) give one
+    hash; another source, reference or example set (another file, another limit) another; predictions do not."""
+    records = [record(i) for i in range(4)]
+    same = examples_hash(records)
+    assert examples_hash(records[::-1]) == same
+    assert examples_hash([dict(r, prediction="other", layers_per_token=[1]) for r in records]) == same
+    assert examples_hash(records[:3]) != same
+    assert examples_hash([dict(records[0], source="news"), *records[1:]]) != same
+    assert examples_hash([dict(records[0], references=["another"]), *records[1:]]) != same
+    assert len(same) == 16 and int(same, 16) >= 0

@@ -24,12 +24,12 @@ def test_tiny_multirun_then_report(tmp_path):
                f"hydra.sweep.dir={sweep}"])
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0_full", "1_hsd"]
+    assert [j.name for j in jobs] == ["0_full", "1_hsd_s_1_0_12"]  # job number + the policy label's slug
     metrics = {j.name: json.loads((j / "metrics.json").read_text()) for j in jobs}
     for m in metrics.values():
         assert m["num_examples"] == 4 and m["complete"] is True
     assert metrics["0_full"]["avg_layers"] == 24
-    assert metrics["1_hsd"]["avg_layers"] < 24
+    assert metrics["1_hsd_s_1_0_12"]["avg_layers"] < 24
 
     out = tmp_path / "report"
     res = run(["-m", "hsd_exp.report", str(sweep), "--out", str(out)])
@@ -37,7 +37,7 @@ def test_tiny_multirun_then_report(tmp_path):
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert len(rows) == 2
     by_policy = {"full" if r["method"].lower().startswith("full") else "hsd": r for r in rows}
-    for name, job in (("full", "0_full"), ("hsd", "1_hsd")):
+    for name, job in (("full", "0_full"), ("hsd", "1_hsd_s_1_0_12")):
         for key in ("avg_layers", "rouge1", "rouge2", "rougeL", "bleu1", "tokens_per_s"):
             assert float(by_policy[name][key]) == metrics[job][key], (name, key)
         # % of full: the mean retention over the metrics both runs have, full != 0 (BERTScore is off here).
@@ -49,7 +49,7 @@ def test_tiny_multirun_then_report(tmp_path):
             assert float(by_policy[name]["pct_full"]) == pytest.approx(sum(kept) / len(kept)), name
         else:
             assert by_policy[name]["pct_full"] == "", name
-    speedup = metrics["1_hsd"]["tokens_per_s"] / metrics["0_full"]["tokens_per_s"]
+    speedup = metrics["1_hsd_s_1_0_12"]["tokens_per_s"] / metrics["0_full"]["tokens_per_s"]
     assert float(by_policy["hsd"]["speedup"]) == speedup
     assert (out / "quality_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Avg. Layer" in (out / "report.md").read_text()

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from hsd_exp.report.runs import collect_runs, rebuild_policy, slug
+from hsd_exp.report.runs import SETTING_FIELDS, collect_runs, rebuild_policy, slug
 
-from helpers import FULL_QUALITY, metrics_for, write_run
+from helpers import FULL_QUALITY, metrics_for, set_config, write_run
 
 
 def test_collect_runs_reads_raw_config_and_metrics(multirun):
@@ -143,4 +143,46 @@ def test_setting_reads_weights_inputs_and_decoding_from_the_config(tmp_path):
     (run,) = collect_runs([run_dir])
     assert (run.model_path, run.split, run.limit, run.do_sample, run.max_new_tokens) == (
         "/models/ft", "validation", 100, True, 48)  # the config's split wins over metrics.json's "test"
-    assert run.setting == ("/models/ft", "", "validation", "100", "4", "True", "48")
+    setting = dict(zip([attr for attr, _ in SETTING_FIELDS], run.setting, strict=True))
+    assert {k: setting[k] for k in ("model_path", "ckpt_path", "split", "limit", "num_beams", "do_sample",
+                                    "max_new_tokens")} == {
+        "model_path": "/models/ft", "ckpt_path": "", "split": "validation", "limit": "100", "num_beams": "4",
+        "do_sample": "True", "max_new_tokens": "48"}
+
+
+def test_limit_is_the_one_the_scored_predictions_were_made_under(tmp_path):
+    """A refused rerun with a smaller dataset.limit has already rewritten .hydra/config.yaml (Hydra saves it before
+    the task runs): metrics.json's limit, recorded by the run that scored, names the row and pairs it."""
+
+    run_dir = write_run(tmp_path / "run", "name: full", {**metrics_for("full", {}, 30.0, 100.0, 1.0), "limit": 16,
+                                                         "num_examples": 16})
+    set_config(run_dir, dataset__limit=8)
+    (run,) = collect_runs([run_dir])
+    assert run.limit == 16
+    set_config(run_dir, dataset__limit=None)
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "limit": None}))  # null: every example
+    (run,) = collect_runs([run_dir])
+    assert run.limit is None
+
+
+def test_setting_reads_data_and_prompt_format_from_the_config(tmp_path):
+    run_dir = write_run(tmp_path / "run", "name: full", metrics_for("full", {}, 30.0, 100.0, 1.0))
+    set_config(run_dir, dataset__path="/data/news", model__chat=True, dataset__instruction="Summarize.",
+               dataset__separator="\n\nSummary:", dataset__max_source_tokens=512)
+    (run,) = collect_runs([run_dir])
+    setting = dict(zip([short for _, short in SETTING_FIELDS], run.setting, strict=True))
+    assert {k: setting[k] for k in ("data", "chat", "instruction", "separator", "max_source_tokens")} == {
+        "data": "/data/news", "chat": "True", "instruction": "Summarize.", "separator": "\n\nSummary:",
+        "max_source_tokens": "512"}
+
+
+def test_run_without_config_takes_its_setting_from_metrics_json(tmp_path):
+    metrics = {**metrics_for("full", {}, 30.0, 100.0, 1.0), "dataset_path": "sample", "chat": True,
+               "separator": " S:", "limit": 4, "examples_hash": "abcd"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run,) = collect_runs([run_dir])
+    assert (run.dataset_path, run.chat, run.separator, run.limit, run.examples_hash) == ("sample", True, " S:", 4,
+                                                                                          "abcd")

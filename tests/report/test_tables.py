@@ -108,6 +108,11 @@ def scale_quality(run_dir: Path, factor: float) -> None:
     ("decode__max_new_tokens", 48, 64, "max_new_tokens"),
     ("dataset__split", "test", "validation", "split"),
     ("dataset__limit", None, 100, "limit"),
+    ("dataset__path", "sample", "/data/news", "data"),  # own data under the dataset's name
+    ("model__chat", False, True, "chat"),
+    ("dataset__instruction", "Describe the restaurant.", "Summarize the article.", "instruction"),
+    ("dataset__separator", " Description:", " Summary:", "separator"),
+    ("dataset__max_source_tokens", 128, 512, "max_source_tokens"),
 ])
 def test_full_baseline_shares_the_whole_setting(tmp_path, key, a, b, shown):
     """Two grids of one model name that differ in weights, inputs or decoding: each row is measured against the
@@ -156,3 +161,86 @@ def test_full_run_without_tokens_per_s_still_gives_percent_of_full(multirun):
     notes = report.group_notes(list(rows.values()), runs)
     assert any("without tokens/s" in n and "0_full" in n for n in notes)
     assert not any("No full-decoding run" in n for n in notes)
+
+
+def test_a_run_on_other_data_gets_no_full_run_and_a_note_saying_why(tmp_path):
+    """The newcomer's case: own data under the dataset's name (dataset.path) next to a Full run of other data.
+    No Speedup or % of full for it, and a note under the table names what differs from the nearest Full run."""
+    grid = make_multirun(tmp_path / "m", partial=False)
+    for run_dir in grid.iterdir():
+        if run_dir.is_dir():
+            set_config(run_dir, dataset__path="/data/news" if run_dir.name != "2_skipdecode" else "sample")
+    runs = collect_runs([grid])
+    rows = {Path(r["path"]).name: r for r in report.build_table(runs)}
+    skip = rows["2_skipdecode"]
+    assert skip["method"] == "SkipDecode (10,20) [data=sample]"
+    assert skip["speedup"] is None and skip["pct_full"] is None
+    assert rows["3_hsd"]["speedup"] == pytest.approx(1.7)  # the others still pair with their Full run
+    notes = report.group_notes(list(rows.values()), runs)
+    (note,) = [n for n in notes if "no Full run of its setting" in n]
+    assert note.startswith("SkipDecode (10,20) [data=sample]: no Full run of its setting, so no Speedup or % of full")
+    assert f"`{grid / '0_full'}`" in note and "data (`sample` here, `/data/news` there)" in note
+    assert not any("No full-decoding run" in n for n in notes)
+
+
+def test_full_run_must_have_scored_the_same_examples(tmp_path):
+    """Same config, other examples (an edited file, a resumed run that scored more): metrics.json's examples_hash
+    tells them apart; runs from before it fall back to the number of examples scored."""
+    grid = make_multirun(tmp_path / "m", partial=False)
+
+    def set_metrics(name: str, **values) -> None:
+        path = grid / name / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+    for name in POLICIES:
+        set_metrics(name, examples_hash="aaaa")
+    set_metrics("0_full", examples_hash="bbbb")
+    runs = collect_runs([grid])
+    rows = {Path(r["path"]).name: r for r in report.build_table(runs)}
+    assert rows["0_full"]["pct_full"] == pytest.approx(100.0)  # its own baseline
+    assert all(rows[n]["speedup"] is None and rows[n]["pct_full"] is None for n in POLICIES if n != "0_full")
+    notes = [n for n in report.group_notes(list(rows.values()), runs) if "no Full run of its setting" in n]
+    assert len(notes) == 4
+    assert all("examples scored (as many, other ones: examples_hash `aaaa` here, `bbbb` there)" in n for n in notes)
+
+    set_metrics("0_full", examples_hash="aaaa")  # the same examples: paired again
+    rows = {Path(r["path"]).name: r for r in report.build_table(collect_runs([grid]))}
+    assert rows["3_hsd"]["speedup"] == pytest.approx(1.7)
+
+    for name in POLICIES:  # runs from before examples_hash: the count scored decides
+        path = grid / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        del metrics["examples_hash"]
+        path.write_text(json.dumps(metrics))
+    set_metrics("0_full", num_examples=16)
+    runs = collect_runs([grid])
+    rows = {Path(r["path"]).name: r for r in report.build_table(runs)}
+    assert rows["3_hsd"]["speedup"] is None
+    assert any("examples scored (5 here, 16 there)" in n for n in report.group_notes(list(rows.values()), runs))
+
+
+def test_temperature_and_top_p_matter_only_when_sampling(tmp_path):
+    for grid, temperature in (("a", 0.7), ("b", 1.0)):
+        make_multirun(tmp_path / grid, partial=False)
+        for run_dir in (tmp_path / grid).iterdir():
+            if run_dir.is_dir():
+                set_config(run_dir, decode__temperature=temperature, decode__top_p=0.9)
+    assert len({r.setting for r in collect_runs([tmp_path / "a", tmp_path / "b"])}) == 1  # greedy ignores them
+    for grid in ("a", "b"):
+        for run_dir in (tmp_path / grid).iterdir():
+            if run_dir.is_dir():
+                set_config(run_dir, decode__do_sample=True)
+    rows = report.build_table(collect_runs([tmp_path / "a", tmp_path / "b"]))
+    assert {r["setting"] for r in rows} == {"temperature=0.7", "temperature=1.0"}
+    assert all(r["pct_full"] is not None for r in rows)  # each grid against its own Full run
+    assert sum(r["method"].startswith("Full [temperature=") for r in rows) == 2
+
+
+def test_long_or_multiline_setting_values_stay_on_one_short_line(tmp_path):
+    for grid, separator in (("a", "\n\nDescription:"), ("b", "\n\nSummary of the whole article, in a few words:")):
+        make_multirun(tmp_path / grid, partial=False)
+        for run_dir in (tmp_path / grid).iterdir():
+            if run_dir.is_dir():
+                set_config(run_dir, dataset__separator=separator)
+    settings = {r["setting"] for r in report.build_table(collect_runs([tmp_path / "a", tmp_path / "b"]))}
+    assert settings == {"separator=\\n\\nDescription:", "separator=\\n\\nSummary of the whole article, in..."}

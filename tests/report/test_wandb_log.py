@@ -68,3 +68,21 @@ def test_wandb_group_is_the_runs_task_name(multirun, tmp_path):
         if run_dir.is_dir():
             set_config(run_dir, task_name="phi2_xsum")
     assert wandb_group(collect_runs([multirun, tmp_path / "other"])) == "hsd+phi2_xsum"
+
+
+def test_wandb_files_go_into_the_report_folder_not_the_current_one(multirun, tmp_path, monkeypatch):
+    """`report DIR --wandb` ran from elsewhere: its offline W&B runs belong beside report.md (--out)."""
+    pytest.importorskip("wandb")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "out"
+    assert main([str(multirun), "--out", str(out), "--wandb", "--wandb-runs", "--wandb-project", "t"]) == 0
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1 + 6  # the report's run and one per row
+    assert not (cwd / "wandb").exists() and list(cwd.iterdir()) == []

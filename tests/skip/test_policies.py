@@ -103,7 +103,7 @@ def test_bad_parameters_fail_with_a_clear_message(name, params, needle):
         ("calm", {"tau": "fast"}, "policy.tau=fast is not a finite number: must be a number >= 0"),
         ("calm", {"tau": -1.0}, "policy.tau=-1 is out of range: must be >= 0"),
         ("calm", {"decay": "no"}, "policy.decay='no' must be true or false"),
-        ("hsd", {"max": 40}, "model.num_layers: set it too when model.path holds a model of another depth"),
+        ("hsd", {"max": 40}, r"must be <= L=30 \(the model's layers, model.num_layers; read from config.json"),
     ],
 )
 def test_mistyped_parameters_fail_with_a_clear_message(name, params, needle):
@@ -143,10 +143,10 @@ def test_policies_name_themselves(name, params, label, display, family, variant)
 
 
 def test_the_registry_holds_every_policy_in_report_order():
-    assert list(POLICIES) == ["full", "skipdecode", "hsd", "calm"]
-    assert sorted(POLICIES, key=lambda n: POLICIES[n].order) == ["full", "calm", "skipdecode", "hsd"]
+    assert list(POLICIES) == ["full", "skipdecode", "hsd", "calm", "skiplayer"]
+    assert sorted(POLICIES, key=lambda n: POLICIES[n].order) == ["full", "calm", "skipdecode", "hsd", "skiplayer"]
     assert [n for n, cls in POLICIES.items() if cls.baseline] == ["full"]
-    assert [n for n, cls in POLICIES.items() if not cls.static] == ["calm"]
+    assert [n for n, cls in POLICIES.items() if not cls.static] == ["calm", "skiplayer"]
     assert policy_class("hsd") is HSD and policy_class("nope") is None and policy_class(None) is None
 
 

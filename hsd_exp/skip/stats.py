@@ -1,0 +1,58 @@
+"""What the engine ran: layers per generated token, the paper's Avg. Layer, and what a FLOP model needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hsd_exp.skip.calm import CalmExit
+
+
+@dataclass
+class SkipStats:
+    """What the engine ran, per processed generated token (decode step), prefill excluded.
+
+    ``avg_layers`` = mean of ``per_step``: the paper's "Avg. Layer". For CALM a step's count is its exit layer
+    e (layers 1..e, the exit layer included). The layers above the exit do not count, yet they are not free:
+    each still runs its attention block (its norm, the Q/K/V/O projections and attention over the context)
+    on the propagated state so as to write K/V, and their number is ``kv_only``. ``hsd_exp.bench``'s FLOP
+    model adds that cost (2 * attention-block parameters + 4 * ctx * d per such layer and row) and one LM
+    head per confidence check (``confidence_evals``; for ``state`` too, an upper bound); Avg. Layer leaves
+    both out.
+    CALM in a batch (and across beams) takes one exit per step for all rows, when the least confident row is
+    confident; rows already finished (padding after their EOS) still take part in that minimum.
+    """
+
+    num_layers: int
+    per_step: list[int] = field(default_factory=list)  # layers run per processed generated token
+    step_layers: list[tuple[int, ...]] = field(default_factory=list)  # which (0-based), same order
+    kv_only: list[int] = field(default_factory=list)  # dynamic: layers that only wrote K/V, per token
+    confidence_evals: list[int] = field(default_factory=list)  # dynamic: exit checks computed, per token
+    calm_exits: list[CalmExit] = field(default_factory=list)  # dynamic: each step's record
+    last_call: list[int] = field(default_factory=list)  # per_step of the most recent generate() call
+    last_call_rows: list[list[int]] = field(default_factory=list)  # per-token policies: per step, per row
+    prefill_tokens: int = 0  # prompt positions processed with every layer (B * prompt length, summed)
+    decode_rows: int = 0  # rows (batch x beams) per decode step, summed over steps
+
+    @property
+    def avg_layers(self) -> float:
+        """Mean layers per decode step; NaN when no decode step ran (max_new_tokens=1: prefill only)."""
+        return sum(self.per_step) / len(self.per_step) if self.per_step else float("nan")
+
+    def record(self, layer_set: tuple[int, ...], kv_only: int = 0, evals: int = 0) -> None:
+        self.per_step.append(len(layer_set))
+        self.step_layers.append(tuple(layer_set))
+        self.kv_only.append(kv_only)
+        self.confidence_evals.append(evals)
+        self.last_call.append(len(layer_set))
+
+    def record_rows(self, counts: list[int]) -> None:
+        """A per-token policy's step: layers run by each row (rows differ); per_step holds their mean."""
+        mean = sum(counts) / len(counts)
+        self.per_step.append(mean)
+        self.step_layers.append(())
+        self.kv_only.append(self.num_layers - mean)
+        self.confidence_evals.append(0)
+        self.last_call.append(mean)
+        self.last_call_rows.append(list(counts))

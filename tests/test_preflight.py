@@ -1,0 +1,108 @@
+"""Preflight: bad decoding values, a model brought by path and the offline order, all refused before a model loads.
+
+model=phi2 is neither cached nor downloadable here (tests run offline): a check that passed would end on phi-2's
+offline error instead, so a case that names its own value proves its check came first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hsd_exp import models, preflight, tasks
+from hsd_exp.errors import ConfigError
+
+from helpers import compose_config, load
+
+BASE = ["bertscore.enabled=false", "trainer.accelerator=cpu", "callbacks=none"]
+
+
+def cfg_of(tmp: Path, *overrides: str):
+    return compose_config(tmp, *BASE, *overrides)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["decode.num_beams=0"], "decode.num_beams=0"),
+    (["dataset.max_new_tokens=0"], "dataset.max_new_tokens=0"),
+    (["decode.max_new_tokens=0"], "decode.max_new_tokens=0"),
+    (["decode.batch_size=0"], "decode.batch_size=0"),
+    (["decode=sample", "decode.temperature=0"], "decode.temperature=0"),
+    (["decode=sample", "decode.top_p=0"], "decode.top_p=0"),
+    (["decode=sample", "decode.top_p=1.5"], "decode.top_p=1.5"),
+    (["decode.repetition_penalty=0"], "decode.repetition_penalty=0"),
+], ids=["beams", "dataset-max-new", "decode-max-new", "batch-size", "temperature", "top-p-0", "top-p-1.5", "penalty"])
+@pytest.mark.parametrize("task", ["evaluate", "generate"])
+def test_bad_decoding_values_are_refused_before_the_model_loads(tmp_path, overrides, expected, task):
+    """They used to pass preflight and end in a traceback from generate() after the model had loaded."""
+    with pytest.raises(ConfigError) as err:
+        tasks.run(cfg_of(tmp_path, f"task={task}", "model=phi2", "dataset.path=sample", *overrides))
+    msg = str(err.value)
+    assert expected in msg and "set " in msg and "\n" not in msg, msg
+    assert "microsoft/phi-2" not in msg
+
+
+def test_good_decoding_values_pass(tmp_path):
+    for overrides in ([], ["decode=beam4"], ["decode=sample"], ["decode=sample", "decode.top_p=1.0"]):
+        preflight.check_decode(cfg_of(tmp_path, "model=tiny-gpt2", *overrides))
+
+
+# ---------------------------------------------------------------------------------------------- model.path
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory) -> Path:
+    """tiny-llama (6 layers) written by save_pretrained, as fine-tuning exports it."""
+    lm = load("tiny-llama")
+    out = tmp_path_factory.mktemp("tiny-llama-6")
+    lm.model.save_pretrained(out, safe_serialization=True)
+    lm.tokenizer.save_pretrained(out)
+    return out
+
+
+def test_model_path_of_an_unsupported_family_is_named_before_the_policy(tmp_path):
+    """A Qwen2 folder through model=gpt2 (L=12): first "policy.max=18 must be <= L=12", then "family not
+    supported" took two round trips; the family decides everything else, so it comes first."""
+    qwen = tmp_path / "qwen2"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 24}))
+    with pytest.raises(ConfigError) as err:
+        preflight.check(cfg_of(tmp_path, "model=gpt2", f"model.path={qwen}", "policy=hsd_s1_max18"))
+    msg = str(err.value)
+    assert "'qwen2'" in msg and "hsd_exp/families.py" in msg and "policy.max" not in msg, msg
+
+
+def test_model_path_depth_comes_from_its_config(tmp_path, saved_llama, monkeypatch):
+    """model=smollm2-135m (L=30) with a 6-layer folder: the policy is checked against 6 and the model builds with
+    num_layers=6, with no model.num_layers=6 to add by hand."""
+    with pytest.raises(ConfigError, match=r"policy.max=18.*L=6"):
+        preflight.check(cfg_of(tmp_path, "model=smollm2-135m", f"model.path={saved_llama}", "policy=hsd_s1_max18"))
+    cfg = cfg_of(tmp_path, "model=smollm2-135m", f"model.path={saved_llama}", "model.chat=false",
+                 "model.device=cpu", "model.dtype=float32", "task=generate", "policy=hsd", "policy.s=1",
+                 "policy.min=0", "policy.max=4", "decode.max_new_tokens=4")
+    assert preflight.check(cfg).num_layers == 6
+    out = tasks.run(cfg)
+    assert out["num_layers"] == 6 and out["avg_layers"] < 6
+
+
+def test_model_path_family_is_checked_before_weights_load(tmp_path, saved_llama, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("weights loaded before the config was checked")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(ConfigError, match="model.family=gpt2"):
+        tasks.run(cfg_of(tmp_path, "model=gpt2", f"model.path={saved_llama}", "policy=full"))
+
+
+# ---------------------------------------------------------------------------------------------- order
+def test_offline_model_is_named_before_the_hub_dataset(tmp_path):
+    """+experiment=phi2_xsum offline: phi-2 (the bigger download) is named, not XSum."""
+    with pytest.raises(ConfigError) as err:
+        preflight.check(cfg_of(tmp_path, "+experiment=phi2_xsum", "trainer=cpu"))
+    msg = str(err.value)
+    assert "microsoft/phi-2" in msg and "xsum" not in msg.lower(), msg
+
+
+def test_local_mistakes_still_come_before_the_offline_model(tmp_path):
+    with pytest.raises(ConfigError, match="nosuch"):
+        preflight.check(cfg_of(tmp_path, "task=evaluate", "model=phi2", "dataset.path=sample", "dataset.split=nosuch"))

@@ -22,6 +22,8 @@ class SkipStats:
     both out.
     CALM in a batch (and across beams) takes one exit per step for all rows, when the least confident row is
     confident; rows already finished (padding after their EOS) still take part in that minimum.
+    A per-token policy (SkipLayer) lets rows differ: ``last_call_rows`` holds each row's count per step, and
+    ``per_step`` / ``kv_only`` their mean (the rest of a step's L layers only wrote K/V for that row).
     """
 
     num_layers: int

@@ -56,8 +56,9 @@ def quiet_libraries(verbose=False) -> None:
 
 
 def _no_loading_bars(factory, args, kwargs):
-    """transformers' bar over the weights of a model already on disk (two per evaluation with BERTScore)."""
-    if kwargs.get("desc") == "Loading weights":
+    """transformers' bars over weights read from or written to local disk (two per evaluation with BERTScore,
+    one per fine-tuning's export); Hub download bars keep theirs."""
+    if kwargs.get("desc") in ("Loading weights", "Writing model shards"):
         kwargs = {**kwargs, "disable": True}
     return factory(*args, **kwargs)
 

@@ -86,3 +86,22 @@ def test_wandb_files_go_into_the_report_folder_not_the_current_one(multirun, tmp
     assert main([str(multirun), "--out", str(out), "--wandb", "--wandb-runs", "--wandb-project", "t"]) == 0
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1 + 6  # the report's run and one per row
     assert not (cwd / "wandb").exists() and list(cwd.iterdir()) == []
+
+
+def test_wandb_runs_print_one_line_not_wandbs_own(multirun, tmp_path):
+    """--wandb-runs once printed W&B's banner and summary for every row (231 lines for a grid): now one line."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", **{v: str(tmp_path / v.lower()) for v in
+                                        ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")})
+    res = subprocess.run([sys.executable, "-m", "hsd_exp.report", str(multirun), "--out", str(tmp_path / "out"),
+                          "--wandb-runs", "--wandb-project", "t"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = (res.stdout + res.stderr).splitlines()
+    assert not [ln for ln in lines if ln.lower().startswith("wandb:")]  # W&B's own chatter: none
+    assert len([ln for ln in lines if ln.startswith("W&B: 6 runs logged")]) == 1

@@ -103,7 +103,7 @@ def test_bad_parameters_fail_with_a_clear_message(name, params, needle):
         ("calm", {"tau": "fast"}, "policy.tau=fast is not a finite number: must be a number >= 0"),
         ("calm", {"tau": -1.0}, "policy.tau=-1 is out of range: must be >= 0"),
         ("calm", {"decay": "no"}, "policy.decay='no' must be true or false"),
-        ("hsd", {"max": 40}, r"must be <= L=30 \(the model's layers, model.num_layers; read from config.json"),
+        ("hsd", {"max": 40}, "must be <= L=36 (the model's layers, model.num_layers; read from config.json"),
     ],
 )
 def test_mistyped_parameters_fail_with_a_clear_message(name, params, needle):

@@ -13,12 +13,12 @@ from helpers import PROMPTS, load, output_cache
 T = 10
 
 
-def random_router(lm, seed=0, **kw):
+def random_router(lm, seed=0, std=0.3, **kw):
     """A router whose gates disagree between tokens and rows (a trained one would too): about half run."""
     torch.manual_seed(seed)
     router = SkipRouter.for_model(lm.model, kind="linear", init_bias=0.0, **kw)
     for p in router.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+        torch.nn.init.normal_(p, std=std)
     return router.eval()
 
 
@@ -96,3 +96,15 @@ def test_skiplayer_needs_a_router_and_a_threshold_in_range():
     with pytest.raises(ConfigError, match=r"policy.threshold=1 is out of range: must be in \(0, 1\)"):
         build_policy("skiplayer", threshold=1)
     assert build_policy("skiplayer", threshold=0.4).label == "skiplayer(threshold=0.4)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,beams", [(1, 1), (3, 1), (3, 4)])
+def test_smollm2_cached_equals_the_no_cache_reference(batch, beams):
+    """The real 30-layer model with a router that skips about half of its layers."""
+    lm = load("smollm2-135m")
+    policy = build_policy("skiplayer", router=random_router(lm, std=0.05))
+    cached, stats = generate(lm, policy, batch, use_cache=True, num_beams=beams, do_sample=False)
+    reference, _ = generate(lm, policy, batch, use_cache=False, num_beams=beams, do_sample=False)
+    assert torch.equal(cached.sequences, reference.sequences)
+    assert 0 < stats.avg_layers < 30

@@ -47,6 +47,7 @@ class Plan(NamedTuple):
     compare: list[Policy]  # task=compare's policies
     world_size: int  # the ranks the configured Trainer runs (1 for task=generate, which builds none)
     num_layers: int | None = None  # the model's depth: model.path's own (config.json), else model.num_layers
+    router_shape: dict | None = None  # the SkipRouter config ckpt_path recorded (None: no router in it)
 
 
 def check(cfg: DictConfig) -> Plan:
@@ -73,16 +74,17 @@ def check(cfg: DictConfig) -> Plan:
         resolve_bertscore_backbone(bertscore_config(cfg))
     if cfg.task != "generate":
         check_dataset(cfg)
+    router_shape = None
     if cfg.ckpt_path:
-        check_checkpoint(cfg.ckpt_path, cfg.finetune.mode)
+        router_shape = check_checkpoint(cfg.ckpt_path, cfg.finetune.mode)
     elif cfg.task == "evaluate" and cfg.finetune.mode != "none":
         raise ConfigError(f"task=evaluate with finetune={cfg.finetune.mode} needs ckpt_path=/path/to/last.ckpt "
                           "(or finetune=none to evaluate the base model)")
     check_model_available(cfg.model)
     if cfg.task != "generate":
         check_hub_dataset(cfg)
-    check_router(cfg, [policy, *compare], num_layers)
-    return Plan(policy, compare, ranks, num_layers)
+    check_router(cfg, [policy, *compare], num_layers, router_shape)
+    return Plan(policy, compare, ranks, num_layers, router_shape)
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -219,8 +221,9 @@ def _load_one(cfg: DictConfig) -> None:
         load_examples(cfg.dataset, limit=1)
 
 
-def check_checkpoint(path: str, finetune_mode: str) -> None:
+def check_checkpoint(path: str, finetune_mode: str) -> dict | None:
     """A Lightning checkpoint whose weights fit ``finetune``; read as weights only (no pickled code), memory-mapped.
+    Returns the router shape it recorded (``hsd_router``; None without a router), read here once.
 
     Keys and shapes are checked when Lightning restores it into the model (``tasks.checkpoint_must_fit``).
     """
@@ -243,18 +246,18 @@ def check_checkpoint(path: str, finetune_mode: str) -> None:
         if finetune_mode != "none":
             raise ConfigError(f"ckpt_path={path} holds a router only (trained on the frozen model): evaluate it "
                               "with finetune=none")
-        return
-    if adapter_only and finetune_mode != "lora":
+    elif adapter_only and finetune_mode != "lora":
         raise ConfigError(f"ckpt_path={path} holds a LoRA adapter only: evaluate it with finetune=lora")
-    if not adapter_only and finetune_mode == "lora":
+    elif not adapter_only and finetune_mode == "lora":
         raise ConfigError(f"ckpt_path={path} holds full weights, not a LoRA adapter: evaluate it with "
                           "finetune=full (or none), not finetune=lora")
+    return ckpt.get("hsd_router")
 
 
-def check_router(cfg: DictConfig, policies: list[Policy], num_layers: int | None) -> None:
+def check_router(cfg: DictConfig, policies: list[Policy], num_layers: int | None, recorded: dict | None) -> None:
     """SkipLayer: the router's settings when one trains; a checkpoint holding a router (of this depth) when
-    policy=skiplayer decodes."""
-    from hsd_exp.skip.router import check_router_config, checkpoint_router_config
+    policy=skiplayer decodes. ``recorded``: the router shape ckpt_path holds (check_checkpoint read it)."""
+    from hsd_exp.skip.router import check_router_config
 
     if cfg.task in TRAINING and cfg.finetune.get("router"):
         check_router_config(**{**OmegaConf.to_container(cfg.router, resolve=True), "num_layers": num_layers})
@@ -264,7 +267,6 @@ def check_router(cfg: DictConfig, policies: list[Policy], num_layers: int | None
     if not cfg.ckpt_path:
         raise ConfigError("policy=skiplayer needs a trained router: ckpt_path=<run>/checkpoints/last.ckpt of a "
                           "run with finetune.router=true (or task=finetune_evaluate finetune.router=true)")
-    recorded = checkpoint_router_config(cfg.ckpt_path)
     if recorded is None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds no router: policy=skiplayer needs a checkpoint "
                           "trained with finetune.router=true")

@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict | None:
     if cfg.task == "generate":
         return generate(cfg, lm, plan.policy)
     check_context(cfg, lm)
-    module = lightning_module(cfg, lm, plan.policy, plan.compare)
+    module = lightning_module(cfg, lm, plan.policy, plan.compare, plan.router_shape)
     ckpt = cfg.ckpt_path
     if cfg.task in preflight.TRAINING:
         ckpt = finetune(cfg, lm, module, resume=ckpt)
@@ -107,24 +107,26 @@ def generation_config(decode: DictConfig, tokenizer) -> GenerationConfig:
     return build(node, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def lightning_module(cfg: DictConfig, lm: LoadedModel, policy: Policy, compare: list[Policy] = ()) -> CausalLMModule:
+def lightning_module(cfg: DictConfig, lm: LoadedModel, policy: Policy, compare: list[Policy] = (),
+                     router_shape: dict | None = None) -> CausalLMModule:
     ft = cfg.finetune
     router_cfg = OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else {}
     return CausalLMModule(lm.model, lm.tokenizer, generation_config(cfg.decode, lm.tokenizer),
                           finetune=OmegaConf.to_container(ft, resolve=True),
                           optimizer=build(ft.optimizer) if "optimizer" in ft else None,
                           skip_policy=policy if ft.get("skip_aware") else None,
-                          router=make_router(cfg, lm, [policy, *compare], router_cfg), router_cfg=router_cfg)
+                          router=make_router(cfg, lm, [policy, *compare], router_cfg, router_shape),
+                          router_cfg=router_cfg)
 
 
-def make_router(cfg: DictConfig, lm: LoadedModel, policies: list[Policy], router_cfg: dict):
+def make_router(cfg: DictConfig, lm: LoadedModel, policies: list[Policy], router_cfg: dict,
+                recorded: dict | None = None):
     """SkipLayer's router when one trains (finetune.router) or decodes (policy=skiplayer): dense-initialised
     from ``router``'s settings, or in the shape the checkpoint recorded, so its weights load into it."""
     if not cfg.finetune.get("router") and not any("router" in p.objects for p in policies):
         return None
-    from hsd_exp.skip.router import SkipRouter, checkpoint_router_config
+    from hsd_exp.skip.router import SkipRouter
 
-    recorded = checkpoint_router_config(cfg.ckpt_path) if cfg.ckpt_path else None
     if recorded is not None:
         return SkipRouter(**recorded).to(lm.model.device)
     return SkipRouter.for_model(lm.model, **{k: v for k, v in router_cfg.items() if k in SkipRouter.SETTINGS})

@@ -146,8 +146,20 @@ class Full(Policy):
         return tuple(range(num_layers))
 
 
+class _TopBand:
+    """What SkipDecode and HSD share: the band parameters (min, max) and the keep_first ablation, checked and shown
+    the same way. A plain mixin (no dataclass fields), so each policy keeps its own field order."""
+
+    def options(self) -> list[str]:
+        return [f"keep_first={self.keep_first}"] if self.keep_first else []
+
+    def validate(self, num_layers: int | None = None) -> None:
+        _check_band(self.min, self.max, num_layers)
+        _check_keep_first(self.keep_first, num_layers)
+
+
 @dataclass(frozen=True)
-class SkipDecode(Policy):
+class SkipDecode(_TopBand, Policy):
     """SkipDecode (Del Corro et al. 2023): run the top band of layers, skip the bottom ones.
 
         n(T) = (T*min + (Tmax - T)*max) / Tmax
@@ -165,9 +177,6 @@ class SkipDecode(Policy):
     order = 2
     style = ("tab:blue", "^")
 
-    def options(self) -> list[str]:
-        return [f"keep_first={self.keep_first}"] if self.keep_first else []
-
     @property
     def label(self) -> str:
         return f"skipdecode({self.min:g},{self.max:g}{_suffix(self.options())})"
@@ -176,16 +185,12 @@ class SkipDecode(Policy):
     def display_name(self) -> str:
         return f"SkipDecode ({fmt(self.min)},{fmt(self.max)}{_suffix(self.options(), ', ')})"
 
-    def validate(self, num_layers: int | None = None) -> None:
-        _check_band(self.min, self.max, num_layers)
-        _check_keep_first(self.keep_first, num_layers)
-
     def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
         return _cached_skipdecode(step, max_steps, num_layers, self.min, self.max, self.keep_first)
 
 
 @dataclass(frozen=True)
-class HSD(Policy):
+class HSD(_TopBand, Policy):
     """Hierarchical Skip Decoding (arXiv 2403.14919, eqs. 4-5): evenly spaced layers plus a shrinking top band.
 
         n(T) = (T*min + (Tmax - T)*max) / Tmax
@@ -206,9 +211,6 @@ class HSD(Policy):
     title = "HSD"
     order = 3
 
-    def options(self) -> list[str]:
-        return [f"keep_first={self.keep_first}"] if self.keep_first else []
-
     @property
     def style(self) -> tuple[str | None, str]:  # one line per s: the paper's two in its colours
         return {1: ("tab:red", "o"), 2: ("tab:orange", "s")}.get(self.s, (None, "o"))
@@ -228,8 +230,7 @@ class HSD(Policy):
     def validate(self, num_layers: int | None = None) -> None:
         if not isinstance(self.s, int) or isinstance(self.s, bool) or self.s < 0:
             raise ConfigError(f"policy.s={self.s} is out of range: must be an integer >= 0")
-        _check_band(self.min, self.max, num_layers)
-        _check_keep_first(self.keep_first, num_layers)
+        super().validate(num_layers)
 
     def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
         return _cached_hsd(step, max_steps, num_layers, self.s, self.min, self.max, self.keep_first)

@@ -157,12 +157,6 @@ class SkipRouter(nn.Module):
                               "checkpoint trained with this model")
 
 
-def checkpoint_router_config(path: str | Path) -> dict | None:
-    """The router shape a Lightning checkpoint recorded (``hsd_router``), None if it holds no router."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("hsd_router") if isinstance(ckpt, dict) else None
-
-
 def density_loss(run_rates: list[torch.Tensor], density: float) -> torch.Tensor:
     """sum_l (r_l - P)^2 over the routed layers' run rates r_l (each a 0-dim tensor)."""
     if not run_rates:
@@ -198,4 +192,4 @@ def check_router_config(kind: str = "mlp", always_run: list[int] | None = None, 
             raise ConfigError(f"router.always_run has {i}: layers are 1-indexed in [1, {top}]")
 
 
-__all__ = ["SkipRouter", "check_router_config", "checkpoint_router_config", "density_loss", "run_rate"]
+__all__ = ["SkipRouter", "check_router_config", "density_loss", "run_rate"]

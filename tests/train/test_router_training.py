@@ -61,3 +61,13 @@ def test_skiplayer_without_a_router_stops_before_the_model_loads(tmp_path):
     with pytest.raises(ConfigError, match="router.kind=deep is unknown"):
         preflight.check(make_cfg(tmp_path / "d", "task=finetune", "finetune=lora", "router.kind=deep"))
     preflight.check(make_cfg(tmp_path / "e", "task=finetune", "finetune=none"))  # the router alone: fine
+    router_only = tmp_path / "router.ckpt"
+    shape = SkipRouter(num_layers=12, hidden_size=64).config
+    torch.save({"state_dict": {"router.gates.0.net.0.weight": torch.zeros(1)}, "hsd_adapter_only": True,
+                "hsd_router": shape, "pytorch-lightning_version": "2.6.0"}, router_only)
+    with pytest.raises(ConfigError, match="holds a router only .*evaluate it with finetune=none"):
+        preflight.check(make_cfg(tmp_path / "f", "task=evaluate", "finetune=lora", "finetune.router=false",
+                                 f"ckpt_path={router_only}"))
+    with pytest.raises(ConfigError, match="holds a router for 12 layers, but model.num_layers=6"):
+        preflight.check(make_cfg(tmp_path / "g", "task=evaluate", "finetune=none", "finetune.router=false",
+                                 f"ckpt_path={router_only}"))

@@ -75,10 +75,27 @@ def call_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipSt
     return prefill_flops(model, prompt_len, rows) + decode_flops(model, prompt_len, rows, new_tokens, stats)
 
 
+def kv_only_flops(model) -> list[int]:
+    """What a token that skips each layer still computes to write its K/V (hsd_exp.skip.partial): the K and V
+    projections where the family has a K/V-only path (LLaMA layout), else the whole attention block (whose
+    attention over the context the caller adds)."""
+    family = family_of(model)
+    if not family.kv_rope:
+        return layer_flops(model)[1]
+    out = []
+    for layer in decoder_layers(model):
+        attn = getattr(layer, family.attn)
+        out.append(2 * sum(p.numel() for m in (attn.k_proj, attn.v_proj) for p in m.parameters()))
+    return out
+
+
 def decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats | None) -> float:
     """FLOPs of the decode steps of one generate() call (what a policy changes)."""
     per_layer, per_attn, d, vocab = layer_flops(model)
     L = len(per_layer)
+    if stats is not None and stats.layer_rows:  # a per-token policy: what the engine ran, layer by layer
+        return float(sum(routed_step_flops(model, prompt_len + t + 1, rows, stats.layer_rows[t])
+                         for t in range(new_tokens - 1)))
     total = 0
     for t in range(new_tokens - 1):  # decode steps process generated tokens 0..new_tokens-2
         ctx = prompt_len + t + 1
@@ -90,6 +107,24 @@ def decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: Skip
             step += stats.confidence_evals[t] * 2 * d * vocab
         total += rows * step
     return float(total)
+
+
+def routed_step_flops(model, ctx: int, rows: int, layer_rows: tuple[int, ...]) -> float:
+    """One decode step of a per-token policy (SkipLayer), as the engine runs it, layer by layer: all ``rows`` run
+    it (the whole layer), none (K/V only: ``kv_only_flops``), or some (the attention block for every row, the
+    MLP for the running ones)."""
+    per_layer, per_attn, d, vocab = layer_flops(model)
+    kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
+    step = rows * 2 * d * vocab
+    for i, ran in enumerate(layer_rows):
+        attention = per_attn[i] + 4 * ctx * d  # the attention block of one row, its context included
+        if ran == rows:
+            step += rows * (per_layer[i] + 4 * ctx * d)
+        elif ran == 0:
+            step += rows * (kv[i] if kv_rope else attention)
+        else:
+            step += rows * attention + ran * (per_layer[i] - per_attn[i])
+    return float(step)
 
 
 def prompts_for(lm, batch_size: int) -> list[str]:
@@ -177,6 +212,25 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
     return out
 
 
+def check_router_source(router: str | None, adapter: str | None, policies) -> Path | None:
+    """The router directory SkipLayer rows use: ``bench.router``, else ``<bench.adapter>/router``. Checked before
+    the model loads; a SkipLayer row without one is refused."""
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"bench.adapter={adapter} holds no LoRA adapter (adapter_config.json): pass a LoRA "
+                          "run's <run>/hf_model")
+    if router is None and adapter and (Path(adapter) / "router").is_dir():
+        router = str(Path(adapter) / "router")
+    if not any("router" in p.objects for p in policies):
+        return None
+    if router is None:
+        raise ConfigError("bench.policies has a skiplayer row but no router: set bench.router=<run>/hf_model/router "
+                          "(or bench.adapter=<run>/hf_model, whose router/ it then uses)")
+    if not (Path(router) / "router.json").is_file():
+        raise ConfigError(f"bench.router={router} holds no router (router.json + router.safetensors): pass "
+                          "<run>/hf_model/router of a run trained with finetune.router=true")
+    return Path(router)
+
+
 def calls_per_setting(num_policies: int, repeats: int) -> int:
     """generate() calls ``bench_setting`` makes: prefill, plain and each policy, once to warm up + ``repeats``."""
     return (num_policies + 2) * (repeats + 1)
@@ -215,9 +269,19 @@ def main(cfg: DictConfig) -> None:
                               f"set bench.statistic=min or bench.statistic=median")
         depth = model_depth(cfg.model)  # model.path: its own config.json's depth, family checked first
         policies = [build_policy(num_layers=depth, **p) for p in b.policies]
+        router_dir = check_router_source(b.get("router"), b.get("adapter"), policies)
         if b.threads:
             torch.set_num_threads(int(b.threads))
         lm = build(cfg.model, **({"num_layers": depth} if cfg.model.get("path") else {}))
+        if b.get("adapter"):  # a LoRA run's hf_model: merged, so it costs what the base model costs
+            from peft import PeftModel
+
+            lm.model = PeftModel.from_pretrained(lm.model, b.adapter).merge_and_unload().eval()
+        if router_dir is not None:
+            from hsd_exp.skip.router import SkipRouter
+
+            router = SkipRouter.load(router_dir, lm.model).eval()
+            policies = [p.with_router(router) if "router" in p.objects else p for p in policies]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -20,7 +20,10 @@ class Family:
     lm_head: str
     attn: str  # attention submodule inside one decoder layer
     attn_norm: str  # the norm in front of the attention inside one decoder layer
+    mlp: str  # the MLP inside one decoder layer
+    mlp_norm: str | None  # the norm in front of the MLP; None: a parallel block (the MLP reads attn_norm's output)
     lora_targets: tuple[str, ...]  # module-name suffixes peft LoRA adapts
+    kv_rope: bool = False  # LLaMA-layout attention (k_proj, v_proj, head_dim, RoPE): K/V-only writes need no more
 
 
 FAMILIES: dict[str, Family] = {
@@ -32,6 +35,8 @@ FAMILIES: dict[str, Family] = {
         lm_head="lm_head",
         attn="attn",
         attn_norm="ln_1",
+        mlp="mlp",
+        mlp_norm="ln_2",
         lora_targets=("c_attn", "c_proj"),
     ),
     "phi": Family(
@@ -42,6 +47,8 @@ FAMILIES: dict[str, Family] = {
         lm_head="lm_head",
         attn="self_attn",
         attn_norm="input_layernorm",
+        mlp="mlp",
+        mlp_norm=None,  # attention and MLP side by side on one normed input
         lora_targets=("q_proj", "k_proj", "v_proj", "dense"),
     ),
     "llama": Family(
@@ -52,7 +59,10 @@ FAMILIES: dict[str, Family] = {
         lm_head="lm_head",
         attn="self_attn",
         attn_norm="input_layernorm",
+        mlp="mlp",
+        mlp_norm="post_attention_layernorm",
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        kv_rope=True,
     ),
 }
 

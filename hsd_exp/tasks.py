@@ -266,7 +266,7 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     preds = PredictionsCallback(str(run_dir), bertscore_config(cfg), meta)
     # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
     # it runs once Lightning has put the model on this rank's device.
-    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens)), preds,
+    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens), str(run_dir)), preds,
                  TokenProgressCallback(int(cfg.decode.max_new_tokens))]
     trainer = make_trainer(cfg, callbacks, run_dir, run_name=policy.label)
     try:

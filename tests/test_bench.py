@@ -6,16 +6,21 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hsd_exp.bench import (
     HEAD,
     bench_setting,
     call_flops,
     calls_per_setting,
+    check_router_source,
     decode_flops,
+    kv_only_flops,
     layer_flops,
     prefill_flops,
+    routed_step_flops,
 )
+from hsd_exp.errors import ConfigError
 from hsd_exp.skip.engine import SkipStats
 from hsd_exp.skip.policies import build_policy
 
@@ -53,6 +58,44 @@ def test_ideal_speedup_counts_only_the_layers_run():
     assert saved == decode_flops(lm.model, 5, 2, N, None) - decode_flops(lm.model, 5, 2, N, hsd)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_flops_of_a_routed_step_are_what_the_engine_runs(name):
+    """Per layer: every row runs it (the whole layer), none (K/V projections on LLaMA, the attention block
+    elsewhere), or some (the attention block for all rows, the MLP for the running ones)."""
+    lm = load(name)
+    per_layer, per_attn, d, vocab = layer_flops(lm.model)
+    kv = kv_only_flops(lm.model)
+    ctx, rows, head = 9, 4, 4 * 2 * d * vocab
+    attention = [a + 4 * ctx * d for a in per_attn]
+    assert routed_step_flops(lm.model, ctx, rows, (4,) * 6) == head + 4 * sum(f + 4 * ctx * d for f in per_layer)
+    skip = kv if name == "tiny-llama" else attention
+    assert routed_step_flops(lm.model, ctx, rows, (0,) * 6) == head + 4 * sum(skip)
+    if name == "tiny-llama":  # K and V projections only: d x (kv heads x head dim) each, no bias
+        c = lm.model.config
+        assert kv == [2 * 2 * d * c.num_key_value_heads * (d // c.num_attention_heads)] * 6
+    mixed = routed_step_flops(lm.model, ctx, rows, (1,) + (4,) * 5)
+    assert mixed == head + 4 * attention[0] + (per_layer[0] - per_attn[0]) + 4 * sum(
+        f + 4 * ctx * d for f in per_layer[1:])
+    stats = SkipStats(num_layers=6, layer_rows=[(1,) + (4,) * 5] * 2)  # decode_flops uses them per step
+    assert decode_flops(lm.model, ctx - 1, rows, 3, stats) == routed_step_flops(
+        lm.model, ctx, rows, (1,) + (4,) * 5) + routed_step_flops(lm.model, ctx + 1, rows, (1,) + (4,) * 5)
+
+
+def test_skiplayer_rows_need_a_router_named_before_the_model_loads(tmp_path):
+    rows = [build_policy("full"), build_policy("skiplayer", threshold=0.5)]
+    with pytest.raises(ConfigError, match="skiplayer row but no router: set bench.router="):
+        check_router_source(None, None, rows)
+    with pytest.raises(ConfigError, match=f"bench.router={tmp_path} holds no router"):
+        check_router_source(str(tmp_path), None, rows)
+    with pytest.raises(ConfigError, match="holds no LoRA adapter"):
+        check_router_source(None, str(tmp_path), rows)
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "router.json").write_text("{}")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert check_router_source(None, str(tmp_path), rows) == tmp_path / "router"  # the adapter's own router
+    assert check_router_source(None, None, rows[:1]) is None  # no SkipLayer row: no router needed
+
+
 @pytest.mark.parametrize(("beams", "statistic"), [(1, "min"), (4, "median")])
 def test_bench_setting_reports_every_policy(beams, statistic):
     lm = load("tiny-gpt2")
@@ -67,6 +110,20 @@ def test_bench_setting_reports_every_policy(beams, statistic):
     assert plain["decode_ideal_speedup"] == 1.0 and hsd["decode_ideal_speedup"] > hsd["ideal_speedup"]
     assert all(r["prefill_seconds"] > 0 and "decode_efficiency" in r for r in rows)  # timings: not asserted
     assert all(r["num_beams"] == beams and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_setting_times_a_router_with_its_flops_per_layer():
+    from hsd_exp import SkipRouter
+
+    lm = load("tiny-llama")
+    torch.manual_seed(0)
+    router = SkipRouter.for_model(lm.model, kind="linear", init_bias=0.0).eval()
+    for p in router.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    policies = [build_policy("skiplayer", router=router)]
+    rows = bench_setting(lm, policies, batch_size=3, beams=1, new_tokens=5, repeats=1)
+    routed = rows[1]
+    assert 0 < routed["avg_layers"] < 6 and routed["ideal_speedup"] > 1.0
 
 
 def test_bench_setting_reports_progress_outside_the_timed_calls():

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import LogitsProcessorList
 
 from hsd_exp.console import StepTick
+from hsd_exp.eval.layer_map import log_layer_map, write_layer_map
 from hsd_exp.eval.metrics import summarize_run
 from hsd_exp.eval.predictions import METRICS_FILE, PredictionWriter, read_run_predictions, write_metrics
 from hsd_exp.skip.engine import layer_skipping
@@ -42,11 +43,14 @@ class SkipPolicyCallback(pl.Callback):
     """Enters ``layer_skipping`` when testing starts and leaves it when it ends (or fails).
 
     Training and validation are untouched; after ``on_test_end`` the model's ``generate()`` is plain again.
+    With ``run_dir``, a per-token policy's layer map (which layers ran at which token) goes there and to the
+    loggers (hsd_exp.eval.layer_map).
     """
 
-    def __init__(self, policy: Policy, max_new_tokens: int):
+    def __init__(self, policy: Policy, max_new_tokens: int, run_dir: str | None = None):
         self.policy = policy
         self.max_new_tokens = max_new_tokens
+        self.run_dir = Path(run_dir) if run_dir else None
         self._ctx = None
         self.stats = None
 
@@ -69,6 +73,10 @@ class SkipPolicyCallback(pl.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self._exit(pl_module)
+        rates = self.stats.run_rates() if self.stats is not None else []
+        if rates and self.run_dir is not None and trainer.is_global_zero:
+            per_layer = write_layer_map(self.run_dir, rates, f"{self.policy.display_name}: layers run per token")
+            log_layer_map(trainer.loggers, self.run_dir, per_layer, trainer.global_step)
 
     def on_exception(self, trainer, pl_module, exception):
         self._exit(pl_module)

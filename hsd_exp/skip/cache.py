@@ -1,5 +1,5 @@
-"""The KV-cache side of skipping: the cache argument's name, a cache that reports its true length, and the
-K/V-only write a skipped layer still makes (dynamic and per-token policies keep the cache complete with it)."""
+"""The KV-cache side of skipping: the cache argument's name and a cache that reports its true length. (The K/V-only
+write of a skipped layer is in hsd_exp.skip.partial.)"""
 
 from __future__ import annotations
 
@@ -27,16 +27,3 @@ class SkipCache(DynamicCache):
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length()
-
-
-def write_kv_only(layer, family, signature: inspect.Signature, h, args, kwargs) -> None:
-    """Run ``layer``'s attention block on attn_norm(h) for its side effect alone: writing this position's K/V
-    into the cache, so later tokens that run the layer find it complete. ``args``/``kwargs`` are what the
-    layer's forward got (bound by ``signature``); h (B, Q, C) is the state it would have received."""
-    bound = signature.bind(h, *args, **kwargs).arguments
-    extra = bound.pop(next(n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
-    attn_kwargs = {k: bound[k] for k in ("cache", "past_key_values", "attention_mask", "position_ids",
-                                         "position_embeddings", "use_cache") if k in bound}
-    attn = getattr(layer, family.attn)
-    norm = getattr(layer, family.attn_norm)
-    attn(norm(h), **attn_kwargs, **extra)

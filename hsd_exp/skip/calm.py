@@ -3,7 +3,7 @@
 The engine (hsd_exp.skip.engine) runs the layers; this module decides. For each decode step the engine calls
 ``CALM.begin_step``; the returned ``CalmStep`` runs layers until the batch is confident (``runs``), scoring each
 layer's output as it comes (``after_layer``). The layers above the exit then only write their K/V
-(``engine.write_kv_only``). torch is imported where the math runs, so the report can import this module.
+(``hsd_exp.skip.partial.write_kv_only``). torch is imported where the math runs, so the report can import this module.
 """
 
 from __future__ import annotations

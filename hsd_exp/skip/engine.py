@@ -27,9 +27,11 @@ How it works, without copying model code:
    computed) and ``step.record(ran)`` (its own trace, e.g. CalmExit) go into SkipStats.
 6. A per-token policy (``policy.per_token``, SkipLayer's router in hsd_exp.skip.skiplayer) decides per row and
    position: ``policy.begin_forward(steps, device)`` returns a step whose ``decide(idx, h)`` gives a (B, Q)
-   run mask for each layer. Rows that skip keep their input state; the layer still runs for them when any row
-   runs (its K/V write is the same either way: projections of the layer's input), and only its K/V when none
-   does. While the router trains, the straight-through gate joins the mix so its gradient flows.
+   run mask for each layer. Rows that skip keep their input state and only write their K/V (hsd_exp.skip.partial):
+   when no row runs, the K/V alone; in a batched decode step where some rows run, the attention block for every
+   row and the MLP for the running rows only. Several positions (no-cache reference, training) run the whole
+   layer and keep its output where the position runs; while the router trains, the straight-through gate joins
+   that mix, so its gradient flows at every routed position, skipped ones included.
 
 transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (of ``generate()``, the
 model forwards and the layers); the engine reads the name off the model's ``forward`` signature, so both work.
@@ -44,7 +46,8 @@ from types import MethodType
 import torch
 
 from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
-from hsd_exp.skip.cache import SkipCache, cache_argument, write_kv_only
+from hsd_exp.skip.cache import SkipCache, cache_argument
+from hsd_exp.skip.partial import run_rows, write_kv_only
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.stats import SkipStats
 
@@ -234,18 +237,19 @@ class SkipEngine:
         """One layer under a per-token policy: h (B, Q, C); each (row, position) runs or passes h through."""
         routing = self._routing
         run = routing.decide(idx, h)  # (B, Q) bool
+        z = routing.gates.get(idx)  # training: the (B, Q) straight-through gate, else None
         if not run.any():  # nobody runs: only the K/V write, so later tokens find the cache complete
             write_kv_only(layer, self.family, signature, h, args, kwargs)
             out = h
+        elif z is None and h.shape[1] == 1 and not run.all():  # a batched decode step whose rows differ
+            out = run_rows(layer, self.family, signature, h, run[:, 0], args, kwargs)  # MLP for running rows only
         else:
-            out = orig_forward(h, *args, **kwargs)  # (B, Q, C); writes K/V from h for every row
-            if not run.all():
-                out = torch.where(run.unsqueeze(-1), out, h)
-            z = routing.gates.get(idx)
-            if z is not None:  # training: exactly the mix above in value, the gate's gradient through (out - h)
-                out = out + (z - z.detach()).unsqueeze(-1).to(out.dtype) * (out - h)
+            full = orig_forward(h, *args, **kwargs)  # (B, Q, C); writes K/V from h for every row
+            out = full if run.all() else torch.where(run.unsqueeze(-1), full, h)
+            if z is not None:  # training: out = h + z * (layer(h) - h) in value and gradient, skipped tokens too
+                out = out + (z - z.detach()).unsqueeze(-1).to(out.dtype) * (full - h)
         if idx == self.L - 1 and self._step >= 0:  # the new token's (last position's) layers, per row
-            self.stats.record_rows(routing.counts[:, -1].tolist())
+            self.stats.record_rows(routing.counts[:, -1].tolist(), routing.rows_per_layer(), self._step)
         return out
 
 

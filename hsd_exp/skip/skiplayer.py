@@ -81,6 +81,7 @@ class RouterStep:
         self.router, self.threshold = router, threshold
         self.generated = torch.tensor([t >= 0 for t in steps], device=device)  # (Q,) routed positions
         self.counts = None  # (B, Q) layers run so far, per row and position
+        self.last_position: list = []  # per layer so far: (B,) bool, which rows ran it at the last position
         self.gates: dict[int, Any] = {}  # training: layer idx -> (B, Q) straight-through gate
         router.last_step = self  # training reads the gates back for the density loss
 
@@ -97,4 +98,11 @@ class RouterStep:
         else:
             run = self.router.decide(idx, h, self.threshold) | ~self.generated  # (B, Q)
         self.counts = run.long() if self.counts is None else self.counts + run.long()
+        self.last_position.append(run[:, -1])
         return run
+
+    def rows_per_layer(self) -> list[int]:
+        """For each layer so far, how many rows ran it at the last position (what the FLOP model needs)."""
+        import torch
+
+        return torch.stack(self.last_position).sum(1).tolist() if self.last_position else []

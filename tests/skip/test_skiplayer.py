@@ -87,6 +87,20 @@ def test_training_routes_target_positions_and_the_gradient_reaches_the_router():
     lm.model.zero_grad(set_to_none=True)
 
 
+def test_a_token_that_skips_still_tells_its_gate_what_running_would_have_changed():
+    """out = h + z * (layer(h) - h): the gradient reaches the gate at skipped tokens too (else a layer that
+    every token skips never learns to run again)."""
+    lm = load("tiny-llama")
+    router = SkipRouter.for_model(lm.model, init_bias=-8.0).train()  # every generated token skips every layer
+    enc = lm.tokenizer(["a b c d e f g h"], return_tensors="pt")
+    with layer_skipping(lm.model, build_policy("skiplayer", router=router), max_new_tokens=T, prompt_len=4):
+        loss = lm.model(**enc, labels=enc["input_ids"]).loss
+    assert all(z[:, 4:].eq(0).all() for z in router.last_step.gates.values())
+    loss.backward()
+    assert all(gate.net[-1].bias.grad.abs() > 0 for gate in router.gates.values())
+    lm.model.zero_grad(set_to_none=True)
+
+
 def test_skiplayer_needs_a_router_and_a_threshold_in_range():
     lm = load("tiny-gpt2")
     enc = lm.tokenizer(["hello"], return_tensors="pt")

@@ -4,6 +4,7 @@ evaluates it; a run that cannot work stops before the model loads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
+from hsd_exp.eval.layer_map import RATES_FILE, RATES_PLOT
 from hsd_exp.skip.router import SkipRouter
 
 from helpers import compose_config
@@ -46,6 +48,11 @@ def test_router_trains_toward_the_density_is_saved_and_evaluates(tmp_path, mode)
     again = tasks.run(make_cfg(tmp_path / "ev", "task=evaluate", f"finetune={mode}",
                                f"ckpt_path={tmp_path / 'ft' / 'checkpoints' / 'last.ckpt'}"))
     assert again["avg_layers"] == pytest.approx(out["avg_layers"])  # the same router, restored by Lightning
+    layer_map = json.loads((tmp_path / "ev" / RATES_FILE).read_text())  # which layers ran at which token
+    assert (tmp_path / "ev" / RATES_PLOT).read_bytes().startswith(b"\x89PNG")
+    assert len(layer_map["by_token"]) == 6 and 1 <= len(layer_map["by_token"][0]) <= 7  # T = 0 .. Tmax-2
+    rates = list(layer_map["per_layer"].values())
+    assert all(0 <= r <= 1 for r in rates) and 0 < sum(rates) < 6
 
 
 def test_skiplayer_without_a_router_stops_before_the_model_loads(tmp_path):

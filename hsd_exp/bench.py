@@ -96,13 +96,14 @@ def decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: Skip
     if stats is not None and stats.layer_rows:  # a per-token policy: what the engine ran, layer by layer
         return float(sum(routed_step_flops(model, prompt_len + t + 1, rows, stats.layer_rows[t])
                          for t in range(new_tokens - 1)))
+    kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
     total = 0
     for t in range(new_tokens - 1):  # decode steps process generated tokens 0..new_tokens-2
         ctx = prompt_len + t + 1
         run = range(L) if stats is None else stats.step_layers[t]
         step = sum(per_layer[i] + 4 * ctx * d for i in run) + 2 * d * vocab
-        if stats is not None and stats.kv_only[t]:  # CALM: the top layers' attention writes K/V (propagation)
-            step += sum(per_attn[i] + 4 * ctx * d for i in range(L - stats.kv_only[t], L))
+        if stats is not None and stats.kv_only[t]:  # CALM: the layers above the exit write K/V (propagation)
+            step += sum(kv[i] if kv_rope else per_attn[i] + 4 * ctx * d for i in range(L - stats.kv_only[t], L))
         if stats is not None:  # CALM: one LM-head (softmax) or cosine per confidence check
             step += stats.confidence_evals[t] * 2 * d * vocab
         total += rows * step

@@ -27,3 +27,11 @@ class SkipCache(DynamicCache):
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length()
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions of every layer (layers already shorter keep theirs): lossless mode
+        drops the drafts' K/V before verifying and the rejected positions after."""
+        for layer in self.layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)

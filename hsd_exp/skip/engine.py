@@ -47,6 +47,7 @@ import torch
 
 from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
 from hsd_exp.skip.cache import SkipCache, cache_argument
+from hsd_exp.skip.lossless import LosslessStats, check_lossless, effective_config, lossless_generate
 from hsd_exp.skip.partial import run_rows, write_kv_only
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.stats import SkipStats
@@ -55,7 +56,8 @@ from hsd_exp.skip.stats import SkipStats
 class SkipEngine:
     """Installs the wrappers; see the module docstring. Use through ``layer_skipping``."""
 
-    def __init__(self, model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None):
+    def __init__(self, model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None,
+                 lossless: bool = False, draft_len: int = 4):
         self.model = unwrap(model)
         self.family = family_of(self.model)
         self.layers = decoder_layers(self.model)
@@ -78,6 +80,10 @@ class SkipEngine:
         self._ran: list[int] = []  # layers (0-based) the dynamic step has run so far
         self._handles: list = []
         self._saved: list = []  # (object, attribute, previous instance value or None)
+        self.lossless, self.draft_len = lossless, draft_len  # generate() drafts with the policy, verifies in full
+        self._full = False  # lossless mode's verify forwards: every layer, nothing recorded
+        if lossless:
+            self.stats.lossless = LosslessStats()
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -110,6 +116,8 @@ class SkipEngine:
             raise ValueError("layer_skipping needs max_new_tokens (the policies' Tmax): pass it to either")
         self._prompt_len, self._step = None, -1  # a new call starts with its prompt (prefill)
         self.stats.last_call, self.stats.last_call_rows = [], []
+        if self.lossless:
+            return self._generate_lossless(args, kwargs)
         use_cache = kwargs.get("use_cache", gen_config.use_cache)
         if use_cache is not False and kwargs.get(self.cache_kw) is None:  # None = generate()'s default: cached
             # Layer 0 may be skipped: give generate() a cache that reports the true length.
@@ -119,6 +127,26 @@ class SkipEngine:
         finally:  # a later plain forward in the context is a new prompt, not this call's next token
             self._prompt_len, self._call_tmax, self._step, self._dynamic = None, None, -1, None
             self._routing = None
+
+    def _generate_lossless(self, args, kwargs):
+        """generate() in lossless mode (hsd_exp.skip.lossless): the policy drafts, the full model verifies."""
+        gen, inputs = effective_config(self.model, dict(kwargs))
+        check_lossless(gen, self.draft_len)
+        input_ids = args[0] if args else inputs.pop("input_ids")
+        try:
+            return lossless_generate(self, input_ids, inputs.get("attention_mask"), gen, self.draft_len,
+                                     self.stats.lossless)
+        finally:
+            self._prompt_len, self._call_tmax, self._step, self._dynamic, self._routing = None, None, -1, None, None
+
+    @contextmanager
+    def full_depth(self, full: bool = True):
+        """Forwards inside run every layer and record nothing (lossless mode's prefill and verification)."""
+        previous, self._full = self._full, full
+        try:
+            yield
+        finally:
+            self._full = previous
 
     # ------------------------------------------------------------------ before the layers: make the plan
     def _before_stack(self, module, args, kwargs):
@@ -147,6 +175,9 @@ class SkipEngine:
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
 
         self._dynamic, self._ran, self._routing = None, [], None
+        if self._full:  # lossless mode's prefill and verification: the full model
+            self._plan = [True] * self.L
+            return None
         if steps[-1] < 0:  # prefill: every layer
             self.stats.prefill_tokens += x.shape[0] * q
             self._plan, self._step = [True] * self.L, -1
@@ -173,7 +204,7 @@ class SkipEngine:
         if q == 1:  # cached decoding: whole layers run or are skipped
             run = set(new_set)
             self._plan = [i in run for i in range(self.L)]
-            if cache is not None and len(run) < self.L:
+            if cache is not None and len(run) < self.L and not self.lossless:  # lossless: verify needs them
                 self._drop_skipped_kv(cache, run)
         else:  # several positions (no-cache reference): per-position (Q,) masks
             sets = {t: set(self.policy.layers(t, tmax, self.L)) for t in set(steps) if t >= 0}
@@ -254,14 +285,17 @@ class SkipEngine:
 
 
 @contextmanager
-def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None):
+def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None,
+                   lossless: bool = False, draft_len: int = 4):
     """Apply ``policy`` to every ``model.generate()`` (and forward) inside the block; yields SkipStats.
 
     ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used.
     ``prompt_len`` fixes where generated tokens start for plain forwards (skip-aware training batches).
+    ``lossless``: greedy generate() returns exactly plain generate()'s tokens; the policy drafts ``draft_len``
+    tokens per round and the full model verifies them (hsd_exp.skip.lossless; ``stats.lossless`` counts).
     On exit the model is exactly as before (plain ``generate()`` again), even after an exception.
     """
-    engine = SkipEngine(model, policy, max_new_tokens, prompt_len)
+    engine = SkipEngine(model, policy, max_new_tokens, prompt_len, lossless, draft_len)
     try:
         engine.install()
         yield engine.stats

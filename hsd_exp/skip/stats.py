@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hsd_exp.skip.calm import CalmExit
@@ -15,11 +15,10 @@ class SkipStats:
 
     ``avg_layers`` = mean of ``per_step``: the paper's "Avg. Layer". For CALM a step's count is its exit layer
     e (layers 1..e, the exit layer included). The layers above the exit do not count, yet they are not free:
-    each still runs its attention block (its norm, the Q/K/V/O projections and attention over the context)
-    on the propagated state so as to write K/V, and their number is ``kv_only``. ``hsd_exp.bench``'s FLOP
-    model adds that cost (2 * attention-block parameters + 4 * ctx * d per such layer and row) and one LM
-    head per confidence check (``confidence_evals``; for ``state`` too, an upper bound); Avg. Layer leaves
-    both out.
+    each still writes K/V from the propagated state (hsd_exp.skip.partial: the K/V projections on LLaMA-layout
+    models, the whole attention block on others), and their number is ``kv_only``. ``hsd_exp.bench``'s FLOP
+    model adds that cost and one LM head per confidence check (``confidence_evals``; for ``state`` too, an
+    upper bound); Avg. Layer leaves both out.
     CALM in a batch (and across beams) takes one exit per step for all rows, when the least confident row is
     confident; rows already finished (padding after their EOS) still take part in that minimum.
     A per-token policy (SkipLayer) lets rows differ: ``last_call_rows`` holds each row's count per step, and
@@ -38,6 +37,7 @@ class SkipStats:
     layer_rows: list[tuple[int, ...]] = field(default_factory=list)  # per-token policies: per step, per layer
     runs_by_token: dict[int, list[int]] = field(default_factory=dict)  # per-token: T -> rows that ran each layer
     rows_by_token: dict[int, int] = field(default_factory=dict)  # per-token: T -> rows decoded at T
+    lossless: Any = None  # lossless mode: its LosslessStats (drafted, accepted, verifications)
     prefill_tokens: int = 0  # prompt positions processed with every layer (B * prompt length, summed)
     decode_rows: int = 0  # rows (batch x beams) per decode step, summed over steps
 

@@ -154,6 +154,9 @@ class CausalLMModule(pl.LightningModule):
             checkpoint["hsd_adapter_only"] = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.router is None:  # a router checkpoint evaluated without its router (policy=full): the model only
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("router.")}
         if checkpoint.get("hsd_adapter_only"):  # the frozen base weights it leaves out: this model's own
             full = self.state_dict()
             full.update(checkpoint["state_dict"])

@@ -48,6 +48,9 @@ def test_router_trains_toward_the_density_is_saved_and_evaluates(tmp_path, mode)
     again = tasks.run(make_cfg(tmp_path / "ev", "task=evaluate", f"finetune={mode}",
                                f"ckpt_path={tmp_path / 'ft' / 'checkpoints' / 'last.ckpt'}"))
     assert again["avg_layers"] == pytest.approx(out["avg_layers"])  # the same router, restored by Lightning
+    full = tasks.run(make_cfg(tmp_path / "full", "task=evaluate", f"finetune={mode}", "policy=full",
+                              f"ckpt_path={tmp_path / 'ft' / 'checkpoints' / 'last.ckpt'}"))
+    assert full["avg_layers"] == 6  # the same checkpoint at full depth: its router is left out
     layer_map = json.loads((tmp_path / "ev" / RATES_FILE).read_text())  # which layers ran at which token
     assert (tmp_path / "ev" / RATES_PLOT).read_bytes().startswith(b"\x89PNG")
     assert len(layer_map["by_token"]) == 6 and 1 <= len(layer_map["by_token"][0]) <= 7  # T = 0 .. Tmax-2

@@ -99,9 +99,23 @@ def _positive_int(key: str, value, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} must be a positive integer; set {fix}")
 
 
+LOSSLESS_KEYS = ("lossless", "draft_len")  # decode=lossless: how the engine decodes, not GenerationConfig fields
+
+
+def lossless_settings(decode: DictConfig) -> dict:
+    """``layer_skipping``'s lossless arguments from the ``decode`` node (absent: plain skipping)."""
+    return {"lossless": bool(decode.get("lossless", False)), "draft_len": decode.get("draft_len", 4)}
+
+
 def check_decode(cfg: DictConfig) -> None:
     """Decoding values generate() would reject (or crash on) only after the model has loaded."""
     d = cfg.decode
+    if d.get("lossless"):
+        _positive_int("decode.draft_len", d.get("draft_len"), "decode.draft_len=4 (tokens drafted per verification)")
+        if d.get("num_beams") != 1 or d.get("do_sample"):
+            raise ConfigError(f"decode=lossless reproduces greedy decoding: it needs num_beams=1 and do_sample=false "
+                              f"(got num_beams={d.get('num_beams')}, do_sample={d.get('do_sample')}); drop the "
+                              "decode.num_beams / decode.do_sample override")
     _positive_int("decode.batch_size", d.get("batch_size"), "decode.batch_size=8 (examples per generate() call)")
     _positive_int("decode.num_beams", d.get("num_beams"), "decode.num_beams=1 (greedy or sampling) or 4 (decode=beam4)")
     if cfg.dataset.get("max_new_tokens") is not None:
@@ -122,7 +136,8 @@ def check_decode(cfg: DictConfig) -> None:
         raise ConfigError(f"decode.repetition_penalty={penalty!r} must be > 0; set decode.repetition_penalty=1.0 "
                           "(no penalty)")
     node = OmegaConf.to_container(d, resolve=True)
-    node.pop("batch_size", None)
+    for key in ("batch_size", *LOSSLESS_KEYS):
+        node.pop(key, None)
     try:  # transformers' own checks of the rest (e.g. +decode.num_beam_groups that does not divide num_beams)
         build(node)
     except Exception as err:  # noqa: BLE001 - GenerationConfig refuses the combination: bad input

@@ -30,7 +30,7 @@ from hsd_exp.eval.callbacks import (
 from hsd_exp.eval.predictions import read_predictions, read_run_predictions
 from hsd_exp.eval.resume import check_resume_limit, check_resume_setting, recorded_setting, setting
 from hsd_exp.models import LoadedModel, resolve_dtype
-from hsd_exp.preflight import build
+from hsd_exp.preflight import LOSSLESS_KEYS, build, lossless_settings
 from hsd_exp.report.runs import slug
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
@@ -101,9 +101,12 @@ def model_overrides(cfg: DictConfig, world_size: int) -> dict:
 
 
 def generation_config(decode: DictConfig, tokenizer) -> GenerationConfig:
-    """``decode`` built as a GenerationConfig (its ``_target_``), all but ``batch_size``; pad/eos from the tokenizer."""
+    """``decode`` built as a GenerationConfig (its ``_target_``), all but ``batch_size`` and the lossless mode's keys;
+    pad/eos from the tokenizer."""
     node = OmegaConf.to_container(decode, resolve=True)
     node.pop("batch_size")  # the evaluation batch size: the data module's, not generate()'s
+    for key in LOSSLESS_KEYS:  # how the skip engine decodes (decode=lossless), not generate()'s settings
+        node.pop(key, None)
     return build(node, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
@@ -266,7 +269,8 @@ def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: P
     preds = PredictionsCallback(str(run_dir), bertscore_config(cfg), meta)
     # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
     # it runs once Lightning has put the model on this rank's device.
-    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens), str(run_dir)), preds,
+    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens), str(run_dir),
+                                                        **lossless_settings(cfg.decode)), preds,
                  TokenProgressCallback(int(cfg.decode.max_new_tokens))]
     trainer = make_trainer(cfg, callbacks, run_dir, run_name=policy.label)
     try:

@@ -47,10 +47,12 @@ class SkipPolicyCallback(pl.Callback):
     loggers (hsd_exp.eval.layer_map).
     """
 
-    def __init__(self, policy: Policy, max_new_tokens: int, run_dir: str | None = None):
+    def __init__(self, policy: Policy, max_new_tokens: int, run_dir: str | None = None, lossless: bool = False,
+                 draft_len: int = 4):
         self.policy = policy
         self.max_new_tokens = max_new_tokens
         self.run_dir = Path(run_dir) if run_dir else None
+        self.lossless, self.draft_len = lossless, draft_len  # decode=lossless: the policy drafts, full verifies
         self._ctx = None
         self.stats = None
 
@@ -58,7 +60,8 @@ class SkipPolicyCallback(pl.Callback):
         policy = self.policy
         if "router" in policy.objects and policy.router is None and getattr(pl_module, "router", None) is not None:
             policy = policy.with_router(pl_module.router)  # SkipLayer: the router the checkpoint restored
-        self._ctx = layer_skipping(pl_module.model, policy, max_new_tokens=self.max_new_tokens)
+        self._ctx = layer_skipping(pl_module.model, policy, max_new_tokens=self.max_new_tokens,
+                                   lossless=self.lossless, draft_len=self.draft_len)
         self.stats = self._ctx.__enter__()
         pl_module.skip_stats = self.stats
 
@@ -73,6 +76,8 @@ class SkipPolicyCallback(pl.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self._exit(pl_module)
+        if self.stats is not None and self.stats.lossless is not None:  # into metrics.json (PredictionsCallback)
+            pl_module.decode_record = self.stats.lossless.summary(self.draft_len)
         rates = self.stats.run_rates() if self.stats is not None else []
         if rates and self.run_dir is not None and trainer.is_global_zero:
             per_layer = write_layer_map(self.run_dir, rates, f"{self.policy.display_name}: layers run per token")
@@ -208,6 +213,7 @@ class PredictionsCallback(pl.Callback):
             wall_seconds=time.perf_counter() - self._t0,
             complete=True,
             **self.meta,
+            **getattr(pl_module, "decode_record", {}),  # decode=lossless: acceptance, tokens per verification
         )
         write_metrics(self.run_dir, self.metrics)
         numeric = {f"test/{k}": float(v) for k, v in self.metrics.items()

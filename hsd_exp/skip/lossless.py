@@ -29,11 +29,13 @@ from transformers import GenerationConfig
 from hsd_exp.errors import ConfigError
 from hsd_exp.skip.cache import SkipCache
 
-# GenerationConfig fields whose non-default values would change greedy tokens: lossless mode does not apply them.
-UNSUPPORTED = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "forced_bos_token_id",
-               "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
-               "encoder_repetition_penalty", "exponential_decay_length_penalty", "renormalize_logits",
-               "max_length")
+# GenerationConfig fields that would change greedy tokens, with the values that leave them off: lossless mode does
+# not apply them, so it refuses anything else.
+UNSUPPORTED = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+               "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "forced_bos_token_id": (None,),
+               "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+               "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+               "renormalize_logits": (None, False)}
 
 
 @dataclass
@@ -54,6 +56,14 @@ class LosslessStats:
     def tokens_per_verification(self) -> float:
         return self.committed / self.verifications if self.verifications else float("nan")
 
+    def summary(self, draft_len: int) -> dict:
+        """What metrics.json records of a lossless run."""
+        layers = self.draft_layers
+        return {"lossless": True, "draft_len": draft_len, "acceptance": self.acceptance,
+                "tokens_per_verification": self.tokens_per_verification, "drafted": self.drafted,
+                "accepted": self.accepted, "verifications": self.verifications,
+                "draft_avg_layers": sum(layers) / len(layers) if layers else None}
+
 
 def check_lossless(gen: GenerationConfig, draft_len: int) -> None:
     """Greedy, one beam, no score-changing processors: what lossless mode reproduces exactly."""
@@ -64,8 +74,7 @@ def check_lossless(gen: GenerationConfig, draft_len: int) -> None:
                           "decoding; use decode=greedy with it")
     if gen.do_sample:
         raise ConfigError("lossless decoding reproduces greedy decoding: set do_sample=false")
-    default = GenerationConfig()
-    changed = [f for f in UNSUPPORTED if getattr(gen, f, None) != getattr(default, f, None)]
+    changed = [f for f, off in UNSUPPORTED.items() if getattr(gen, f, None) not in off]
     if changed:
         raise ConfigError(f"lossless decoding does not apply {', '.join(changed)}: unset them (greedy, "
                           "max_new_tokens, min_new_tokens, eos/pad are supported)")

@@ -175,6 +175,8 @@ class CausalLMModule(pl.LightningModule):
         self.generate_seconds += time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
         per_step = list(self.skip_stats.last_call) if self.skip_stats is not None else []
+        if self.skip_stats is not None and self.skip_stats.lossless is not None:
+            per_step = []  # lossless: every token is the full model's (draft costs: metrics' lossless entries)
         per_row = self.skip_stats.last_call_rows if self.skip_stats is not None else []
         beams = gen.num_beams or 1
         texts, layers = [], []

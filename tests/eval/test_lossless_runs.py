@@ -1,0 +1,41 @@
+"""decode=lossless through the CLI: its predictions are greedy full decoding's, and metrics.json says what the
+drafts cost (acceptance, tokens per verification); settings it cannot reproduce stop before the model loads."""
+
+import json
+
+import pytest
+
+from hsd_exp import preflight, tasks
+from hsd_exp.errors import ConfigError
+from hsd_exp.eval.predictions import read_predictions
+
+from helpers import compose_config
+
+BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=5", "bertscore.enabled=false", "decode.batch_size=3",
+        "decode.max_new_tokens=10", "task=evaluate", "logger=csv", "callbacks=none", "trainer.accelerator=cpu"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lossless_predictions_are_full_decodings(tmp_path):
+    full = tasks.run(compose_config(tmp_path / "full", *BASE, "policy=full"))
+    out = tasks.run(compose_config(tmp_path / "ll", *BASE, "policy=hsd", "policy.max=4", "decode=lossless",
+                                   "decode.draft_len=3"))
+    texts = {p["id"]: p["prediction"] for p in read_predictions(tmp_path / "full" / "predictions.jsonl")}
+    assert {p["id"]: p["prediction"] for p in read_predictions(tmp_path / "ll" / "predictions.jsonl")} == texts
+    metrics = json.loads((tmp_path / "ll" / "metrics.json").read_text())
+    assert metrics["lossless"] is True and metrics["draft_len"] == 3
+    assert 0 <= metrics["acceptance"] <= 1 and metrics["tokens_per_verification"] >= 1
+    assert metrics["draft_avg_layers"] < 6  # the drafts skipped; the output did not
+    assert out["avg_layers"] == full["avg_layers"] == 6
+    assert out["rougeL"] == full["rougeL"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("decode.num_beams=4", "needs num_beams=1 and do_sample=false"),
+    ("decode.do_sample=true", "needs num_beams=1 and do_sample=false"),
+    ("decode.draft_len=0", "decode.draft_len=0 must be a positive integer"),
+])
+def test_lossless_refuses_beams_sampling_and_bad_draft_len_before_loading(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        preflight.check(compose_config(tmp_path, *BASE, "policy=hsd", "policy.max=4", "decode=lossless", override))

@@ -1,0 +1,86 @@
+"""Lossless mode: whatever the draft policy, greedy generate() inside layer_skipping(..., lossless=True) returns
+plain greedy generate()'s tokens, EOS and padding included, at batch 1 and batch 3 (left-padded)."""
+
+import copy
+
+import pytest
+import torch
+
+from hsd_exp import SkipRouter, build_policy, layer_skipping
+from hsd_exp.errors import ConfigError
+
+from helpers import PROMPTS, load
+
+T = 12
+DRAFTS = {
+    "hsd": lambda model: build_policy("hsd", s=1, min=0, max=4),
+    "skipdecode_keep_first": lambda model: build_policy("skipdecode", min=2, max=4, keep_first=1),
+    "calm": lambda model: build_policy("calm", d=0.1),
+    "skiplayer": lambda model: build_policy("skiplayer", router=random_router(model)),
+    "full": lambda model: build_policy("full"),
+}
+
+
+def random_router(model):
+    torch.manual_seed(0)
+    router = SkipRouter.for_model(model, kind="linear", init_bias=0.0)
+    for p in router.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return router.to(next(model.parameters()).dtype).eval()
+
+
+def float64(name):
+    lm = load(name)
+    return copy.deepcopy(lm.model).double(), lm.tokenizer
+
+
+def greedy(model, tokenizer, batch, **kw):
+    enc = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": T, "do_sample": False, "pad_token_id": tokenizer.pad_token_id, **kw}
+    return model.generate(**enc, **kw)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-phi", "tiny-llama"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("draft", sorted(DRAFTS))
+def test_lossless_output_is_plain_greedy_output(name, batch, draft):
+    model, tokenizer = float64(name)
+    plain = greedy(model, tokenizer, batch)
+    with layer_skipping(model, DRAFTS[draft](model), max_new_tokens=T, lossless=True, draft_len=3) as stats:
+        out = greedy(model, tokenizer, batch)
+    assert torch.equal(out, plain)
+    s = stats.lossless
+    assert s.verifications > 0 and s.committed == T - 1  # every token after the prefill's came from a round
+    assert 0 <= s.accepted <= s.drafted
+    if draft == "full":  # a full-depth draft is always right: every round commits draft_len + 1 tokens
+        assert s.acceptance == 1.0 and s.tokens_per_verification > 3
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_rows_that_end_are_padded_as_plain_generate_pads_them(name):
+    model, tokenizer = float64(name)
+    free = greedy(model, tokenizer, 3)
+    P = free.shape[1] - T
+    eos = int(free[1, P + 4])  # row 1's fifth token becomes "EOS": it ends there, the others later or never
+    plain = greedy(model, tokenizer, 3, eos_token_id=eos)
+    assert (plain[1, P + 5:] == tokenizer.pad_token_id).all()  # (the case is real: row 1 is padded)
+    for min_new in (None, 7):
+        kw = {"eos_token_id": eos, **({"min_new_tokens": min_new} if min_new else {})}
+        plain = greedy(model, tokenizer, 3, **kw)
+        with layer_skipping(model, build_policy("hsd", s=1, min=0, max=4), max_new_tokens=T, lossless=True):
+            assert torch.equal(greedy(model, tokenizer, 3, **kw), plain)
+
+
+def test_lossless_refuses_what_it_cannot_reproduce():
+    model, tokenizer = float64("tiny-llama")
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    with layer_skipping(model, policy, max_new_tokens=T, lossless=True):
+        with pytest.raises(ConfigError, match="needs num_beams=1"):
+            greedy(model, tokenizer, 1, num_beams=4)
+        with pytest.raises(ConfigError, match="set do_sample=false"):
+            greedy(model, tokenizer, 1, do_sample=True)
+        with pytest.raises(ConfigError, match="does not apply repetition_penalty"):
+            greedy(model, tokenizer, 1, repetition_penalty=1.3)
+    with pytest.raises(ConfigError, match="draft_len=0 is out of range"), \
+            layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=0):
+        greedy(model, tokenizer, 1)

@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -50,7 +51,7 @@ from hsd_exp.data.prompts import build_prompt
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import decoder_layers, family_of
 from hsd_exp.skip.engine import SkipStats, layer_skipping
-from hsd_exp.skip.policies import build_policy
+from hsd_exp.skip.policies import Policy, build_policy
 
 
 def layer_flops(model) -> tuple[list[int], list[int], int, int]:
@@ -164,7 +165,7 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
 
     def plain():
         with torch.no_grad():
-            return model.generate(**enc, generation_config=gen)
+            plain.out = model.generate(**enc, generation_config=gen)
 
     one = copy.deepcopy(gen)
     one.max_new_tokens = one.min_new_tokens = 1
@@ -174,9 +175,13 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
             return model.generate(**enc, generation_config=one)
 
     def under(policy):
+        lossless = isinstance(policy, Lossless)
+        kw = {"lossless": True, "draft_len": policy.draft_len} if lossless else {}
+
         def fn():
-            with layer_skipping(model, policy, max_new_tokens=new_tokens) as stats, torch.no_grad():
-                model.generate(**enc, generation_config=gen)
+            with layer_skipping(model, getattr(policy, "policy", policy), max_new_tokens=new_tokens, **kw) as stats, \
+                    torch.no_grad():
+                fn.out = model.generate(**enc, generation_config=gen)
             fn.stats = stats
         return fn
 
@@ -195,11 +200,21 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
     call_plain = call_flops(model, prompt_len, rows, new_tokens, None)
     decode_plain = decode_flops(model, prompt_len, rows, new_tokens, None)
     out = []
-    for label, _, fn in runners[1:]:
+    for label, policy, fn in runners[1:]:
         t = agg(times[label])
         stats = getattr(fn, "stats", None)
-        ideal = call_plain / call_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
-        decode_ideal = decode_plain / decode_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
+        if isinstance(policy, Lossless):  # drafts and verifications, not one decode step per token
+            decode = lossless_decode_flops(model, prompt_len, rows, new_tokens, stats)
+            ideal = call_plain / (prefill_flops(model, prompt_len, rows) + decode)
+            decode_ideal = decode_plain / decode
+        else:
+            ideal = call_plain / call_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
+            decode_ideal = decode_plain / decode_flops(model, prompt_len, rows, new_tokens, stats) if stats else 1.0
+        extra = {}
+        if stats is not None and stats.lossless is not None:
+            extra = {"acceptance": stats.lossless.acceptance,
+                     "tokens_per_verification": stats.lossless.tokens_per_verification,
+                     "identical": bool(torch.equal(fn.out, plain.out))}  # the promise: plain generate()'s tokens
         measured = base / t
         # The decode steps alone: the prefill's time taken off both (None if noise makes it meaningless).
         decode_measured = (base - t_prefill) / (t - t_prefill) if t > t_prefill and base > t_prefill else None
@@ -209,8 +224,62 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
                     "measured_speedup": measured, "ideal_speedup": ideal, "efficiency": measured / ideal,
                     "decode_measured_speedup": decode_measured, "decode_ideal_speedup": decode_ideal,
                     "decode_efficiency": None if decode_measured is None else decode_measured / decode_ideal,
-                    "prompt_len": prompt_len, "new_tokens": new_tokens})
+                    "prompt_len": prompt_len, "new_tokens": new_tokens, **extra})
     return out
+
+
+@dataclass(frozen=True)
+class Lossless:
+    """A benchmark row in lossless mode: ``policy`` drafts ``draft_len`` tokens, the full model verifies."""
+
+    policy: Policy
+    draft_len: int = 4
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy.label} lossless(k={self.draft_len})"
+
+    @property
+    def objects(self) -> tuple[str, ...]:
+        return self.policy.objects
+
+
+def lossless_decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats) -> float:
+    """Lossless mode's decode FLOPs: every draft forward under the policy (as ``decode_flops`` counts a step)
+    plus every verify forward (the full model on k + 1 positions), context at the call's mid-point."""
+    per_layer, per_attn, d, vocab = layer_flops(model)
+    kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
+    L, ctx = len(per_layer), prompt_len + new_tokens // 2
+    if stats.layer_rows:  # a router drafts
+        draft = sum(routed_step_flops(model, ctx, rows, layer_rows) for layer_rows in stats.layer_rows)
+    else:  # a static policy (skipped layers write nothing) or CALM (the layers above the exit write K/V)
+        draft = rows * sum(sum(per_layer[i] + 4 * ctx * d for i in run) + 2 * d * vocab * (1 + evals)
+                           + sum(kv[i] if kv_rope else per_attn[i] + 4 * ctx * d for i in range(L - extra, L))
+                           for run, extra, evals in zip(stats.step_layers, stats.kv_only, stats.confidence_evals,
+                                                        strict=True))
+    verified = stats.lossless.drafted + stats.lossless.verifications  # positions: k + 1 per verification
+    verify = rows * verified * (sum(f + 4 * ctx * d for f in per_layer) + 2 * d * vocab)
+    return float(draft + verify)
+
+
+def bench_policy(entry: dict, depth: int | None) -> Policy | Lossless:
+    """One ``bench.policies`` entry: a policy's parameters, plus ``lossless: true`` (and ``draft_len``) for a
+    lossless row that drafts with it."""
+    lossless, draft_len = entry.pop("lossless", False), entry.pop("draft_len", 4)
+    policy = build_policy(num_layers=depth, **entry)
+    if not lossless:
+        return policy
+    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
+        raise ConfigError(f"bench.policies: draft_len={draft_len!r} must be a positive integer (e.g. 4)")
+    return Lossless(policy, draft_len)
+
+
+def with_router(row: Policy | Lossless, router) -> Policy | Lossless:
+    if "router" not in row.objects:
+        return row
+    if isinstance(row, Lossless):
+        return Lossless(row.policy.with_router(router), row.draft_len)
+    return row.with_router(router)
 
 
 def check_router_source(router: str | None, adapter: str | None, policies) -> Path | None:
@@ -238,16 +307,17 @@ def calls_per_setting(num_policies: int, repeats: int) -> int:
 
 
 HEAD = ("| model | batch | beams | policy | Avg. Layer | tokens/s | measured speedup | ideal speedup "
-        "| measured/ideal | decode: measured | decode: ideal | decode: measured/ideal |")
+        "| measured/ideal | decode: measured | decode: ideal | decode: measured/ideal | acceptance | identical |")
 
 
 def render(rows: list[dict], head: bool = True) -> str:
-    lines = [HEAD, "|" + "---|" * 12] if head else []
+    lines = [HEAD, "|" + "---|" * 14] if head else []
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['num_beams']} | {r['policy']} | {r['avg_layers']:.2f} "
                      f"| {r['tokens_per_s']:.1f} | {r['measured_speedup']:.3f} | {r['ideal_speedup']:.3f} "
                      f"| {r['efficiency']:.3f} | {_fmt(r['decode_measured_speedup'])} "
-                     f"| {r['decode_ideal_speedup']:.3f} | {_fmt(r['decode_efficiency'])} |")
+                     f"| {r['decode_ideal_speedup']:.3f} | {_fmt(r['decode_efficiency'])} "
+                     f"| {_fmt(r.get('acceptance'))} | {r.get('identical', '')} |")
     return "\n".join(lines)
 
 
@@ -269,7 +339,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"bench.statistic={statistic!r} is not one of {sorted(STATISTICS)}; "
                               f"set bench.statistic=min or bench.statistic=median")
         depth = model_depth(cfg.model)  # model.path: its own config.json's depth, family checked first
-        policies = [build_policy(num_layers=depth, **p) for p in b.policies]
+        policies = [bench_policy(dict(p), depth) for p in b.policies]
         router_dir = check_router_source(b.get("router"), b.get("adapter"), policies)
         if b.threads:
             torch.set_num_threads(int(b.threads))
@@ -282,7 +352,7 @@ def main(cfg: DictConfig) -> None:
             from hsd_exp.skip.router import SkipRouter
 
             router = SkipRouter.load(router_dir, lm.model).eval()
-            policies = [p.with_router(router) if "router" in p.objects else p for p in policies]
+            policies = [with_router(p, router) for p in policies]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

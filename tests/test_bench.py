@@ -10,6 +10,8 @@ import torch
 
 from hsd_exp.bench import (
     HEAD,
+    Lossless,
+    bench_policy,
     bench_setting,
     call_flops,
     calls_per_setting,
@@ -124,6 +126,22 @@ def test_bench_setting_times_a_router_with_its_flops_per_layer():
     rows = bench_setting(lm, policies, batch_size=3, beams=1, new_tokens=5, repeats=1)
     routed = rows[1]
     assert 0 < routed["avg_layers"] < 6 and routed["ideal_speedup"] > 1.0
+
+
+def test_lossless_rows_check_their_tokens_and_count_drafts_and_verifications():
+    lm = load("tiny-llama")
+    hsd = build_policy("hsd", s=1, min=0, max=4)
+    rows = bench_setting(lm, [Lossless(hsd, 3), Lossless(build_policy("full"), 3)], batch_size=2, beams=1,
+                         new_tokens=8, repeats=1)
+    assert [r["policy"] for r in rows[1:]] == ["hsd(s=1,0,4) lossless(k=3)", "full lossless(k=3)"]
+    assert all(r["identical"] for r in rows[1:])  # plain generate()'s tokens, checked in the run
+    full = rows[2]
+    assert full["acceptance"] == 1.0 and full["tokens_per_verification"] == pytest.approx(7 / 2)
+    # a full-depth draft only adds work: 7 tokens = 6 drafts + 2 verifications of 4 positions, vs 7 steps
+    assert full["decode_ideal_speedup"] < 1.0
+    with pytest.raises(ConfigError, match="draft_len=0 must be a positive integer"):
+        bench_policy({"name": "hsd", "lossless": True, "draft_len": 0}, 30)
+    assert bench_policy({"name": "hsd", "lossless": True}, 30) == Lossless(build_policy("hsd"), 4)
 
 
 def test_bench_setting_reports_progress_outside_the_timed_calls():

@@ -35,6 +35,7 @@ TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, sca
     ("hsd", {"s": 1, "min": 0, "max": 4}),
     ("hsd", {"s": 2, "min": 0, "max": 3}),
     ("hsd", {"s": 1, "min": 0, "max": 3, "keep_first": 1}),  # the ablation: layer 1 runs, layer 3 does not
+    ("early_exit", {"layer": 3}),  # the bottom 3 layers: a lossless draft
 ]
 
 _models: dict = {}

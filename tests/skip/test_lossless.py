@@ -17,6 +17,7 @@ DRAFTS = {
     "skipdecode_keep_first": lambda model: build_policy("skipdecode", min=2, max=4, keep_first=1),
     "calm": lambda model: build_policy("calm", d=0.1),
     "skiplayer": lambda model: build_policy("skiplayer", router=random_router(model)),
+    "early_exit": lambda model: build_policy("early_exit", layer=3),
     "full": lambda model: build_policy("full"),
 }
 

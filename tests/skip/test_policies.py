@@ -143,8 +143,9 @@ def test_policies_name_themselves(name, params, label, display, family, variant)
 
 
 def test_the_registry_holds_every_policy_in_report_order():
-    assert list(POLICIES) == ["full", "skipdecode", "hsd", "calm", "skiplayer"]
-    assert sorted(POLICIES, key=lambda n: POLICIES[n].order) == ["full", "calm", "skipdecode", "hsd", "skiplayer"]
+    assert list(POLICIES) == ["full", "skipdecode", "hsd", "calm", "early_exit", "skiplayer"]
+    assert sorted(POLICIES, key=lambda n: POLICIES[n].order) == ["full", "calm", "skipdecode", "hsd", "skiplayer",
+                                                                  "early_exit"]
     assert [n for n, cls in POLICIES.items() if cls.baseline] == ["full"]
     assert [n for n, cls in POLICIES.items() if not cls.static] == ["calm", "skiplayer"]
     assert policy_class("hsd") is HSD and policy_class("nope") is None and policy_class(None) is None
@@ -175,3 +176,13 @@ def test_config_label_and_the_wandb_name_resolver():
     cfg = OmegaConf.create({"policy": node, "run_name": "${hsd_policy_label:${policy}}"})
     assert cfg.run_name == "hsd(s=1,0,18,keep_first=2)"
     assert OmegaConf.create({"policy": {"name": "full"}, "n": "${hsd_policy_label:${policy}}"}).n == "full"
+
+
+def test_early_exit_runs_the_bottom_e_layers_for_every_token():
+    policy = build_policy("early_exit", layer=4)
+    assert all(policy.layers(t, 10, 6) == (0, 1, 2, 3) for t in range(12))  # monotone: the same set always
+    assert policy.label == "early_exit(E=4)" and policy.display_name == "Early exit (E=4)"
+    with pytest.raises(ConfigError, match=r"policy.layer=7 is out of range: must be an integer in \[1, L=6\]"):
+        build_policy("early_exit", num_layers=6, layer=7)
+    with pytest.raises(ConfigError, match="policy.layer=0 is out of range"):
+        build_policy("early_exit", layer=0)

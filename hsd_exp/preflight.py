@@ -112,10 +112,9 @@ def check_decode(cfg: DictConfig) -> None:
     d = cfg.decode
     if d.get("lossless"):
         _positive_int("decode.draft_len", d.get("draft_len"), "decode.draft_len=4 (tokens drafted per verification)")
-        if d.get("num_beams") != 1 or d.get("do_sample"):
-            raise ConfigError(f"decode=lossless reproduces greedy decoding: it needs num_beams=1 and do_sample=false "
-                              f"(got num_beams={d.get('num_beams')}, do_sample={d.get('do_sample')}); drop the "
-                              "decode.num_beams / decode.do_sample override")
+        if d.get("num_beams") != 1:
+            raise ConfigError(f"decode=lossless needs num_beams=1 (got {d.get('num_beams')}): beam search keeps no "
+                              "single draft to verify; drop the decode.num_beams override")
     _positive_int("decode.batch_size", d.get("batch_size"), "decode.batch_size=8 (examples per generate() call)")
     _positive_int("decode.num_beams", d.get("num_beams"), "decode.num_beams=1 (greedy or sampling) or 4 (decode=beam4)")
     if cfg.dataset.get("max_new_tokens") is not None:

@@ -1,17 +1,21 @@
 """Lossless mode: the skip policy drafts, the full model verifies (self-speculative decoding), batched.
 
-One round, for a batch whose committed sequences x end in a token x_n not yet in the cache (greedy):
+One round, for a batch whose committed sequences x end in a token x_n not yet in the cache:
 
-    draft    d_j = argmax p_skip(. | x, d_<j)          j = 1..k   (k forwards under the policy, one token each)
-    verify   g_j = argmax p_full(. | x, d_<j)          j = 1..k+1 (one full-depth forward over x_n, d_1..d_k)
-    accept   a = min over unfinished rows of  max { m : d_j = g_j for all j <= m }
-    commit   d_1..d_a, g_{a+1}
+    draft    d_j ~ q_j = q(. | x, d_<j)           j = 1..k   (k forwards under the policy, one token each)
+    verify   p_j = p(. | x, d_<j)                 j = 1..k+1 (one full-depth forward over x_n, d_1..d_k)
+    accept   greedy:   d_j is accepted when d_j = argmax p_j
+             sampling: d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j))   (speculative sampling)
+             m_r = the accepted prefix of row r,  a = min over unfinished rows of m_r
+    commit   d_1..d_a, then c_{a+1}: the row's accepted d_{a+1} where m_r > a, else its correction,
+             argmax p_{a+1} (greedy) or a sample of norm(max(0, p_{a+1} - q_{a+1})) (sampling; p_{k+1} when a = k)
 
-Every committed token is the full model's greedy choice given the committed tokens before it (d_j = g_j for
-j <= a; g_{a+1} is the full model's token), so the output is plain greedy ``generate()``'s, token for token.
-Rows accept different numbers of drafts; the batch commits the smallest (``a``), which keeps every row one
-length with no masks or per-row positions (for a row that accepted more, g_{a+1} = d_{a+1}: still its full
-model's token). The cost: a batch's acceptance is its least-accepting row's.
+Greedy: every committed token is the full model's argmax given the tokens before it, so the output is plain
+greedy ``generate()``'s, token for token. Sampling: each committed token is distributed as p given the tokens
+before it (the speculative-sampling identity; whether position j is committed depends only on positions < j),
+so the output follows the full model's sampling distribution. Rows accept different numbers of drafts; the
+batch commits the smallest (``a``), which keeps every row one length with no masks or per-row positions. The
+cost: a batch's acceptance is its least-accepting row's.
 
 The cache: drafting writes the policy's K/V (skipped layers write none, or K/V from skipped states); before
 verifying, every layer is cut back to the committed positions, whose K/V are the full model's, and the verify
@@ -24,7 +28,13 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from hsd_exp.errors import ConfigError
 from hsd_exp.skip.cache import SkipCache
@@ -35,7 +45,8 @@ UNSUPPORTED = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": 
                "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "forced_bos_token_id": (None,),
                "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
                "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
-               "renormalize_logits": (None, False)}
+               "renormalize_logits": (None, False), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+               "eta_cutoff": (None, 0.0), "min_p": (None, 0.0)}
 
 
 @dataclass
@@ -66,31 +77,78 @@ class LosslessStats:
 
 
 def check_lossless(gen: GenerationConfig, draft_len: int) -> None:
-    """Greedy, one beam, no score-changing processors: what lossless mode reproduces exactly."""
+    """One beam, no score-changing processors beyond temperature / top-k / top-p: what lossless mode reproduces."""
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
         raise ConfigError(f"draft_len={draft_len} is out of range: a positive number of tokens to draft per round")
     if (gen.num_beams or 1) != 1:
-        raise ConfigError(f"lossless decoding needs num_beams=1 (got {gen.num_beams}): it reproduces greedy "
-                          "decoding; use decode=greedy with it")
-    if gen.do_sample:
-        raise ConfigError("lossless decoding reproduces greedy decoding: set do_sample=false")
+        raise ConfigError(f"lossless decoding needs num_beams=1 (got {gen.num_beams}): beams keep no single draft "
+                          "to verify; use decode=greedy (or sampling) with it")
     changed = [f for f, off in UNSUPPORTED.items() if getattr(gen, f, None) not in off]
     if changed:
-        raise ConfigError(f"lossless decoding does not apply {', '.join(changed)}: unset them (greedy, "
-                          "max_new_tokens, min_new_tokens, eos/pad are supported)")
+        raise ConfigError(f"lossless decoding does not apply {', '.join(changed)}: unset them (max_new_tokens, "
+                          "min_new_tokens, eos/pad, and for sampling temperature, top_k and top_p are supported)")
 
 
-def _greedy(logits: torch.Tensor, index: torch.Tensor | int, gen: GenerationConfig, eos: list[int]) -> torch.Tensor:
-    """argmax of (B, V) logits for generated token ``index``, EOS masked while index < min_new_tokens."""
-    if gen.min_new_tokens and eos and int(index) < gen.min_new_tokens:
-        logits = logits.clone()
-        logits[:, eos] = float("-inf")
-    return logits.argmax(-1)  # (B,)
+class Chooser:
+    """How a round picks tokens from logits: greedy argmax, or sampling with generate()'s own warpers. EOS is
+    masked while the token index < min_new_tokens, as generate()'s MinNewTokensLengthLogitsProcessor does."""
+
+    def __init__(self, gen: GenerationConfig, eos: list[int]):
+        self.gen, self.eos, self.sample = gen, eos, bool(gen.do_sample)
+        self.warpers = LogitsProcessorList()
+        if self.sample:  # generate()'s order: temperature, top-k, top-p
+            if gen.temperature is not None and gen.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(gen.temperature))
+            if gen.top_k:
+                self.warpers.append(TopKLogitsWarper(gen.top_k))
+            if gen.top_p is not None and gen.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(gen.top_p))
+
+    def scores(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """(B, V) logits of generated token ``index`` -> the processed scores generate() would choose from."""
+        if self.gen.min_new_tokens and self.eos and index < self.gen.min_new_tokens:
+            logits = logits.clone()
+            logits[:, self.eos] = float("-inf")
+        return self.warpers(None, logits.float()) if self.sample else logits
+
+    def draft(self, logits: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft token (B,) and, when sampling, its distribution q (B, V)."""
+        scores = self.scores(logits, index)
+        if not self.sample:
+            return scores.argmax(-1), None
+        q = scores.softmax(-1)
+        return torch.multinomial(q, 1).squeeze(1), q
+
+    def verify(self, drafts: torch.Tensor, qs: list, logits: torch.Tensor, first: int):
+        """drafts (B, k), their q's, the full model's logits (B, k+1, V) for generated tokens first..first+k.
+        Returns (m, targets): each row's accepted prefix (B,) and the token to commit at each place (B, k+1):
+        the accepted draft before m, the correction at m."""
+        k = drafts.shape[1]
+        scores = [self.scores(logits[:, j], first + j) for j in range(k + 1)]
+        if not self.sample:
+            targets = torch.stack([s.argmax(-1) for s in scores], dim=1)  # (B, k+1)
+            accepted = drafts == targets[:, :k]
+        else:
+            ps = [s.softmax(-1) for s in scores]
+            targets, accepted = [], []
+            for j in range(k):
+                d = drafts[:, j:j + 1]
+                ratio = ps[j].gather(1, d) / qs[j].gather(1, d)  # p_j(d_j) / q_j(d_j), (B, 1)
+                ok = (torch.rand_like(ratio) <= ratio).squeeze(1)
+                residual = (ps[j] - qs[j]).clamp_min(0)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, ps[j])
+                fix = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1).squeeze(1)
+                targets.append(torch.where(ok, drafts[:, j], fix))
+                accepted.append(ok)
+            targets.append(torch.multinomial(ps[k], 1).squeeze(1))  # the bonus token, when every draft passed
+            targets, accepted = torch.stack(targets, dim=1), torch.stack(accepted, dim=1) if k else drafts.bool()
+        m = accepted.long().cumprod(dim=1).sum(dim=1) if k else torch.zeros_like(targets[:, 0])
+        return m, targets
 
 
 def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       gen: GenerationConfig, draft_len: int, stats: LosslessStats) -> torch.Tensor:
-    """Greedy ``generate()`` of ``engine.model``, drafts under ``engine.policy``: (B, P + new) token ids."""
+    """``generate()`` of ``engine.model`` (greedy or sampling), drafts under ``engine.policy``: (B, P + new)."""
     model, cache_kw = engine.model, engine.cache_kw
     B, P = input_ids.shape
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -98,6 +156,7 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
     eos_ids = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
     limit = gen.max_new_tokens
+    choose = Chooser(gen, eos)
     cache = SkipCache(config=model.config)
 
     def forward(ids: torch.Tensor, full: bool) -> torch.Tensor:
@@ -109,41 +168,36 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
         return out.logits  # (B, q, V)
 
-    seq = input_ids
-    first = _greedy(forward(input_ids, full=True)[:, -1], 0, gen, eos)  # the prefill: every layer
+    first, _ = choose.draft(forward(input_ids, full=True)[:, -1], 0)  # the prefill, every layer: token 0
     new = [first]
     done = torch.isin(first, eos_ids)  # (B,) rows past their EOS
     while len(new) < limit and not done.all():
         g = len(new)  # generated tokens so far; new[-1] is not in the cache yet
         n = P + g - 1  # committed positions with K/V in the cache
         k = min(draft_len, limit - g - 1)
-        drafts, tok = [], new[-1]
+        drafts, qs, tok = [], [], new[-1]
         for j in range(k):  # draft: one token per forward, under the policy
             steps_before = len(engine.stats.per_step)
-            tok = _greedy(forward(tok.unsqueeze(1), full=False)[:, -1], g + j, gen, eos)
+            tok, q = choose.draft(forward(tok.unsqueeze(1), full=False)[:, -1], g + j)
             stats.draft_layers += engine.stats.per_step[steps_before:]
             drafts.append(tok)
+            qs.append(q)
         cache.truncate(n)  # back to the full model's K/V (the drafts' are the policy's)
-        verify_in = torch.stack([new[-1], *drafts], dim=1)  # (B, k + 1)
-        logits = forward(verify_in, full=True)  # (B, k + 1, V)
+        logits = forward(torch.stack([new[-1], *drafts], dim=1), full=True)  # (B, k + 1, V)
         stats.verifications += 1
-        targets = torch.stack([_greedy(logits[:, j], g + j, gen, eos) for j in range(k + 1)], dim=1)  # (B, k+1)
-        if k:
-            match = (torch.stack(drafts, dim=1) == targets[:, :k]) | done.unsqueeze(1)  # finished rows agree
-            a = int(match.long().cumprod(dim=1).sum(dim=1).min())  # the batch's accepted length
-        else:
-            a = 0
+        m, targets = choose.verify(torch.stack(drafts, dim=1) if k else first.new_empty(B, 0), qs, logits, g)
+        a = int(torch.where(done, torch.full_like(m, k), m).min())  # finished rows do not hold the batch back
         stats.drafted += k
         stats.accepted += a
         stats.committed += a + 1
-        cache.truncate(n + a + 1)  # keep x_n, d_1..d_a (the full model's K/V); g_{a+1} is fed next round
+        cache.truncate(n + a + 1)  # keep x_n, d_1..d_a (the full model's K/V); c_{a+1} is fed next round
         for j in range(a + 1):
             tok = torch.where(done, torch.full_like(targets[:, j], pad), targets[:, j])
             new.append(tok)
             done = done | torch.isin(tok, eos_ids)
             if done.all() or len(new) == limit:
                 break
-    return torch.cat([seq, torch.stack(new, dim=1)], dim=1)  # (B, P + new)
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)  # (B, P + new)
 
 
 def effective_config(model, kwargs: dict) -> tuple[GenerationConfig, dict]:
@@ -157,4 +211,4 @@ def effective_config(model, kwargs: dict) -> tuple[GenerationConfig, dict]:
     return gen, rest
 
 
-__all__ = ["LosslessStats", "check_lossless", "effective_config", "lossless_generate"]
+__all__ = ["Chooser", "LosslessStats", "check_lossless", "effective_config", "lossless_generate"]

@@ -32,10 +32,9 @@ def test_lossless_predictions_are_full_decodings(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("decode.num_beams=4", "needs num_beams=1 and do_sample=false"),
-    ("decode.do_sample=true", "needs num_beams=1 and do_sample=false"),
+    ("decode.num_beams=4", "decode=lossless needs num_beams=1"),
     ("decode.draft_len=0", "decode.draft_len=0 must be a positive integer"),
 ])
-def test_lossless_refuses_beams_sampling_and_bad_draft_len_before_loading(tmp_path, override, message):
+def test_lossless_refuses_beams_and_bad_draft_len_before_loading(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         preflight.check(compose_config(tmp_path, *BASE, "policy=hsd", "policy.max=4", "decode=lossless", override))

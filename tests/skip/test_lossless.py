@@ -2,6 +2,7 @@
 plain greedy generate()'s tokens, EOS and padding included, at batch 1 and batch 3 (left-padded)."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -78,8 +79,8 @@ def test_lossless_refuses_what_it_cannot_reproduce():
     with layer_skipping(model, policy, max_new_tokens=T, lossless=True):
         with pytest.raises(ConfigError, match="needs num_beams=1"):
             greedy(model, tokenizer, 1, num_beams=4)
-        with pytest.raises(ConfigError, match="set do_sample=false"):
-            greedy(model, tokenizer, 1, do_sample=True)
+        with pytest.raises(ConfigError, match="does not apply typical_p"):
+            greedy(model, tokenizer, 1, do_sample=True, typical_p=0.5)
         with pytest.raises(ConfigError, match="does not apply repetition_penalty"):
             greedy(model, tokenizer, 1, repetition_penalty=1.3)
     with pytest.raises(ConfigError, match="draft_len=0 is out of range"), \
@@ -102,3 +103,36 @@ def test_smollm2_lossless_output_is_plain_greedy_output(smollm2, batch, draft):
         out = smollm2.model.generate(**enc, **kw)
     assert torch.equal(out, plain)
     assert stats.lossless.drafted > 0 and stats.lossless.verifications <= 23  # (acceptance is a benchmark figure)
+
+
+def test_lossless_sampling_follows_the_full_models_distribution():
+    """Speculative sampling: the first two sampled tokens' joint distribution matches plain sampling's (total
+    variation within sampling noise), while the draft policy alone samples a clearly different one; a full-depth
+    draft accepts everything (the bonus-token path)."""
+    lm = load("tiny-llama")
+    n = 1200
+    enc = lm.tokenizer(["Hello"] * n, return_tensors="pt")
+    kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": True, "top_k": 4,
+          "pad_token_id": lm.tokenizer.pad_token_id}
+    start = enc["input_ids"].shape[1]
+
+    def joint(seed, policy=None, **engine):
+        torch.manual_seed(seed)
+        if policy is None:
+            out = lm.model.generate(**enc, **kw)
+        else:
+            with layer_skipping(lm.model, policy, max_new_tokens=3, **engine) as joint.stats:
+                out = lm.model.generate(**enc, **kw)
+        counts = Counter(map(tuple, out[:, start:start + 2].tolist()))  # (token 1, token 2) -> rows
+        return {pair: c / n for pair, c in counts.items()}
+
+    def tv(a, b):  # total variation distance of two empirical distributions
+        return sum(abs(a.get(k, 0) - b.get(k, 0)) for k in set(a) | set(b)) / 2
+
+    hsd = build_policy("hsd", s=1, min=0, max=3)
+    plain = joint(0)
+    assert tv(plain, joint(1)) < 0.1  # two plain runs: the noise level
+    assert tv(plain, joint(2, hsd)) > 0.3  # the draft alone samples something else...
+    assert tv(plain, joint(3, hsd, lossless=True, draft_len=2)) < 0.1  # ...lossless mode does not
+    assert tv(plain, joint(4, build_policy("full"), lossless=True, draft_len=2)) < 0.1
+    assert joint.stats.lossless.acceptance == 1.0

@@ -35,7 +35,8 @@ from hsd_exp.eval.predictions import METRICS_FILE
 from hsd_exp.report.folders import CONFIG_FILE, count_predictions, find_run_dirs
 from hsd_exp.skip.policies import Policy, build_policy, config_label, policy_class
 
-METRIC_FIELDS = (*QUALITY_KEYS, "bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers")
+METRIC_FIELDS = (*QUALITY_KEYS, "bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers",
+                 "lossless", "draft_len", "acceptance", "tokens_per_verification")
 
 NO_RUNS = ("no runs found under {dir}: expected folders with .hydra/config.yaml or metrics.json "
            "(a multirun dir of `python -m hsd_exp -m ...`)")
@@ -79,17 +80,27 @@ class RunRecord:
     tokens_per_s: Any = None
     num_examples: Any = None
     num_layers: Any = None
+    lossless: Any = None  # decode=lossless: the policy drafted, the full model verified (quality = full's)
+    draft_len: Any = None
+    acceptance: Any = None
+    tokens_per_verification: Any = None
     config: dict = field(default_factory=dict, repr=False)  # raw (unresolved) .hydra/config.yaml
     built: Policy | None = field(default=None, repr=False)  # the policy rebuilt from (policy, params), if it can be
 
     @property
     def method(self) -> str:
         """The row name (``Policy.display_name``, e.g. "HSD (s=1, 0, 18)"), else the label or folder name."""
-        return self.built.display_name if self.built else self.policy_label or policy_name(self.policy, None)
+        name = self.built.display_name if self.built else self.policy_label or policy_name(self.policy, None)
+        if self.lossless:  # the policy only drafted: name the mode and what its drafts achieved
+            accepted = f", acceptance {self.acceptance:.2f}" if is_number(self.acceptance) else ""
+            name += f" → lossless (k={self.draft_len}{accepted})"
+        return name
 
     @property
     def family(self) -> str:
         """Plot line / sort group (``Policy.family``, e.g. "HSD s=1"), else the policy class's title or name."""
+        if self.lossless:
+            return "Lossless"
         if self.built:
             return self.built.family
         cls = self.policy_class
@@ -107,7 +118,7 @@ class RunRecord:
     @property
     def is_baseline(self) -> bool:
         """A full-decoding run: the Speedup and % of full reference of its setting."""
-        return bool(self.policy_class and self.policy_class.baseline)
+        return bool(self.policy_class and self.policy_class.baseline) and not self.lossless
 
     @property
     def setting(self) -> tuple[str, ...]:

@@ -199,6 +199,7 @@ def group_notes(rows: list[dict], runs: list[RunRecord]) -> list[str]:
     if not full_runs(runs):
         notes.append("No full-decoding run for these settings: Speedup and % of full are blank.")
     notes.extend(unpaired_notes(runs, rows, baselines))
+    notes.extend(lossless_notes(runs, baselines))
     used = list({full.path: full for full in baselines.values()}.values())
     no_speed = [f"`{full.path}`" for full in used if not is_number(full.tokens_per_s)]
     if no_speed:
@@ -209,6 +210,27 @@ def group_notes(rows: list[dict], runs: list[RunRecord]) -> list[str]:
     if partial:
         notes.append(f"{len(partial)} run(s) not complete (see Status); partial runs are not plotted: "
                      + ", ".join(f"`{row['path']}`" for row in partial))
+    return notes
+
+
+def lossless_notes(runs: list[RunRecord], baselines: dict) -> list[str]:
+    """A lossless run promises its Full run's output: check it, prediction by prediction."""
+    from hsd_exp.eval.predictions import read_run_predictions
+
+    notes = []
+    for run in runs:
+        full = baselines.get(run.path)
+        if not run.lossless or full is None:
+            continue
+        ours = {str(r["id"]): r["prediction"] for r in read_run_predictions(run.path)}
+        theirs = {str(r["id"]): r["prediction"] for r in read_run_predictions(full.path)}
+        shared = set(ours) & set(theirs)
+        differ = sorted(i for i in shared if ours[i] != theirs[i])
+        if differ:
+            notes.append(f"**WARNING: {run.method} is not lossless here: {len(differ)} of {len(shared)} "
+                         f"predictions differ from its Full run's (`{full.path}`), e.g. id {differ[0]}.**")
+        else:
+            notes.append(f"{run.method}: all {len(shared)} predictions identical to its Full run's, as promised.")
     return notes
 
 

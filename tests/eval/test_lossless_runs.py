@@ -2,12 +2,15 @@
 drafts cost (acceptance, tokens per verification); settings it cannot reproduce stop before the model loads."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.predictions import read_predictions
+from hsd_exp.report.runs import collect_runs
+from hsd_exp.report.tables import write_report
 
 from helpers import compose_config
 
@@ -29,6 +32,9 @@ def test_lossless_predictions_are_full_decodings(tmp_path):
     assert metrics["draft_avg_layers"] < 6  # the drafts skipped; the output did not
     assert out["avg_layers"] == full["avg_layers"] == 6
     assert out["rougeL"] == full["rougeL"]
+    report = Path(write_report(collect_runs([str(tmp_path)]), tmp_path / "report")["md"]).read_text()
+    assert "HSD (s=1, 0, 4) → lossless (k=3, acceptance " in report  # the mode is named, the policy drafted
+    assert "all 5 predictions identical to its Full run's, as promised" in report  # and the report checked it
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -269,14 +269,15 @@ class SkipEngine:
         routing = self._routing
         run = routing.decide(idx, h)  # (B, Q) bool
         z = routing.gates.get(idx)  # training: the (B, Q) straight-through gate, else None
-        if not run.any():  # nobody runs: only the K/V write, so later tokens find the cache complete
+        ran = int(run.sum())  # one reduction (and one sync on a GPU) per layer
+        if ran == 0:  # nobody runs: only the K/V write, so later tokens find the cache complete
             write_kv_only(layer, self.family, signature, h, args, kwargs)
             out = h
-        elif z is None and h.shape[1] == 1 and not run.all():  # a batched decode step whose rows differ
+        elif z is None and h.shape[1] == 1 and ran < run.numel():  # a batched decode step whose rows differ
             out = run_rows(layer, self.family, signature, h, run[:, 0], args, kwargs)  # MLP for running rows only
         else:
             full = orig_forward(h, *args, **kwargs)  # (B, Q, C); writes K/V from h for every row
-            out = full if run.all() else torch.where(run.unsqueeze(-1), full, h)
+            out = full if ran == run.numel() else torch.where(run.unsqueeze(-1), full, h)
             if z is not None:  # training: out = h + z * (layer(h) - h) in value and gradient, skipped tokens too
                 out = out + (z - z.detach()).unsqueeze(-1).to(out.dtype) * (full - h)
         if idx == self.L - 1 and self._step >= 0:  # the new token's (last position's) layers, per row

@@ -20,6 +20,7 @@ p = sigmoid(1) ~ 0.73 and every layer runs) and the density loss pulls it down.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -60,11 +61,11 @@ class _Gate(nn.Module):
         nn.init.constant_(last.bias, init_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h.to(self.net_dtype)).squeeze(-1).float()  # (B, Q)
+        dtype = self.bias_dtype()
+        return self.net(h if h.dtype == dtype else h.to(dtype)).squeeze(-1).float()  # (B, Q)
 
-    @property
-    def net_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    def bias_dtype(self) -> torch.dtype:
+        return (self.net if isinstance(self.net, nn.Linear) else self.net[-1]).bias.dtype
 
 
 class SkipRouter(nn.Module):
@@ -106,8 +107,12 @@ class SkipRouter(nn.Module):
 
     @torch.no_grad()
     def decide(self, layer_idx: int, h: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-        """run_l(h) = p_l(h) >= threshold: (B, Q, C) -> (B, Q) bool, True = run."""
-        return self.probs(layer_idx, h) >= (self.threshold if threshold is None else threshold)
+        """run_l(h) = p_l(h) >= threshold, i.e. g_l(h) >= logit(threshold): (B, Q, C) -> (B, Q) bool, True = run.
+        (Compared on the logit: one op fewer per layer and token than the sigmoid.)"""
+        if not self.is_routed(layer_idx):
+            return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        t = self.threshold if threshold is None else threshold
+        return self.gates[str(layer_idx)](h) >= math.log(t / (1 - t))
 
     def gate(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
         """Training: the hard decision with the soft gate's gradient, (B, Q) float in {0, 1}."""

@@ -80,8 +80,8 @@ class RouterStep:
 
         self.router, self.threshold = router, threshold
         self.generated = torch.tensor([t >= 0 for t in steps], device=device)  # (Q,) routed positions
-        self.counts = None  # (B, Q) layers run so far, per row and position
-        self.last_position: list = []  # per layer so far: (B,) bool, which rows ran it at the last position
+        self.prompt_too = min(steps) < 0  # some positions are prompt positions, which run every layer
+        self.runs: list = []  # per layer so far: (B, Q) bool, True = ran
         self.gates: dict[int, Any] = {}  # training: layer idx -> (B, Q) straight-through gate
         router.last_step = self  # training reads the gates back for the density loss
 
@@ -95,14 +95,22 @@ class RouterStep:
             z = torch.where(self.generated, z, torch.ones_like(z))  # prompt positions always run
             self.gates[idx] = z
             run = z.detach() > 0.5
-        else:
-            run = self.router.decide(idx, h, self.threshold) | ~self.generated  # (B, Q)
-        self.counts = run.long() if self.counts is None else self.counts + run.long()
-        self.last_position.append(run[:, -1])
+        else:  # decoding: a handful of small ops per layer, so they stay few (batch 1 pays them per token)
+            run = self.router.decide(idx, h, self.threshold)
+            if self.prompt_too:
+                run = run | ~self.generated
+        self.runs.append(run)
         return run
+
+    @property
+    def counts(self):
+        """(B, Q) layers run so far, per row and position."""
+        import torch
+
+        return torch.stack(self.runs).sum(0)
 
     def rows_per_layer(self) -> list[int]:
         """For each layer so far, how many rows ran it at the last position (what the FLOP model needs)."""
         import torch
 
-        return torch.stack(self.last_position).sum(1).tolist() if self.last_position else []
+        return torch.stack([run[:, -1] for run in self.runs]).sum(1).tolist() if self.runs else []

@@ -90,12 +90,13 @@ def test_lossless_refuses_what_it_cannot_reproduce():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("draft", ["hsd", "skipdecode_keep_first"])
+@pytest.mark.parametrize("draft", ["hsd", "skipdecode_keep_first", "early_exit"])
 def test_smollm2_lossless_output_is_plain_greedy_output(smollm2, batch, draft):
     """Real weights in float32: a batched verification could, in principle, resolve an exact top-2 near-tie
     differently from one-token decoding; on these prompts it does not."""
     policy = {"hsd": build_policy("hsd", s=1, min=0, max=18),
-              "skipdecode_keep_first": build_policy("skipdecode", min=10, max=20, keep_first=2)}[draft]
+              "skipdecode_keep_first": build_policy("skipdecode", min=10, max=20, keep_first=2),
+              "early_exit": build_policy("early_exit", layer=20)}[draft]
     enc = smollm2.tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
     kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": smollm2.tokenizer.pad_token_id}
     plain = smollm2.model.generate(**enc, **kw)

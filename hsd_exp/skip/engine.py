@@ -32,6 +32,9 @@ How it works, without copying model code:
    row and the MLP for the running rows only. Several positions (no-cache reference, training) run the whole
    layer and keep its output where the position runs; while the router trains, the straight-through gate joins
    that mix, so its gradient flows at every routed position, skipped ones included.
+7. Lossless mode (``lossless=True``, hsd_exp.skip.lossless) replaces generate() with a draft-and-verify loop: draft
+   forwards run under the policy as above (skipped layers' caches are kept, not dropped), prefill and verify
+   forwards run every layer (``full_depth``), and the cache is cut back to the full model's K/V between them.
 
 transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (of ``generate()``, the
 model forwards and the layers); the engine reads the name off the model's ``forward`` signature, so both work.
@@ -292,8 +295,9 @@ def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, pro
 
     ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used.
     ``prompt_len`` fixes where generated tokens start for plain forwards (skip-aware training batches).
-    ``lossless``: greedy generate() returns exactly plain generate()'s tokens; the policy drafts ``draft_len``
-    tokens per round and the full model verifies them (hsd_exp.skip.lossless; ``stats.lossless`` counts).
+    ``lossless``: the policy drafts ``draft_len`` tokens per round and the full model verifies them, so greedy
+    generate() returns exactly plain generate()'s tokens and sampling follows the full model's distribution
+    (hsd_exp.skip.lossless; ``stats.lossless`` counts drafts, acceptance and verifications).
     On exit the model is exactly as before (plain ``generate()`` again), even after an exception.
     """
     engine = SkipEngine(model, policy, max_new_tokens, prompt_len, lossless, draft_len)

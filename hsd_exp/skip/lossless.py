@@ -83,6 +83,9 @@ def check_lossless(gen: GenerationConfig, draft_len: int) -> None:
     if (gen.num_beams or 1) != 1:
         raise ConfigError(f"lossless decoding needs num_beams=1 (got {gen.num_beams}): beams keep no single draft "
                           "to verify; use decode=greedy (or sampling) with it")
+    if not gen.max_new_tokens:  # generate()'s max_length rules (defaults, embeddings) are not reproduced
+        raise ConfigError("lossless decoding needs max_new_tokens (pass generate(max_new_tokens=...) or set it in "
+                          "the generation config); max_length alone is not supported")
     changed = [f for f, off in UNSUPPORTED.items() if getattr(gen, f, None) not in off]
     if changed:
         raise ConfigError(f"lossless decoding does not apply {', '.join(changed)}: unset them (max_new_tokens, "

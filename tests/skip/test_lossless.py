@@ -79,6 +79,8 @@ def test_lossless_refuses_what_it_cannot_reproduce():
     with layer_skipping(model, policy, max_new_tokens=T, lossless=True):
         with pytest.raises(ConfigError, match="needs num_beams=1"):
             greedy(model, tokenizer, 1, num_beams=4)
+        with pytest.raises(ConfigError, match="needs max_new_tokens"):
+            greedy(model, tokenizer, 1, max_new_tokens=None, max_length=20)
         with pytest.raises(ConfigError, match="does not apply typical_p"):
             greedy(model, tokenizer, 1, do_sample=True, typical_p=0.5)
         with pytest.raises(ConfigError, match="does not apply repetition_penalty"):

@@ -13,6 +13,7 @@ Everything else (``hsd_exp.skip.engine``, ``hsd_exp.eval``, ...) may move betwee
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -53,6 +54,10 @@ def _policy_slug(policy) -> str:
 # `${hsd_root:}` in conf/paths: where the project lives, wherever Hydra runs from.
 if not OmegaConf.has_resolver("hsd_root"):
     OmegaConf.register_new_resolver("hsd_root", lambda: str(ROOT))
+# `${hsd_dir_or:${paths.data_dir}/e2e,sample}` in presets: real data where this machine has it, else the fallback
+# (the bundled sample), so a preset runs on a fresh machine too.
+if not OmegaConf.has_resolver("hsd_dir_or"):
+    OmegaConf.register_new_resolver("hsd_dir_or", lambda path, fallback: path if os.path.isdir(path) else fallback)
 # `${hsd_policy_label:${policy}}` in conf/logger/wandb.yaml: a run's name is its policy's label, hsd(s=1,0,18).
 if not OmegaConf.has_resolver("hsd_policy_label"):
     OmegaConf.register_new_resolver("hsd_policy_label", _policy_label)

@@ -22,7 +22,9 @@ from hsd_exp.eval.callbacks import bertscore_config
 from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_device
 from hsd_exp.models import check_hub_model, local_num_layers
 from hsd_exp.report.runs import slug
+from hsd_exp.shipped import resolve_adapter
 from hsd_exp.skip.policies import Policy
+from hsd_exp.train.recipes import Recipe
 from hsd_exp.trainer import world_size
 
 TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
@@ -68,7 +70,7 @@ def check(cfg: DictConfig) -> Plan:
     if cfg.task == "compare":
         check_compare(compare)
     if cfg.task in TRAINING:
-        check_training(cfg, policy)
+        check_training(cfg, policy, num_layers)
     if cfg.task != "generate" and cfg.bertscore.enabled:  # a typo or a missing backbone fails now, not after decoding
         resolve_bertscore_device(str(cfg.bertscore.device))
         resolve_bertscore_backbone(bertscore_config(cfg))
@@ -155,7 +157,10 @@ def model_depth(model: DictConfig) -> int | None:
 
 
 def check_model_available(model: DictConfig) -> None:
-    """A Hub model neither in the local cache nor downloadable fails here, before any data is fetched."""
+    """A Hub model neither in the local cache nor downloadable fails here, before any data is fetched; so does a
+    ``model.adapter`` that names no adapter."""
+    if model.get("adapter"):
+        resolve_adapter(model.adapter)
     if model.get("path") or model.get("source", "hub") != "hub":
         return
     check_hub_model(model.name, model.get("hub_id"), model.get("revision"),
@@ -194,7 +199,7 @@ def check_compare(compare: list[Policy]) -> None:
                           "each entry must differ in the parameters its label shows")
 
 
-def check_training(cfg: DictConfig, policy: Policy) -> None:
+def check_training(cfg: DictConfig, policy: Policy, num_layers: int | None = None) -> None:
     if cfg.finetune.mode == "none" and not cfg.finetune.get("router"):
         raise ConfigError(f"task={cfg.task} with finetune=none has nothing to train; set finetune=full or "
                           "finetune=lora (or finetune.router=true to train SkipLayer's router alone)")
@@ -206,6 +211,7 @@ def check_training(cfg: DictConfig, policy: Policy) -> None:
                           "one (policy=full, skipdecode or hsd, e.g. policy=hsd_s1_max18) and evaluate CALM "
                           "afterwards (task=evaluate policy=calm ckpt_path=<run>/checkpoints/last.ckpt), "
                           "or set finetune.skip_aware=false")
+    Recipe.from_config(OmegaConf.to_container(cfg.finetune, resolve=True), policy, num_layers)  # the recipe's keys
 
 
 def check_dataset(cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ def setting(cfg: DictConfig, model: str, policy_label: str, ckpt_path: str | Non
 
     decode = {k: v for k, v in OmegaConf.to_container(cfg.decode, resolve=True).items() if k not in NOT_DECODING}
     return {"policy": policy_label, "model": model, "model_path": where(cfg.model.get("path")),
-            "ckpt_path": where(ckpt_path), "dataset": cfg.dataset.name,
+            "adapter": cfg.model.get("adapter"), "ckpt_path": where(ckpt_path), "dataset": cfg.dataset.name,
             "dataset_path": where(cfg.dataset.get("path")), "split": cfg.dataset.split, "decode": decode}
 
 
@@ -30,7 +30,7 @@ def recorded_setting(cfg: DictConfig, chat: bool) -> dict:
     as the config gives them (like .hydra/config.yaml; ``chat``: the prompt format the model ran with). The
     report pairs each run with the Full run that shares these (hsd_exp.report.runs.SETTING_FIELDS)."""
     data, decode = cfg.dataset, cfg.decode
-    return {"model_path": cfg.model.get("path"), "chat": chat, "dataset_path": data.get("path"),
+    return {"model_path": cfg.model.get("path"), "adapter": cfg.model.get("adapter"), "chat": chat, "dataset_path": data.get("path"),
             "limit": data.get("limit"), "instruction": data.get("instruction"), "separator": data.get("separator"),
             "max_source_tokens": data.get("max_source_tokens"), "do_sample": decode.get("do_sample"),
             "max_new_tokens": decode.get("max_new_tokens"), "temperature": decode.get("temperature"),

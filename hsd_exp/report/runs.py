@@ -58,6 +58,7 @@ class RunRecord:
     num_beams: Any = None
     ckpt_path: Any = None
     model_path: Any = None  # model.path: a local copy or fine-tuned weights under the same model.name
+    adapter: Any = None  # model.adapter: a LoRA adapter merged into the weights (hsd_exp.shipped)
     split: Any = None
     limit: Any = None
     do_sample: Any = None
@@ -176,14 +177,15 @@ def read_run(run_dir: Path) -> RunRecord:
 
 
 CONFIG_KEYS = (("model", "model.name"), ("dataset", "dataset.name"), ("num_beams", "decode.num_beams"),
-               ("ckpt_path", "ckpt_path"), ("model_path", "model.path"), ("split", "dataset.split"),
+               ("ckpt_path", "ckpt_path"), ("model_path", "model.path"), ("adapter", "model.adapter"),
+               ("split", "dataset.split"),
                ("limit", "dataset.limit"), ("do_sample", "decode.do_sample"),
                ("max_new_tokens", "decode.max_new_tokens"), ("temperature", "decode.temperature"),
                ("top_p", "decode.top_p"), ("dataset_path", "dataset.path"), ("chat", "model.chat"),
                ("instruction", "dataset.instruction"), ("separator", "dataset.separator"),
                ("max_source_tokens", "dataset.max_source_tokens"))
 # RunRecord.setting: (attribute, short name shown in a row's "[...]" suffix when settings differ), in that order.
-SETTING_FIELDS = (("model_path", "model.path"), ("ckpt_path", "ckpt"), ("split", "split"), ("limit", "limit"),
+SETTING_FIELDS = (("model_path", "model.path"), ("adapter", "adapter"), ("ckpt_path", "ckpt"), ("split", "split"), ("limit", "limit"),
                   ("num_beams", "beams"), ("do_sample", "sample"), ("max_new_tokens", "max_new_tokens"),
                   ("dataset_path", "data"), ("chat", "chat"), ("instruction", "instruction"),
                   ("separator", "separator"), ("max_source_tokens", "max_source_tokens"),
@@ -192,7 +194,7 @@ SAMPLING_ONLY = ("temperature", "top_p")  # part of the setting only where decod
 # What metrics.json records of the setting (tasks.evaluate), read where the run has no config; "limit" wins
 # over the config: it is the limit the scored predictions were made under (a refused resume with another
 # limit has already rewritten .hydra/config.yaml).
-METRICS_SETTING = ("model_path", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
+METRICS_SETTING = ("model_path", "adapter", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
                    "dataset_path", "chat", "instruction", "separator", "max_source_tokens")
 
 

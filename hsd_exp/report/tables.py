@@ -44,7 +44,7 @@ MD_COLUMNS = (
 PARAM_COLUMNS = ("s", "min", "max", "d", "criterion")  # the papers' parameters; a policy's others are in its row name
 CSV_COLUMNS = (
     "model", "dataset", "method", "family", "policy", *PARAM_COLUMNS, "setting", "num_beams",
-    "ckpt_path", "model_path", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
+    "ckpt_path", "model_path", "adapter", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
     "dataset_path", "chat", "instruction", "separator", "max_source_tokens", "examples_hash",
     "avg_layers", "num_layers",
     *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS),
@@ -118,7 +118,7 @@ def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]
         "model": run.model, "dataset": run.dataset, "method": run.method, "family": run.family,
         "policy": policy_name(run.policy, run.policy_label), **{k: run.params.get(k) for k in PARAM_COLUMNS},
         "setting": setting, "num_beams": run.num_beams,
-        "ckpt_path": run.ckpt_path, "model_path": run.model_path, "split": run.split, "limit": run.limit,
+        "ckpt_path": run.ckpt_path, "model_path": run.model_path, "adapter": run.adapter, "split": run.split, "limit": run.limit,
         "do_sample": run.do_sample, "max_new_tokens": run.max_new_tokens,
         **{k: getattr(run, k) for k in ("temperature", "top_p", "dataset_path", "chat", "instruction", "separator",
                                         "max_source_tokens", "examples_hash")},

@@ -6,17 +6,19 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import pytorch_lightning as pl
 import torch
 from transformers import GenerationConfig
 
-from hsd_exp.families import decoder_layers
+from hsd_exp.families import decoder_layers, family_of, submodule
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.router import density_loss, run_rate
 from hsd_exp.skip.skiplayer import SkipLayer
 from hsd_exp.train.lora import apply_lora
+from hsd_exp.train.recipes import Recipe, distill_kl, early_exit_loss, exit_weights, layer_outputs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class CausalLMModule(pl.LightningModule):
         self.generation_config = generation_config
         self.make_optimizer = optimizer
         self.skip_policy = skip_policy  # skip-aware training only; decoding uses the callback's policy
+        self.recipe = Recipe.from_config(self.ft, skip_policy, len(decoder_layers(model)))
         self.skip_stats = None  # set by SkipPolicyCallback while testing
         self.on_generated = None  # callback(batch, predictions, layers_per_token) set by the writer callback
         self.generate_seconds = 0.0
@@ -75,25 +78,44 @@ class CausalLMModule(pl.LightningModule):
         self.model.train()
 
     def training_step(self, batch, batch_idx):
+        """One step of the recipe (hsd_exp.train.recipes): its depth drawn, then CE [+ distillation] [+ exits]."""
         if self.router is not None and self.ft.get("router"):
             return self._router_step(batch)
-        skip_aware = self.skip_policy is not None
-        skipped = skip_aware and random.random() >= self.ft["full_depth_rate"]
-        if skipped:
-            # LayerDrop-style, but exactly the decode-time computation: prompt positions run every layer,
-            # target position with generated-token index T runs only the policy's set for T.
-            with layer_skipping(self.model, self.skip_policy, max_new_tokens=self.ft["skip_max_new_tokens"],
-                                prompt_len=int(batch["prompt_len"])):
-                loss = self._loss(batch)
+        recipe, n = self.recipe, len(batch["input_ids"])
+        kind, policy = recipe.draw(random)  # Python's RNG: seed_everything seeds it
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        with ExitStack() as stack:
+            if policy is not None:
+                # Exactly the decode-time computation: prompt positions run every layer, the target position
+                # with generated-token index T runs the schedule's set for T (or the row's dropout draw).
+                stack.enter_context(layer_skipping(self.model, policy, max_new_tokens=self.ft["skip_max_new_tokens"],
+                                                   prompt_len=int(batch["prompt_len"])))
+            outputs = stack.enter_context(layer_outputs(decoder_layers(self.model))) if recipe.exit_scale else None
+            out = self.model(**inputs)
+        loss = out.loss
+        if recipe.exit_scale:
+            weights = exit_weights(self.num_layers, self.global_step, recipe.exit_scale, recipe.curriculum,
+                                   recipe.rotation)
+            loss, per_layer = early_exit_loss(outputs, out.loss, batch["labels"], self._readout(), weights)
+            self.log_dict({f"train/exit_ce_l{idx + 1}": ce for idx, ce in per_layer.items()}, on_step=True,
+                          batch_size=n)
+        if kind == "skipped" and recipe.distill_weight:
+            with torch.no_grad():  # the teacher: the same model, same step, every layer
+                full = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (B, Q, V)
+            kl = distill_kl(out.logits, full, batch["labels"])
+            loss = loss + recipe.distill_weight * kl
+            self.log("train/distill_kl", kl, on_step=True, on_epoch=True, batch_size=n)
+        if kind == "skipped":
             self.train_steps_skipped += 1
-        else:
-            loss = self._loss(batch)
-        n = len(batch["input_ids"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        if skip_aware:  # the two kinds of step apart: does the model learn to work with the policy's layers?
-            self.log(f"train/loss_{'skipped' if skipped else 'full_depth'}", loss, on_step=True, on_epoch=True,
-                     batch_size=n)
+        if not recipe.plain:  # the kinds of step apart: does the model learn to work with fewer layers?
+            self.log(f"train/loss_{kind}", out.loss, on_step=True, on_epoch=True, batch_size=n)
         return loss
+
+    def _readout(self):
+        family = family_of(self.model)
+        norm, head = submodule(self.model, family.final_norm), submodule(self.model, family.lm_head)
+        return lambda h: head(norm(h))
 
     def _router_step(self, batch) -> torch.Tensor:
         """SkipLayer: every target position is routed as decoding routes it (prompt positions run every layer);
@@ -112,10 +134,7 @@ class CausalLMModule(pl.LightningModule):
         if cfg.get("distill_weight"):
             with torch.no_grad():
                 full = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (B, Q, V)
-            mask = batch["labels"] != -100  # (B, Q): the positions the CE scores
-            kl = torch.nn.functional.kl_div(out.logits[mask].float().log_softmax(-1),
-                                            full[mask].float().log_softmax(-1), log_target=True,
-                                            reduction="batchmean")
+            kl = distill_kl(out.logits, full, batch["labels"])
             loss = loss + cfg["distill_weight"] * kl
             self.log("train/distill_kl", kl, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)

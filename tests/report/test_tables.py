@@ -104,6 +104,7 @@ def scale_quality(run_dir: Path, factor: float) -> None:
 
 @pytest.mark.parametrize(("key", "a", "b", "shown"), [
     ("model__path", "/models/a", "/models/b", "model.path"),
+    ("model__adapter", None, "smollm2_e2e_robust", "adapter"),  # a LoRA adapter merged on load
     ("decode__do_sample", False, True, "sample"),
     ("decode__max_new_tokens", 48, 64, "max_new_tokens"),
     ("dataset__split", "test", "validation", "split"),

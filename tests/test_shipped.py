@@ -1,0 +1,81 @@
+"""Shipped weights (hsd_exp.shipped, hsd_exp/weights/): model.adapter resolves, merges, and the shipped skip-robust
+SmolLM2 loads offline and decodes readable text under its headline setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from hsd_exp import layer_skipping
+from hsd_exp.data.prompts import build_prompt
+from hsd_exp.errors import ConfigError
+from hsd_exp.models import load_model
+from hsd_exp.shipped import WEIGHTS, resolve_adapter, shipped
+
+from helpers import compose_config
+
+TINY = {"name": "tiny-llama", "family": "llama", "source": "tiny", "tiny": {"layers": 4, "hidden": 64, "heads": 4}}
+
+
+def test_a_bad_adapter_names_the_value_and_what_is_shipped(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.adapter=nope is neither a shipped adapter \(smollm2_e2e_robust"):
+        resolve_adapter("nope")
+    with pytest.raises(ConfigError, match=f"model.adapter={tmp_path} is neither"):
+        resolve_adapter(str(tmp_path))
+    assert resolve_adapter("smollm2_e2e_robust") == WEIGHTS / "smollm2_e2e_robust"
+
+
+def test_the_cli_refuses_a_bad_adapter_before_the_model_loads(tmp_path):
+    from hsd_exp import preflight
+
+    cfg = compose_config(tmp_path, "model=tiny-llama", "dataset.path=sample", "+model.adapter=missing_adapter")
+    with pytest.raises(ConfigError, match="model.adapter=missing_adapter"):
+        preflight.check(cfg)
+
+
+def test_an_adapter_directory_is_merged_into_the_weights(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(**TINY, cache_dir=str(tmp_path))
+    peft = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+        merged = load_model(**TINY, cache_dir=str(tmp_path), adapter=str(tmp_path / "adapter"))
+        plain = load_model(**TINY, cache_dir=str(tmp_path))
+        got, before = merged.model(input_ids=ids).logits, plain.model(input_ids=ids).logits
+    assert "lora" not in "".join(n for n, _ in merged.model.named_modules())  # merged: a plain model again
+    assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, before, atol=1e-3)
+
+
+def test_the_shipped_adapters_have_a_card_and_stay_small():
+    assert "smollm2_e2e_robust" in shipped()
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 16 * 2**20
+    for name in shipped():
+        card = (WEIGHTS / name / "README.md").read_text()
+        for what in ("python -m hsd_exp", "Budget", "Licen", "Data"):
+            assert what in card, f"{name}'s card says nothing about {what}"
+
+
+@pytest.mark.slow
+def test_the_shipped_skip_robust_smollm2_loads_offline_and_reads_well_at_its_headline_setting(tmp_path):
+    cfg = compose_config(tmp_path, "+experiment=smollm2_e2e_robust", "dataset.path=sample")
+    lm = instantiate(cfg.model)
+    assert lm.num_layers == 30 and cfg.model.adapter == "smollm2_e2e_robust"
+    headline = instantiate(cfg.policy)
+    assert headline.label == instantiate(cfg.compare_policies[-1]).label
+    prompt = build_prompt("name[Blue Spice], eatType[coffee shop], area[city centre]", cfg.dataset, lm.tokenizer,
+                          lm.chat)
+    enc = lm.tokenizer([prompt], return_tensors="pt")
+    kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": lm.tokenizer.pad_token_id}
+    with torch.no_grad():
+        full = lm.model.generate(**enc, **kw)
+        with layer_skipping(lm.model, headline, max_new_tokens=int(cfg.decode.max_new_tokens)) as stats:
+            skipped = lm.model.generate(**enc, **kw)
+    texts = [lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) for out in (full, skipped)]
+    assert stats.avg_layers <= 18
+    for text in texts:  # readable: the restaurant's name and what it is, in a sentence
+        assert "Blue Spice" in text and "coffee shop" in text, texts

@@ -78,23 +78,49 @@ def gpt2_tokenizer(cache_dir: str) -> GPT2TokenizerFast:
     return tok
 
 
-def tiny_model(family: str, sizes: dict, cache_dir: str, seed: int):
-    from transformers import GPT2Config, LlamaConfig, PhiConfig
+def tiny_config(family: str, sizes: dict, common: dict):
+    """A small config of ``family`` (transformers' model_type): ``layers``, ``hidden``, ``heads`` and, where the family
+    has them, ``kv_heads``, ``intermediate`` and ``sliding_window``; the remaining keys go to the config as they are."""
+    import transformers
 
+    layers, hidden, heads = sizes.pop("layers", 4), sizes.pop("hidden", 64), sizes.pop("heads", 4)
+    kv_heads, intermediate = sizes.pop("kv_heads", max(1, heads // 2)), sizes.pop("intermediate", 3 * hidden)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=512, **common, **sizes)
+    if family == "opt":
+        return transformers.OPTConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                      ffn_dim=4 * hidden, word_embed_proj_dim=hidden, max_position_embeddings=512,
+                                      **common, **sizes)
+    if family == "gpt_neox":  # Pythia's layout: parallel residual, rotary on a quarter of each head
+        return transformers.GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                          intermediate_size=4 * hidden, max_position_embeddings=512, **common, **sizes)
+    if family == "phi":
+        return transformers.PhiConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                      intermediate_size=4 * hidden, max_position_embeddings=512, **common, **sizes)
+    llama_like = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
+                  "phi3": "Phi3Config", "gemma3_text": "Gemma3TextConfig"}
+    if family not in llama_like:
+        raise ConfigError(f"model.family={family} has no tiny config; tiny families: "
+                          f"{', '.join(['gpt2', 'opt', 'gpt_neox', 'phi', *llama_like])}")
+    shape = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                 intermediate_size=intermediate, max_position_embeddings=512)
+    if family in ("qwen3", "gemma3_text"):
+        shape["head_dim"] = hidden // heads
+    if family == "mistral":  # every layer sliding: a small window matters within a test's sequence
+        shape["sliding_window"] = sizes.pop("sliding_window", 8)
+    if family == "gemma3_text":  # Gemma-3's mix: sliding layers (layer 1 among them) and global ones, window 6
+        shape["sliding_window"] = sizes.pop("sliding_window", 6)
+        shape["layer_types"] = [("full_attention" if i % 3 == 2 else "sliding_attention") for i in range(layers)]
+    return getattr(transformers, llama_like[family])(**shape, **common, **sizes)
+
+
+def tiny_model(family: str, sizes: dict, cache_dir: str, seed: int):
+    """A seeded random ``family`` model (``tiny_config``; SmolLM2-135M's layer shape is llama with layers 30,
+    hidden 576, heads 9, kv_heads 3, intermediate 1536) and the GPT-2 tokenizer."""
     tok = gpt2_tokenizer(cache_dir)
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.eos_token_id)
-    layers, hidden, heads = sizes.pop("layers", 4), sizes.pop("hidden", 64), sizes.pop("heads", 4)
-    if family == "gpt2":
-        config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=512, **common, **sizes)
-    elif family == "phi":
-        config = PhiConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                           intermediate_size=4 * hidden, max_position_embeddings=512, **common, **sizes)
-    else:  # kv_heads / intermediate: e.g. SmolLM2-135M's shape is layers 30, hidden 576, heads 9, 3, 1536
-        kv_heads, intermediate = sizes.pop("kv_heads", max(1, heads // 2)), sizes.pop("intermediate", 3 * hidden)
-        config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                             num_key_value_heads=kv_heads, intermediate_size=intermediate,
-                             max_position_embeddings=512, **common, **sizes)
+    config = tiny_config(family, dict(sizes), common)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

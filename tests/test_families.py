@@ -1,4 +1,6 @@
-"""The family table: every row names real modules on its tiny model (layers, final norm, LM head, LoRA)."""
+"""Families read off the model: on every tested family's tiny model the layout found names real modules (layers,
+final norm, LM head, attention and MLP with their norms, LoRA targets), and a model outside the layout is refused
+with one line naming its model_type and what is missing."""
 
 from __future__ import annotations
 
@@ -6,23 +8,27 @@ import pytest
 import torch
 from torch import nn
 
-from hsd_exp.families import FAMILIES, MODEL_TYPES, decoder_layers, family_of, submodule
+from hsd_exp.families import TESTED, decoder_layers, family_of, mlp_of, submodule
+
+from helpers import load
+
+KV_ROPE = {"llama", "qwen2", "qwen3", "mistral", "gemma3_text"}  # the LLaMA attention layout, full RoPE
+PARALLEL = {"phi", "gpt_neox"}
 
 
-def test_every_family_has_a_model_type():
-    assert set(MODEL_TYPES.values()) == set(FAMILIES)
-    assert all(fam.name == key for key, fam in FAMILIES.items())
-
-
-def test_family_rows_resolve_on_their_tiny_model(tiny):
+@pytest.mark.parametrize("family", TESTED)
+def test_the_layout_found_names_real_modules(family):
+    tiny = load(f"tiny-{family}")
     fam = family_of(tiny.model)
-    assert fam is FAMILIES[tiny.family]
+    assert fam.name == family == tiny.family
     layers = decoder_layers(tiny.model)
     assert isinstance(layers, nn.ModuleList) and len(layers) == tiny.num_layers
     assert submodule(tiny.model, fam.stack).get_submodule(fam.layers.removeprefix(fam.stack + ".")) is layers
     for layer in layers:
-        assert isinstance(getattr(layer, fam.attn), nn.Module)
-        assert isinstance(getattr(layer, fam.attn_norm), nn.Module)
+        for name in (fam.attn, fam.attn_norm, fam.mlp_norm, fam.attn_out_norm, fam.mlp_out_norm):
+            assert name is None or isinstance(getattr(layer, name), nn.Module)
+        assert callable(mlp_of(layer, fam))
+    assert fam.kv_rope == (family in KV_ROPE) and fam.parallel == (family in PARALLEL)
     head = submodule(tiny.model, fam.lm_head)
     assert isinstance(head, nn.Linear) and head.out_features == tiny.model.config.vocab_size
 
@@ -39,12 +45,31 @@ def test_family_rows_resolve_on_their_tiny_model(tiny):
     names = [n for n, _ in tiny.model.named_modules()]
     for target in fam.lora_targets:  # each LoRA suffix adapts something in every layer
         hits = [n for n in names if n.endswith("." + target)]
-        assert len(hits) >= tiny.num_layers, f"{tiny.family}: LoRA target {target} matches {hits}"
+        assert len(hits) >= tiny.num_layers, f"{family}: LoRA target {target} matches {hits}"
 
 
-def test_unknown_model_type_names_the_table():
+def test_lora_targets_are_every_linear_of_attention_and_mlp():
+    assert family_of(load("tiny-llama").model).lora_targets == (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert family_of(load("tiny-gpt2").model).lora_targets == ("c_attn", "c_proj", "c_fc")  # Conv1D
+    assert set(family_of(load("tiny-opt").model).lora_targets) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                   "fc2"}  # OPT's MLP: fc1, fc2 in the layer
+
+
+def test_unknown_layout_names_the_model_type_and_what_is_missing():
     class Fake(nn.Module):
         config = type("C", (), {"model_type": "mamba"})()
 
-    with pytest.raises(ValueError, match="mamba.*hsd_exp/families.py"):
+    with pytest.raises(ValueError, match="mamba.*no decoder stack.*hsd_exp/families.py"):
         family_of(Fake())
+
+
+def test_a_layer_without_attention_is_refused():
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(MambaConfig(num_hidden_layers=2, hidden_size=64))
+    with pytest.raises(ValueError) as err:
+        family_of(model)
+    msg = str(err.value)
+    assert "model_type 'mamba'" in msg and "no single attention submodule" in msg and "\n" not in msg, msg

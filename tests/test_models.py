@@ -63,8 +63,8 @@ def test_tiny_layer_mismatch_names_the_fix():
 
 
 def test_unknown_family_and_source():
-    with pytest.raises(ConfigError, match="model.family=mistral"):
-        load_model("x", "mistral", source="tiny", cache_dir=CACHE_DIR)
+    with pytest.raises(ConfigError, match="model.family=mamba has no tiny config"):
+        load_model("x", "mamba", source="tiny", cache_dir=CACHE_DIR)
     with pytest.raises(ConfigError, match="model.source=nope"):
         load_model("x", "llama", source="nope", device="cpu", cache_dir=CACHE_DIR)
 
@@ -147,9 +147,25 @@ def test_model_path_layer_mismatch_before_weights_load(saved_llama, no_weight_lo
 
 
 def test_model_path_unknown_model_type(tmp_path, no_weight_load):
+    """Judged on its config (the model built on the meta device), before any weights load."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(ConfigError, match="model_type 'mamba'.*hsd_exp/families.py"):
+    with pytest.raises(ConfigError, match="model_type 'mamba'.*no single attention submodule.*hsd_exp/families.py"):
         load_model("m", "llama", path=str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-type"}))
+    with pytest.raises(ConfigError, match="model_type 'no-such-type', which transformers cannot build"):
+        load_model("m", "llama", path=str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gpt_neox"])
+def test_model_path_of_any_family_loads_offline(tmp_path, family):
+    """A family outside the presets (found on the model, not in a table): model.path and model.family."""
+    lm = load(f"tiny-{family}")
+    lm.model.save_pretrained(tmp_path, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp_path)
+    got = load_model("mine", family, path=str(tmp_path), device="cpu", dtype="float32")
+    assert got.family == family and family_of(got.model).name == family and got.num_layers == 6
+    ref = lm.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in got.model.state_dict().items())
 
 
 def test_model_path_without_config(tmp_path):

@@ -60,16 +60,18 @@ def saved_llama(tmp_path_factory) -> Path:
     return out
 
 
-def test_model_path_of_an_unsupported_family_is_named_before_the_policy(tmp_path):
-    """A Qwen2 folder through model=gpt2 (L=12): first "policy.max=18 must be <= L=12", then "family not
-    supported" took two round trips; the family decides everything else, so it comes first."""
-    qwen = tmp_path / "qwen2"
-    qwen.mkdir()
-    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 24}))
+@pytest.mark.parametrize("model_type,says", [("qwen2", "set model.family=qwen2"),
+                                             ("mamba", "hsd_exp/families.py")])
+def test_model_path_family_is_named_before_the_policy(tmp_path, model_type, says):
+    """A Qwen2 folder through model=gpt2 (L=12): first "policy.max=18 must be <= L=12", then "family" took two round
+    trips; the family decides everything else, so it comes first (a family the engine cannot serve too)."""
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 24}))
     with pytest.raises(ConfigError) as err:
-        preflight.check(cfg_of(tmp_path, "model=gpt2", f"model.path={qwen}", "policy=hsd_s1_max18"))
+        preflight.check(cfg_of(tmp_path, "model=gpt2", f"model.path={folder}", "policy=hsd_s1_max18"))
     msg = str(err.value)
-    assert "'qwen2'" in msg and "hsd_exp/families.py" in msg and "policy.max" not in msg, msg
+    assert f"'{model_type}'" in msg and says in msg and "policy.max" not in msg, msg
 
 
 def test_model_path_depth_comes_from_its_config(tmp_path, saved_llama, monkeypatch):

@@ -161,6 +161,7 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
     limit = gen.max_new_tokens
     choose = Chooser(gen, eos)
     cache = SkipCache(config=model.config)
+    cache.activate_past_recording()  # sliding-window layers (Gemma-3) keep what truncate() may need to go back to
 
     def forward(ids: torch.Tensor, full: bool) -> torch.Tensor:
         """Logits (B, q, V) for ``ids`` (B, q), the positions right after the cached ones."""

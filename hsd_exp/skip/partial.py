@@ -16,10 +16,12 @@ block runs for every row (it writes their K/V), the MLP only for the running row
 back), so a row that skips does not pay for the MLP:
 
     a = h + attn(n1(h))                         (every row)
-    out[r] = a[r] + mlp(n2(a[r]))  if r runs, else h[r]           (sequential: LLaMA, GPT-2)
-    out[r] = attn(n1(h))[r] + mlp(n1(h)[r]) + h[r]  if r runs, else h[r]   (parallel: Phi, ``mlp_norm`` None)
+    out[r] = a[r] + mlp(n2(a[r]))  if r runs, else h[r]              (sequential: LLaMA, GPT-2, OPT, Phi-3)
+    out[r] = attn(n1(h))[r] + mlp(n2(h[r])) + h[r]  if r runs, else h[r]   (parallel: GPT-NeoX; Phi: n2 = n1)
 
-The sums are written in the layers' own order, so the running rows get exactly what the whole layer gives them.
+Gemma's extra norms on the attention's and the MLP's outputs (``attn_out_norm``, ``mlp_out_norm``) apply before
+each residual add. The sums are written in the layers' own order, so the running rows get exactly what the
+whole layer gives them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ import sys
 
 import torch
 
-_ATTN_ARGS = ("cache", "past_key_values", "attention_mask", "position_ids", "position_embeddings", "use_cache")
+from hsd_exp.families import mlp_of
+
+# what a layer hands its attention; GPT-NeoX's layers name the cache ``layer_past``
+_ATTN_ARGS = ("cache", "past_key_values", "layer_past", "attention_mask", "position_ids", "position_embeddings",
+              "use_cache")
+_CACHE_ARGS = ("cache", "past_key_values", "layer_past")
 
 
 def _attention_inputs(signature: inspect.Signature, h, args, kwargs) -> dict:
@@ -40,16 +47,20 @@ def _attention_inputs(signature: inspect.Signature, h, args, kwargs) -> dict:
 
 
 def attention_block(layer, family, signature: inspect.Signature, h, args, kwargs):
-    """(n1(h), attn(n1(h))): the layer's attention on its normed input, writing K/V like the whole layer."""
+    """(n1(h), attn(n1(h))): the layer's attention on its normed input, writing K/V like the whole layer (with
+    Gemma's norm on its output)."""
     x = getattr(layer, family.attn_norm)(h)  # (B, Q, C)
     out = getattr(layer, family.attn)(x, **_attention_inputs(signature, h, args, kwargs))
-    return x, out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    if family.attn_out_norm is not None:
+        out = getattr(layer, family.attn_out_norm)(out)
+    return x, out
 
 
 def write_kv_only(layer, family, signature: inspect.Signature, h, args, kwargs) -> None:
     """Write this position's K/V at ``layer`` from the state h (B, Q, C) it would have received, and nothing else."""
     inputs = _attention_inputs(signature, h, args, kwargs)
-    cache = inputs.get("cache", inputs.get("past_key_values"))
+    cache = next((inputs[k] for k in _CACHE_ARGS if inputs.get(k) is not None), None)
     if cache is None:  # no cache to complete (a cache-less forward): nothing to write
         return
     if not family.kv_rope:
@@ -73,12 +84,16 @@ def run_rows(layer, family, signature: inspect.Signature, h, run: torch.Tensor, 
     h: (B, Q, C). Every row writes its K/V (the attention block runs for all); the MLP runs for ``run`` rows."""
     x, attn_out = attention_block(layer, family, signature, h, args, kwargs)  # (B, Q, C) each
     rows = run.nonzero().squeeze(-1)  # (R,)
-    mlp = getattr(layer, family.mlp)
-    if family.mlp_norm is None:  # parallel block (Phi): the MLP reads the attention's normed input
-        ran = attn_out[rows] + mlp(x[rows]) + h[rows]
+    mlp = mlp_of(layer, family)
+    if family.parallel:  # the MLP reads h too: normed by attn_norm (Phi) or by its own norm (GPT-NeoX)
+        m = mlp(x[rows] if family.mlp_norm is None else getattr(layer, family.mlp_norm)(h[rows]))
+        ran = attn_out[rows] + m + h[rows]
     else:  # sequential: the MLP reads the normed post-attention state
         a = h[rows] + attn_out[rows]
-        ran = a + mlp(getattr(layer, family.mlp_norm)(a))
+        m = mlp(getattr(layer, family.mlp_norm)(a))
+        if family.mlp_out_norm is not None:
+            m = getattr(layer, family.mlp_out_norm)(m)
+        ran = a + m
     return h.index_copy(0, rows, ran)  # (B, Q, C): running rows scattered back, the rest keep h
 
 

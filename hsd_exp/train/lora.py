@@ -1,4 +1,5 @@
-"""LoRA adapters (peft) on a causal LM; target modules default to the family table's."""
+"""LoRA adapters (peft) on a causal LM. Target modules default to every linear layer of the decoder layers'
+attention and MLP, found on the model (hsd_exp.families: ``Family.lora_targets``, peft's name suffixes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from hsd_exp.families import family_of
 
 
 def apply_lora(model, lora: dict):
-    """``model`` wrapped in a peft LoRA adapter as ``finetune.lora`` describes (r, alpha, dropout, target_modules)."""
+    """``model`` wrapped in a peft LoRA adapter as ``finetune.lora`` describes (r, alpha, dropout, target_modules;
+    target_modules null = every linear of attention and MLP)."""
     from peft import LoraConfig, get_peft_model
 
     targets = list(lora.get("target_modules") or family_of(model).lora_targets)

@@ -2,7 +2,6 @@
 
 import copy
 import inspect
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,19 +9,9 @@ from transformers import DynamicCache
 
 from hsd_exp.families import decoder_layers, family_of, submodule
 from hsd_exp.skip.engine import SkipCache, SkipEngine, cache_argument, layer_skipping
-from hsd_exp.skip.policies import Policy, build_policy
+from hsd_exp.skip.policies import build_policy
 
-from helpers import ABLATIONS, PAPER_GRID, PROMPTS, TINY_POLICIES, load, output_cache
-
-T = 12
-
-
-def generate(lm, policy, batch, beams, use_cache, **kw):
-    enc = lm.tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
-    with layer_skipping(lm.model, policy, max_new_tokens=T) as stats:
-        out = lm.model.generate(**enc, max_new_tokens=T, min_new_tokens=T, num_beams=beams,
-                                use_cache=use_cache, **kw)
-    return out, stats
+from helpers import ABLATIONS, PAPER_GRID, PROMPTS, TINY_POLICIES, Replay, T, generate, load, output_cache
 
 
 @pytest.mark.parametrize("name,params", TINY_POLICIES)
@@ -230,16 +219,6 @@ def test_calm_keeps_the_cache_complete_after_every_step(tiny):
         assert len(set(lengths)) == 1  # every layer holds K/V for every position
     assert lengths_per_step[-1][0] == out.shape[1] - 1
     assert len(stats.calm_exits) == T - 1
-
-
-@dataclass(frozen=True)
-class Replay(Policy):
-    """A static policy running layers 1..e_T for token T: a recorded CALM run's exits, replayed."""
-
-    exits: tuple[int, ...] = ()
-
-    def layers(self, step: int, max_steps: int, num_layers: int) -> tuple[int, ...]:
-        return tuple(range(self.exits[step]))
 
 
 @pytest.mark.parametrize("criterion,d", [("state", 0.05), ("softmax", 0.2)])

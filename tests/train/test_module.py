@@ -114,8 +114,8 @@ def test_lora_checkpoint_holds_adapter_only_reloads_and_evaluates(tmp_path):
     keys = list(ckpt["state_dict"])
     assert ckpt.get("hsd_adapter_only") is True
     assert keys and all("lora_" in k for k in keys), keys[:5]
-    # q/k/v/o of 6 layers, A and B each: the frozen base is not saved
-    assert len(keys) == 4 * 6 * 2, len(keys)
+    # every linear of attention and MLP (q/k/v/o, gate/up/down) of 6 layers, A and B each: the frozen base is not saved
+    assert len(keys) == 7 * 6 * 2, len(keys)
     assert any(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if "lora_B" in k), "adapter did not train"
     export = train_dir / "hf_model"  # the adapter for peft, as safetensors
     assert (export / "adapter_model.safetensors").is_file() and (export / "adapter_config.json").is_file()

@@ -31,6 +31,7 @@ from hsd_exp.data.hub import hub_reachable  # one Hub probe for models and datas
 from hsd_exp.errors import ConfigError
 from hsd_exp.families import family_of
 from hsd_exp.local_models import gguf_to_safetensors, tiny_model
+from hsd_exp.shipped import merge_adapter
 
 
 @dataclass
@@ -96,8 +97,10 @@ def load_model(
     gguf: dict | None = None,
     tiny: dict | None = None,
     seed: int = 0,
+    adapter: str | None = None,
 ) -> LoadedModel:
-    """Build the model and tokenizer a `conf/model/*.yaml` describes (instantiated by Hydra)."""
+    """Build the model and tokenizer a `conf/model/*.yaml` describes (instantiated by Hydra); ``adapter``: a LoRA
+    adapter merged into the weights (a shipped name or a directory, hsd_exp.shipped)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if path is not None:
@@ -121,6 +124,8 @@ def load_model(
                  model=model)
     layers = model.config.get_text_config().num_hidden_layers
     check_num_layers(name, layers, num_layers, tiny=source == "tiny" and path is None)
+    if adapter:
+        model = merge_adapter(model, adapter)
     # Decoder-only batched generation needs left padding and a pad token.
     tok.padding_side = "left"
     if tok.pad_token is None:

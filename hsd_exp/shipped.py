@@ -40,3 +40,28 @@ def merge_adapter(model, value: str):
     dtype = model.dtype
     merged = PeftModel.from_pretrained(model, str(resolve_adapter(value)))  # fp16 adapter: upcast by peft
     return merged.merge_and_unload().to(dtype)
+
+
+def export_adapter(src: str, name: str, base_model: str) -> Path:
+    """Copy the LoRA adapter in ``src`` (a run's ``<run>/hf_model``) into ``hsd_exp/weights/<name>/`` in half
+    precision, its config pointing at ``base_model`` (the Hub id, not this machine's cache path). The card
+    (README.md) is written by hand: the command, data, budget and licences."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src_dir, out = resolve_adapter(src), WEIGHTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(src_dir / "adapter_model.safetensors").items()}
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_model
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+if __name__ == "__main__":  # python -m hsd_exp.shipped <run>/hf_model <name> <base model hub id>
+    import sys
+
+    print(export_adapter(*sys.argv[1:4]))

@@ -93,10 +93,13 @@ def test_group_member_composes(group, member):
         GenerationConfig(max_new_tokens=d["max_new_tokens"], num_beams=d["num_beams"], do_sample=d["do_sample"],
                          temperature=d["temperature"], top_p=d["top_p"]).validate()
     elif group == "finetune":
-        assert cfg.finetune.mode == member
+        from hsd_exp.train.recipes import Recipe
+
+        recipe = Recipe.from_config(job["finetune"], None, cfg.model.num_layers)  # its keys fit the default model
+        assert cfg.finetune.mode == member or (cfg.finetune.mode == "lora" and not recipe.plain)  # a LoRA recipe
         if member != "none":
             assert cfg.finetune.lr > 0 and cfg.finetune.batch_size >= 1
-        if member == "lora":
+        if cfg.finetune.mode == "lora":
             assert cfg.finetune.lora.r > 0
     elif group == "trainer":
         assert cfg.trainer._target_ == "pytorch_lightning.Trainer"

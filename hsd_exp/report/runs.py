@@ -36,7 +36,8 @@ from hsd_exp.report.folders import CONFIG_FILE, count_predictions, find_run_dirs
 from hsd_exp.skip.policies import Policy, build_policy, config_label, policy_class
 
 METRIC_FIELDS = (*QUALITY_KEYS, "bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers",
-                 "lossless", "draft_len", "acceptance", "tokens_per_verification")
+                 "lossless", "draft_len", "draft_confidence", "acceptance",
+                 "tokens_per_verification")
 
 NO_RUNS = ("no runs found under {dir}: expected folders with .hydra/config.yaml or metrics.json "
            "(a multirun dir of `python -m hsd_exp -m ...`)")
@@ -83,6 +84,7 @@ class RunRecord:
     num_layers: Any = None
     lossless: Any = None  # decode=lossless: the policy drafted, the full model verified (quality = full's)
     draft_len: Any = None
+    draft_confidence: Any = None  # lossless: the adaptive draft length's threshold (None: always draft_len)
     acceptance: Any = None
     tokens_per_verification: Any = None
     config: dict = field(default_factory=dict, repr=False)  # raw (unresolved) .hydra/config.yaml
@@ -94,7 +96,8 @@ class RunRecord:
         name = self.built.display_name if self.built else self.policy_label or policy_name(self.policy, None)
         if self.lossless:  # the policy only drafted: name the mode and what its drafts achieved
             accepted = f", acceptance {self.acceptance:.2f}" if is_number(self.acceptance) else ""
-            name += f" → lossless (k={self.draft_len}{accepted})"
+            conf = f", c={self.draft_confidence:g}" if is_number(self.draft_confidence) else ""
+            name += f" → lossless (k={self.draft_len}{conf}{accepted})"
         return name
 
     @property

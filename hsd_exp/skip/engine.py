@@ -60,7 +60,7 @@ class SkipEngine:
     """Installs the wrappers; see the module docstring. Use through ``layer_skipping``."""
 
     def __init__(self, model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None,
-                 lossless: bool = False, draft_len: int = 4):
+                 lossless: bool = False, draft_len: int = 4, draft_confidence: float | None = None):
         self.model = unwrap(model)
         self.family = family_of(self.model)
         self.layers = decoder_layers(self.model)
@@ -84,6 +84,7 @@ class SkipEngine:
         self._handles: list = []
         self._saved: list = []  # (object, attribute, previous instance value or None)
         self.lossless, self.draft_len = lossless, draft_len  # generate() drafts with the policy, verifies in full
+        self.draft_confidence = draft_confidence  # lossless: stop drafting early below this top probability
         self._full = False  # lossless mode's verify forwards: every layer, nothing recorded
         if lossless:
             self.stats.lossless = LosslessStats()
@@ -134,11 +135,11 @@ class SkipEngine:
     def _generate_lossless(self, args, kwargs):
         """generate() in lossless mode (hsd_exp.skip.lossless): the policy drafts, the full model verifies."""
         gen, inputs = effective_config(self.model, dict(kwargs))
-        check_lossless(gen, self.draft_len)
+        check_lossless(gen, self.draft_len, self.draft_confidence)
         input_ids = args[0] if args else inputs.pop("input_ids")
         try:
             return lossless_generate(self, input_ids, inputs.get("attention_mask"), gen, self.draft_len,
-                                     self.stats.lossless)
+                                     self.stats.lossless, self.draft_confidence)
         finally:
             self._prompt_len, self._call_tmax, self._step, self._dynamic, self._routing = None, None, -1, None, None
 
@@ -290,17 +291,18 @@ class SkipEngine:
 
 @contextmanager
 def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None,
-                   lossless: bool = False, draft_len: int = 4):
+                   lossless: bool = False, draft_len: int = 4, draft_confidence: float | None = None):
     """Apply ``policy`` to every ``model.generate()`` (and forward) inside the block; yields SkipStats.
 
     ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used.
     ``prompt_len`` fixes where generated tokens start for plain forwards (skip-aware training batches).
     ``lossless``: the policy drafts ``draft_len`` tokens per round and the full model verifies them, so greedy
     generate() returns exactly plain generate()'s tokens and sampling follows the full model's distribution
-    (hsd_exp.skip.lossless; ``stats.lossless`` counts drafts, acceptance and verifications).
+    (hsd_exp.skip.lossless; ``stats.lossless`` counts drafts, acceptance and verifications); ``draft_confidence``
+    (None = off) ends a round's drafting early once some row's draft has its top probability below it.
     On exit the model is exactly as before (plain ``generate()`` again), even after an exception.
     """
-    engine = SkipEngine(model, policy, max_new_tokens, prompt_len, lossless, draft_len)
+    engine = SkipEngine(model, policy, max_new_tokens, prompt_len, lossless, draft_len, draft_confidence)
     try:
         engine.install()
         yield engine.stats

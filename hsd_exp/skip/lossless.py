@@ -2,7 +2,9 @@
 
 One round, for a batch whose committed sequences x end in a token x_n not yet in the cache:
 
-    draft    d_j ~ q_j = q(. | x, d_<j)           j = 1..k   (k forwards under the policy, one token each)
+    draft    d_j ~ q_j = q(. | x, d_<j)           j = 1..k   (k forwards under the policy, one token each;
+                                                             with a confidence c, drafting stops after d_j
+                                                             once max q_j < c for some unfinished row)
     verify   p_j = p(. | x, d_<j)                 j = 1..k+1 (one full-depth forward over x_n, d_1..d_k)
     accept   greedy:   d_j is accepted when d_j = argmax p_j
              sampling: d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j))   (speculative sampling)
@@ -67,19 +69,20 @@ class LosslessStats:
     def tokens_per_verification(self) -> float:
         return self.committed / self.verifications if self.verifications else float("nan")
 
-    def summary(self, draft_len: int) -> dict:
+    def summary(self, draft_len: int, draft_confidence: float | None = None) -> dict:
         """What metrics.json records of a lossless run."""
         layers = self.draft_layers
-        return {"lossless": True, "draft_len": draft_len, "acceptance": self.acceptance,
+        return {"lossless": True, "draft_len": draft_len, "draft_confidence": draft_confidence, "acceptance": self.acceptance,
                 "tokens_per_verification": self.tokens_per_verification, "drafted": self.drafted,
                 "accepted": self.accepted, "verifications": self.verifications,
                 "draft_avg_layers": sum(layers) / len(layers) if layers else None}
 
 
-def check_lossless(gen: GenerationConfig, draft_len: int) -> None:
+def check_lossless(gen: GenerationConfig, draft_len: int, draft_confidence: float | None = None) -> None:
     """One beam, no score-changing processors beyond temperature / top-k / top-p: what lossless mode reproduces."""
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
         raise ConfigError(f"draft_len={draft_len} is out of range: a positive number of tokens to draft per round")
+    check_confidence(draft_confidence)
     if (gen.num_beams or 1) != 1:
         raise ConfigError(f"lossless decoding needs num_beams=1 (got {gen.num_beams}): beams keep no single draft "
                           "to verify; use decode=greedy (or sampling) with it")
@@ -90,6 +93,16 @@ def check_lossless(gen: GenerationConfig, draft_len: int) -> None:
     if changed:
         raise ConfigError(f"lossless decoding does not apply {', '.join(changed)}: unset them (max_new_tokens, "
                           "min_new_tokens, eos/pad, and for sampling temperature, top_k and top_p are supported)")
+
+
+def check_confidence(draft_confidence: float | None, key: str = "draft_confidence") -> None:
+    """None (always draft draft_len tokens) or a probability in (0, 1]."""
+    if draft_confidence is None:
+        return
+    if isinstance(draft_confidence, bool) or not isinstance(draft_confidence, (int, float)) or not (
+            0 < draft_confidence <= 1):
+        raise ConfigError(f"{key}={draft_confidence} is out of range: null (always draft draft_len tokens) or a "
+                          "probability in (0, 1] (stop drafting once the draft's top probability falls below it)")
 
 
 class Chooser:
@@ -150,8 +163,11 @@ class Chooser:
 
 
 def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      gen: GenerationConfig, draft_len: int, stats: LosslessStats) -> torch.Tensor:
-    """``generate()`` of ``engine.model`` (greedy or sampling), drafts under ``engine.policy``: (B, P + new)."""
+                      gen: GenerationConfig, draft_len: int, stats: LosslessStats,
+                      draft_confidence: float | None = None) -> torch.Tensor:
+    """``generate()`` of ``engine.model`` (greedy or sampling), drafts under ``engine.policy``: (B, P + new).
+    ``draft_confidence``: stop a round's drafting early once some unfinished row's draft distribution has its top
+    probability below it (that row will likely reject, and the batch commits its least-accepting row's count)."""
     model, cache_kw = engine.model, engine.cache_kw
     B, P = input_ids.shape
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -182,10 +198,16 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
         drafts, qs, tok = [], [], new[-1]
         for j in range(k):  # draft: one token per forward, under the policy
             steps_before = len(engine.stats.per_step)
-            tok, q = choose.draft(forward(tok.unsqueeze(1), full=False)[:, -1], g + j)
+            logits = forward(tok.unsqueeze(1), full=False)[:, -1]  # (B, V)
+            tok, q = choose.draft(logits, g + j)
             stats.draft_layers += engine.stats.per_step[steps_before:]
             drafts.append(tok)
             qs.append(q)
+            if draft_confidence is not None and j + 1 < k:
+                top = (q if q is not None else choose.scores(logits, g + j).float().softmax(-1)).amax(-1)  # (B,)
+                if bool((top < draft_confidence)[~done].any()):
+                    break
+        k = len(drafts)
         cache.truncate(n)  # back to the full model's K/V (the drafts' are the policy's)
         logits = forward(torch.stack([new[-1], *drafts], dim=1), full=True)  # (B, k + 1, V)
         stats.verifications += 1
@@ -215,4 +237,4 @@ def effective_config(model, kwargs: dict) -> tuple[GenerationConfig, dict]:
     return gen, rest
 
 
-__all__ = ["Chooser", "LosslessStats", "check_lossless", "effective_config", "lossless_generate"]
+__all__ = ["Chooser", "LosslessStats", "check_confidence", "check_lossless", "effective_config", "lossless_generate"]

@@ -40,6 +40,7 @@ def test_lossless_predictions_are_full_decodings(tmp_path):
 @pytest.mark.parametrize(("override", "message"), [
     ("decode.num_beams=4", "decode=lossless needs num_beams=1"),
     ("decode.draft_len=0", "decode.draft_len=0 must be a positive integer"),
+    ("decode.draft_confidence=1.5", "decode.draft_confidence=1.5 is out of range"),
 ])
 def test_lossless_refuses_beams_and_bad_draft_len_before_loading(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

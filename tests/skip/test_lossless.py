@@ -58,6 +58,33 @@ def test_lossless_output_is_plain_greedy_output(name, batch, draft):
         assert s.acceptance == 1.0 and s.tokens_per_verification > 3
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("confidence", [0.6, 1.0])
+def test_an_adaptive_draft_length_stays_exact_and_stops_drafting_when_unsure(batch, confidence):
+    """draft_confidence=c: a round stops drafting once some row's top draft probability is below c. At c=1 every
+    draft is unsure, so every round drafts one token; the output is plain greedy's either way."""
+    model, tokenizer = float64("tiny-llama")
+    plain = greedy(model, tokenizer, batch)
+    policy = build_policy("skipdecode", min=2, max=4, keep_first=1)
+    with layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=4,
+                        draft_confidence=confidence) as stats:
+        out = greedy(model, tokenizer, batch)
+    with layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=4) as fixed:
+        greedy(model, tokenizer, batch)
+    assert torch.equal(out, plain)
+    s = stats.lossless
+    if confidence == 1.0:
+        assert s.verifications - 1 <= s.drafted <= s.verifications  # one draft a round (the last may have none)
+    assert s.drafted < fixed.lossless.drafted  # the tiny model's drafts are unsure: fewer drafted than k per round
+
+
+def test_a_bad_draft_confidence_is_refused():
+    model, tokenizer = float64("tiny-llama")
+    with pytest.raises(ConfigError, match="draft_confidence=0 is out of range"), \
+            layer_skipping(model, build_policy("full"), max_new_tokens=T, lossless=True, draft_confidence=0):
+        greedy(model, tokenizer, 1)
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_rows_that_end_are_padded_as_plain_generate_pads_them(name):
     model, tokenizer = float64(name)

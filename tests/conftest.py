@@ -1,5 +1,6 @@
-"""Shared fixtures: models load once per session (tiny ones in ~0.2 s, smollm2-135m in ~2 s once converted);
-synthetic run folders for the runs and report tests. Helpers the tests import live in ``tests/helpers.py``."""
+"""Shared fixtures: models load once per session (tiny ones in ~0.2 s, smollm2-135m in ~2 s and gemma3-270m in
+~5 s once converted); synthetic run folders for the runs and report tests. Helpers the tests import live in
+``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def tiny(request):
 @pytest.fixture
 def smollm2():
     return load("smollm2-135m")
+
+
+@pytest.fixture
+def gemma3():
+    """The real Gemma-3-270M; skipped where its GGUF packages are not installed (nor a converted copy cached)."""
+    from helpers import gemma3_missing
+
+    if reason := gemma3_missing():
+        pytest.skip(f"gemma3-270m unavailable: {reason}")
+    return load("gemma3-270m")
 
 
 @pytest.fixture

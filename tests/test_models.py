@@ -258,3 +258,39 @@ def test_smollm2_converts_once_and_answers(monkeypatch):
         out = lm.model.generate(**enc, max_new_tokens=8, do_sample=False)
     answer = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+# ------------------------------------------------------------------------- GGUF split across packages
+def test_gguf_parts_are_joined_in_order_checked_and_named_when_missing(tmp_path, monkeypatch):
+    """gemma3-270m's source: the GGUF's bytes in several packages, joined into the cache (no model here)."""
+    import hashlib
+
+    chunks = {f"pkg{i}": tmp_path / "site" / f"part{i}" for i in range(3)}
+    for i, path in enumerate(chunks.values()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes([i]) * (1000 + i))
+    whole = b"".join(p.read_bytes() for p in chunks.values())
+    monkeypatch.setattr(local_models, "locate_package_file", lambda package, relpath, hint: chunks[package])
+    parts = [{"package": p, "file": "ignored"} for p in chunks]
+    joined = local_models.assemble_parts("m", str(tmp_path / "cache"), "m.gguf", parts, "pip install ...",
+                                         sha256=hashlib.sha256(whole).hexdigest())
+    assert joined == tmp_path / "cache" / "gguf" / "m" / "m.gguf" and joined.read_bytes() == whole
+    joined.unlink()
+    with pytest.raises(ConfigError, match="sha256"):  # a part out of order (or corrupt): refused, nothing left
+        local_models.assemble_parts("m", str(tmp_path / "cache"), "m.gguf", parts[::-1], "pip install ...",
+                                    sha256=hashlib.sha256(whole).hexdigest())
+    assert list(joined.parent.iterdir()) == []
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"'gemma3-missing-part2' is not installed; run `pip install x`"):
+        local_models.gguf_to_safetensors("m", str(tmp_path / "cache"), "m.gguf", "pip install x",
+                                         parts=[{"package": "gemma3-missing-part2", "file": "a"}])
+
+
+def test_gemma3_preset_names_its_parts_in_order():
+    import yaml
+
+    gguf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / "gemma3-270m.yaml").read_text())
+    gguf = gguf["gguf"]
+    assert [p["file"][-6:] for p in gguf["parts"]] == ["part00", "part01", "part02", "part03"]
+    for p in [gguf["package"], *(p["package"] for p in gguf["parts"])]:
+        assert f"{p}==" in gguf["install"]

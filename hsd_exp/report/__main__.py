@@ -20,7 +20,7 @@ Columns:
   % of full   mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of m / m(Full) * 100
 
 Full is the full-decoding run of the same setting: same model.name and dataset.name, and the same
-model.path, ckpt_path, model.chat, dataset.path, split and limit, prompt format (dataset.instruction,
+model.path, model.adapter, ckpt_path, model.chat, dataset.path, split and limit, prompt format (dataset.instruction,
 separator, max_source_tokens), decode.num_beams, do_sample and max_new_tokens (temperature and top_p when
 sampling), read from each run's .hydra/config.yaml (the limit from metrics.json when it records one), that
 scored the same examples (metrics.json's examples_hash; for runs without one, as many examples). A complete

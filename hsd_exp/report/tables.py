@@ -252,7 +252,7 @@ def render_markdown(runs: list[RunRecord], rows: list[dict], title: str, png_nam
     parts += [
         "Speedup = tokens/s / tokens/s(full); % of full = mean over R-1, R-2, R-L, BLEU-1, BERTScore of "
         "metric / metric(full) * 100 (per-metric values in report.csv). Full = the full-decoding run of the "
-        "same model, dataset and setting (model.path, ckpt_path, split, limit, num_beams, do_sample, "
+        "same model, dataset and setting (model.path, model.adapter, ckpt_path, split, limit, num_beams, do_sample, "
         "max_new_tokens, dataset.path, model.chat, instruction, separator, max_source_tokens; temperature and "
         "top_p when sampling) that scored the same examples. Avg. Layer = mean decoder layers run per "
         "generated token.",

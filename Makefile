@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The demo: the released model (full vs the paper's HSD), then the shipped skip-robust model (full vs its headline
-# setting), then one report over both (a table per model setting, and the plot).
+# The demo: the released model (full vs the paper's HSD), the shipped skip-robust model (full vs its headline
+# setting), the shipped SkipLayer model (full vs its learned router), then one report over all three (a table row
+# set per model setting, and the plot).
 DEMO_DIR ?= outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 demo: $(STAMP)
 	$(BIN)/python -m hsd_exp +experiment=demo hydra.run.dir=$(DEMO_DIR)/released
 	$(BIN)/python -m hsd_exp +experiment=demo_robust hydra.run.dir=$(DEMO_DIR)/skip_robust
+	$(BIN)/python -m hsd_exp +experiment=demo_skiplayer hydra.run.dir=$(DEMO_DIR)/skiplayer
 	$(BIN)/python -m hsd_exp.report $(DEMO_DIR) --title "make demo: SmolLM2-135M on 16 E2E inputs"
 
 test: $(STAMP)

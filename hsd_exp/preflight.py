@@ -5,6 +5,7 @@ Each raises a ``ConfigError`` naming the value and the override that fixes it.
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +23,7 @@ from hsd_exp.eval.callbacks import bertscore_config
 from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_device
 from hsd_exp.models import check_hub_model, local_num_layers
 from hsd_exp.report.runs import slug
-from hsd_exp.shipped import resolve_adapter
+from hsd_exp.shipped import adapter_router, resolve_adapter
 from hsd_exp.skip.lossless import check_confidence
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.recipes import Recipe
@@ -287,12 +288,16 @@ def check_router(cfg: DictConfig, policies: list[Policy], num_layers: int | None
         return  # the router it trains is the one evaluation uses
     if cfg.task == "generate" or not any("router" in p.objects for p in policies):
         return
-    if not cfg.ckpt_path:
+    if not cfg.ckpt_path and adapter_router(cfg.model.get("adapter")) is not None:
+        recorded = json.loads((adapter_router(cfg.model.adapter) / "router.json").read_text())  # beside the adapter
+    elif not cfg.ckpt_path:
         raise ConfigError("policy=skiplayer needs a trained router: ckpt_path=<run>/checkpoints/last.ckpt of a "
-                          "run with finetune.router=true (or task=finetune_evaluate finetune.router=true)")
+                          "run with finetune.router=true (or task=finetune_evaluate finetune.router=true), or "
+                          "model.adapter=<an adapter with a router/ folder, e.g. smollm2_e2e_skiplayer>")
     if recorded is None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds no router: policy=skiplayer needs a checkpoint "
                           "trained with finetune.router=true")
     if num_layers is not None and recorded["num_layers"] != num_layers:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} holds a router for {recorded['num_layers']} layers, but "
+        source = f"ckpt_path={cfg.ckpt_path}" if cfg.ckpt_path else f"model.adapter={cfg.model.adapter}"
+        raise ConfigError(f"{source} holds a router for {recorded['num_layers']} layers, but "
                           f"model.num_layers={num_layers}: evaluate it with the model it was trained on")

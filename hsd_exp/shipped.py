@@ -3,7 +3,8 @@
 Each folder is a peft adapter (``adapter_config.json``, half-precision ``adapter_model.safetensors``) with a card
 (``README.md``: the command that trained it, data, budget, licences). ``model.adapter`` names one of them, or any
 directory holding a peft LoRA adapter (a run's ``<run>/hf_model``); it is merged into the base weights on load,
-so a skipping policy costs what it costs on the base model.
+so a skipping policy costs what it costs on the base model. An adapter trained with SkipLayer's router keeps the
+router in ``router/``: ``policy=skiplayer`` decodes with it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def resolve_adapter(value: str) -> Path:
                       "a directory with a peft adapter_config.json: pass a LoRA run's <run>/hf_model")
 
 
+def adapter_router(value: str | None) -> Path | None:
+    """The SkipLayer router saved beside the adapter ``value`` (its ``router/`` folder), if it has one."""
+    if not value:
+        return None
+    router = resolve_adapter(value) / "router"
+    return router if (router / "router.json").is_file() else None
+
+
 def merge_adapter(model, value: str):
     """``model`` with the LoRA adapter ``value`` merged into its weights (its dtype kept)."""
     from peft import PeftModel
@@ -58,6 +67,12 @@ def export_adapter(src: str, name: str, base_model: str) -> Path:
     config = json.loads((src_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base_model
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    router = adapter_router(str(src_dir))
+    if router is not None:  # SkipLayer's router trained with it: its gates, also in half precision
+        (out / "router").mkdir(exist_ok=True)
+        gates = {k: v.to(torch.float16).contiguous() for k, v in load_file(router / "router.safetensors").items()}
+        save_file(gates, out / "router" / "router.safetensors", metadata={"format": "pt"})
+        (out / "router" / "router.json").write_text((router / "router.json").read_text())
     return out
 
 

@@ -32,6 +32,7 @@ from hsd_exp.eval.resume import check_resume_limit, check_resume_setting, record
 from hsd_exp.models import LoadedModel, resolve_dtype
 from hsd_exp.preflight import LOSSLESS_KEYS, build, lossless_settings
 from hsd_exp.report.runs import slug
+from hsd_exp.shipped import adapter_router
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.module import CausalLMModule
@@ -132,6 +133,9 @@ def make_router(cfg: DictConfig, lm: LoadedModel, policies: list[Policy], router
 
     if recorded is not None:
         return SkipRouter(**recorded).to(lm.model.device)
+    shipped = adapter_router(cfg.model.get("adapter"))
+    if shipped is not None and not cfg.finetune.get("router"):  # decoding with the router saved beside the adapter
+        return SkipRouter.load(shipped, lm.model)
     return SkipRouter.for_model(lm.model, **{k: v for k, v in router_cfg.items() if k in SkipRouter.SETTINGS})
 
 

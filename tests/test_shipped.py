@@ -11,7 +11,7 @@ from hsd_exp import layer_skipping
 from hsd_exp.data.prompts import build_prompt
 from hsd_exp.errors import ConfigError
 from hsd_exp.models import load_model
-from hsd_exp.shipped import WEIGHTS, resolve_adapter, shipped
+from hsd_exp.shipped import WEIGHTS, adapter_router, resolve_adapter, shipped
 
 from helpers import compose_config
 
@@ -51,7 +51,7 @@ def test_an_adapter_directory_is_merged_into_the_weights(tmp_path):
 
 
 def test_the_shipped_adapters_have_a_card_and_stay_small():
-    assert "smollm2_e2e_robust" in shipped()
+    assert {"smollm2_e2e_robust", "smollm2_e2e_skiplayer"} <= set(shipped())
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert total <= 16 * 2**20
     for name in shipped():
@@ -79,3 +79,32 @@ def test_the_shipped_skip_robust_smollm2_loads_offline_and_reads_well_at_its_hea
     assert stats.avg_layers <= 18
     for text in texts:  # readable: the restaurant's name and what it is, in a sentence
         assert "Blue Spice" in text and "coffee shop" in text, texts
+
+
+def test_an_adapter_with_a_router_decodes_policy_skiplayer_without_a_checkpoint(tmp_path):
+    from hsd_exp import preflight
+
+    assert adapter_router("smollm2_e2e_robust") is None
+    assert adapter_router("smollm2_e2e_skiplayer") == WEIGHTS / "smollm2_e2e_skiplayer" / "router"
+    plan = preflight.check(compose_config(tmp_path, "+experiment=demo_skiplayer"))  # no ckpt_path: the adapter's
+    assert plan.policy.name == "skiplayer"
+    with pytest.raises(ConfigError, match="or model.adapter=<an adapter with a router/ folder"):
+        preflight.check(compose_config(tmp_path, "+experiment=demo_skiplayer", "model.adapter=smollm2_e2e_robust"))
+
+
+@pytest.mark.slow
+def test_the_shipped_skiplayer_router_loads_beside_its_adapter_and_routes(tmp_path):
+    from hsd_exp import tasks
+
+    cfg = compose_config(tmp_path, "+experiment=demo_skiplayer")
+    lm = instantiate(cfg.model)
+    policy = instantiate(cfg.policy, num_layers=30)
+    router = tasks.make_router(cfg, lm, [policy], {})
+    assert router is not None and router.num_layers == 30
+    prompt = build_prompt("name[Blue Spice], eatType[coffee shop], area[city centre]", cfg.dataset, lm.tokenizer,
+                          lm.chat)
+    enc = lm.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad(), layer_skipping(lm.model, policy.with_router(router), max_new_tokens=24) as stats:
+        out = lm.model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Blue Spice" in text and 10 < stats.avg_layers < 29  # the trained router skips, and still reads

@@ -53,5 +53,5 @@ def test_help_describes_outputs_and_columns(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for text in ("report.md", "report.csv", "quality_vs_layers.png", "Speedup", "% of full", "partial (N predictions)",
-                 "--allow-mixed", "model.path, ckpt_path"):
+                 "--allow-mixed", "model.path, model.adapter, ckpt_path"):
         assert text in out, text

@@ -108,3 +108,15 @@ def test_the_shipped_skiplayer_router_loads_beside_its_adapter_and_routes(tmp_pa
         out = lm.model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Blue Spice" in text and 10 < stats.avg_layers < 29  # the trained router skips, and still reads
+
+
+@pytest.mark.parametrize("overrides", [[], ["task=evaluate"], ["task=evaluate", "policy=full"],
+                                       ["task=evaluate", "decode=lossless"]])
+def test_the_robust_preset_evaluates_its_headline_full_depth_and_lossless(tmp_path, overrides):
+    """policy=full replaces the headline (a preset of its own, not keys the experiment sets on the policy)."""
+    from hsd_exp import preflight
+
+    plan = preflight.check(compose_config(tmp_path, "+experiment=smollm2_e2e_robust", *overrides))
+    expected = "full" if "policy=full" in overrides else "skipdecode(11,11,keep_first=6)"
+    assert plan.policy.label == expected
+    assert [p.label for p in plan.compare] == ["full", "hsd(s=1,0,18)", expected]

@@ -220,5 +220,13 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
     return unwrap(model).get_submodule(path)
 
 
+def readout(model: nn.Module):
+    """The final norm then the LM head, as a function of a hidden state: (..., C) -> (..., V). What an early exit
+    (CALM's confidence, the early-exit loss) reads off an intermediate layer."""
+    family = family_of(model)
+    norm, head = submodule(model, family.final_norm), submodule(model, family.lm_head)
+    return lambda h: head(norm(h))
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return submodule(model, family_of(model).layers)

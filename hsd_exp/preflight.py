@@ -288,8 +288,9 @@ def check_router(cfg: DictConfig, policies: list[Policy], num_layers: int | None
         return  # the router it trains is the one evaluation uses
     if cfg.task == "generate" or not any("router" in p.objects for p in policies):
         return
-    if not cfg.ckpt_path and adapter_router(cfg.model.get("adapter")) is not None:
-        recorded = json.loads((adapter_router(cfg.model.adapter) / "router.json").read_text())  # beside the adapter
+    beside = adapter_router(cfg.model.get("adapter"))  # a router saved with model.adapter
+    if not cfg.ckpt_path and beside is not None:
+        recorded = json.loads((beside / "router.json").read_text())
     elif not cfg.ckpt_path:
         raise ConfigError("policy=skiplayer needs a trained router: ckpt_path=<run>/checkpoints/last.ckpt of a "
                           "run with finetune.router=true (or task=finetune_evaluate finetune.router=true), or "

@@ -18,8 +18,9 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 def shipped() -> list[str]:
     """Names of the adapters shipped in the package."""
-    return sorted(p.name for p in WEIGHTS.iterdir() if (p / "adapter_config.json").is_file()) if WEIGHTS.is_dir() \
-        else []
+    if not WEIGHTS.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS.iterdir() if (p / "adapter_config.json").is_file())
 
 
 def resolve_adapter(value: str) -> Path:
@@ -57,26 +58,34 @@ def export_adapter(src: str, name: str, base_model: str) -> Path:
     (README.md) is written by hand: the command, data, budget and licences."""
     import json
 
-    import torch
-    from safetensors.torch import load_file, save_file
-
     src_dir, out = resolve_adapter(src), WEIGHTS / name
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(src_dir / "adapter_model.safetensors").items()}
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    _save_half(src_dir / "adapter_model.safetensors", out / "adapter_model.safetensors")
     config = json.loads((src_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base_model
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     router = adapter_router(str(src_dir))
     if router is not None:  # SkipLayer's router trained with it: its gates, also in half precision
         (out / "router").mkdir(exist_ok=True)
-        gates = {k: v.to(torch.float16).contiguous() for k, v in load_file(router / "router.safetensors").items()}
-        save_file(gates, out / "router" / "router.safetensors", metadata={"format": "pt"})
+        _save_half(router / "router.safetensors", out / "router" / "router.safetensors")
         (out / "router" / "router.json").write_text((router / "router.json").read_text())
     return out
+
+
+def _save_half(src: Path, dst: Path) -> None:
+    """A safetensors file again, every tensor in float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(src).items()}, dst, metadata={"format": "pt"})
 
 
 if __name__ == "__main__":  # python -m hsd_exp.shipped <run>/hf_model <name> <base model hub id>
     import sys
 
-    print(export_adapter(*sys.argv[1:4]))
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m hsd_exp.shipped <run>/hf_model <name> <base model hub id>")
+    try:
+        print(export_adapter(*sys.argv[1:4]))
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -120,3 +120,40 @@ def test_the_robust_preset_evaluates_its_headline_full_depth_and_lossless(tmp_pa
     expected = "full" if "policy=full" in overrides else "skipdecode(11,11,keep_first=6)"
     assert plan.policy.label == expected
     assert [p.label for p in plan.compare] == ["full", "hsd(s=1,0,18)", expected]
+
+
+def test_export_writes_a_half_precision_adapter_and_its_router_that_model_adapter_loads(tmp_path, monkeypatch):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    import hsd_exp.shipped as shipped_module
+    from hsd_exp.shipped import export_adapter
+    from hsd_exp.skip.router import SkipRouter
+
+    base = load_model(**TINY, cache_dir=str(tmp_path))
+    peft = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "run" / "hf_model")
+    SkipRouter.for_model(base.model).save(tmp_path / "run" / "hf_model" / "router")
+    monkeypatch.setattr(shipped_module, "WEIGHTS", tmp_path / "weights")
+    out = export_adapter(str(tmp_path / "run" / "hf_model"), "mine", "org/base-model")
+    assert out == tmp_path / "weights" / "mine"
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float16}
+    assert {t.dtype for t in load_file(out / "router" / "router.safetensors").values()} == {torch.float16}
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base-model"
+    assert shipped_module.shipped() == ["mine"] and adapter_router("mine") == out / "router"
+    ids = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():
+        got = load_model(**TINY, cache_dir=str(tmp_path), adapter="mine").model(input_ids=ids).logits
+        expected = peft(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-3)  # the float16 copy merges to the trained adapter's outputs
+
+
+def test_the_presets_data_falls_back_to_the_bundled_sample_where_the_shared_data_is_missing(tmp_path):
+    from omegaconf import OmegaConf
+
+    import hsd_exp  # noqa: F401  (registers the resolvers)
+
+    cfg = OmegaConf.create({"here": f"${{hsd_dir_or:{tmp_path},sample}}", "gone": "${hsd_dir_or:/no/such/dir,sample}"})
+    assert cfg.here == str(tmp_path) and cfg.gone == "sample"

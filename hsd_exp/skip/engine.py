@@ -48,7 +48,7 @@ from types import MethodType
 
 import torch
 
-from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
+from hsd_exp.families import decoder_layers, family_of, readout, submodule, unwrap
 from hsd_exp.skip.cache import SkipCache, cache_argument
 from hsd_exp.skip.lossless import LosslessStats, check_lossless, effective_config, lossless_generate
 from hsd_exp.skip.partial import run_rows, write_kv_only
@@ -70,9 +70,7 @@ class SkipEngine:
         self.max_new_tokens = max_new_tokens
         self.stats = SkipStats(num_layers=self.L)
         self.cache_kw = cache_argument(self.model)
-        final_norm = submodule(self.model, self.family.final_norm)
-        lm_head = submodule(self.model, self.family.lm_head)
-        self.readout = lambda h: lm_head(final_norm(h))  # (B, C) -> (B, V): what a dynamic policy may score
+        self.readout = readout(self.model)  # (B, C) -> (B, V): what a dynamic policy may score
         self._plan: list = [True] * self.L  # per layer: True (run), False (skip) or a (Q,) bool tensor
         self._prompt_len: int | None = None
         self._fixed_prompt_len = prompt_len  # training: batches laid out with every prompt ending at one column

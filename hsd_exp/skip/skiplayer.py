@@ -72,16 +72,37 @@ class SkipLayer(Policy):
         return RouterStep(self.router, self.threshold, steps, device)
 
 
-class RouterStep:
+class RunMasks:
+    """What one forward of a per-token policy ran: a (B, Q) bool mask per layer so far (``runs``), and what the
+    engine's records read off them."""
+
+    def __init__(self):
+        self.runs: list = []  # per layer so far: (B, Q) bool, True = ran
+
+    @property
+    def counts(self):
+        """(B, Q) layers run so far, per row and position."""
+        import torch
+
+        return torch.stack(self.runs).sum(0)
+
+    def rows_per_layer(self) -> list[int]:
+        """For each layer so far, how many rows ran it at the last position (what the FLOP model needs)."""
+        import torch
+
+        return torch.stack([run[:, -1] for run in self.runs]).sum(1).tolist() if self.runs else []
+
+
+class RouterStep(RunMasks):
     """One forward's routing: per layer, which (row, position) pairs run. Records what each row ran."""
 
     def __init__(self, router, threshold: float, steps: list[int], device):
         import torch
 
+        super().__init__()
         self.router, self.threshold = router, threshold
         self.generated = torch.tensor([t >= 0 for t in steps], device=device)  # (Q,) routed positions
         self.prompt_too = min(steps) < 0  # some positions are prompt positions, which run every layer
-        self.runs: list = []  # per layer so far: (B, Q) bool, True = ran
         self.gates: dict[int, Any] = {}  # training: layer idx -> (B, Q) straight-through gate
         router.last_step = self  # training reads the gates back for the density loss
 
@@ -101,16 +122,3 @@ class RouterStep:
                 run = run | ~self.generated
         self.runs.append(run)
         return run
-
-    @property
-    def counts(self):
-        """(B, Q) layers run so far, per row and position."""
-        import torch
-
-        return torch.stack(self.runs).sum(0)
-
-    def rows_per_layer(self) -> list[int]:
-        """For each layer so far, how many rows ran it at the last position (what the FLOP model needs)."""
-        import torch
-
-        return torch.stack([run[:, -1] for run in self.runs]).sum(1).tolist() if self.runs else []

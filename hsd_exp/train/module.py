@@ -7,12 +7,13 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import cached_property
 
 import pytorch_lightning as pl
 import torch
 from transformers import GenerationConfig
 
-from hsd_exp.families import decoder_layers, family_of, submodule
+from hsd_exp.families import decoder_layers, readout
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.router import density_loss, run_rate
@@ -48,7 +49,6 @@ class CausalLMModule(pl.LightningModule):
         self.generation_config = generation_config
         self.make_optimizer = optimizer
         self.skip_policy = skip_policy  # skip-aware training only; decoding uses the callback's policy
-        self.recipe = Recipe.from_config(self.ft, skip_policy, len(decoder_layers(model)))
         self.skip_stats = None  # set by SkipPolicyCallback while testing
         self.on_generated = None  # callback(batch, predictions, layers_per_token) set by the writer callback
         self.generate_seconds = 0.0
@@ -56,6 +56,12 @@ class CausalLMModule(pl.LightningModule):
         self.train_steps_skipped = 0
 
     # ------------------------------------------------------------------ training
+    @cached_property
+    def recipe(self) -> Recipe:
+        """What each training step runs (``finetune``'s recipe keys); built on the first step, so an evaluation
+        never checks training keys (preflight checks them before training)."""
+        return Recipe.from_config(self.ft, self.skip_policy, self.num_layers)
+
     def _loss(self, batch) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
         return self.model(**inputs).loss
@@ -96,7 +102,7 @@ class CausalLMModule(pl.LightningModule):
         if recipe.exit_scale:
             weights = exit_weights(self.num_layers, self.global_step, recipe.exit_scale, recipe.curriculum,
                                    recipe.rotation)
-            loss, per_layer = early_exit_loss(outputs, out.loss, batch["labels"], self._readout(), weights)
+            loss, per_layer = early_exit_loss(outputs, out.loss, batch["labels"], readout(self.model), weights)
             self.log_dict({f"train/exit_ce_l{idx + 1}": ce for idx, ce in per_layer.items()}, on_step=True,
                           batch_size=n)
         if kind == "skipped" and recipe.distill_weight:
@@ -111,11 +117,6 @@ class CausalLMModule(pl.LightningModule):
         if not recipe.plain:  # the kinds of step apart: does the model learn to work with fewer layers?
             self.log(f"train/loss_{kind}", out.loss, on_step=True, on_epoch=True, batch_size=n)
         return loss
-
-    def _readout(self):
-        family = family_of(self.model)
-        norm, head = submodule(self.model, family.final_norm), submodule(self.model, family.lm_head)
-        return lambda h: head(norm(h))
 
     def _router_step(self, batch) -> torch.Tensor:
         """SkipLayer: every target position is routed as decoding routes it (prompt positions run every layer);

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from hsd_exp.errors import ConfigError
 from hsd_exp.skip.policies import Policy, build_policy
+from hsd_exp.skip.skiplayer import RunMasks
 
 CURRICULA = ("rotational", "none")
 
@@ -99,14 +100,14 @@ class LayerDropout(Policy):
         return _DropStep(self, steps, device)
 
 
-class _DropStep:
+class _DropStep(RunMasks):
     """One forward's dropout draw: (B, L) dropped layers per row, sampled when the first layer asks."""
 
     def __init__(self, policy: LayerDropout, steps: list[int], device):
+        super().__init__()
         self.policy = policy
         self.generated = torch.tensor([t >= 0 for t in steps], device=device)  # (Q,)
         self.gates: dict = {}  # no learned gate: the engine mixes outputs with torch.where only
-        self.runs: list[torch.Tensor] = []
         self.drop: torch.Tensor | None = None
 
     def decide(self, idx: int, h: torch.Tensor) -> torch.Tensor:
@@ -117,13 +118,6 @@ class _DropStep:
         run = ~(self.drop[:, idx:idx + 1] & self.generated.unsqueeze(0))  # (B, Q)
         self.runs.append(run)
         return run
-
-    @property
-    def counts(self) -> torch.Tensor:
-        return torch.stack(self.runs).sum(0)  # (B, Q)
-
-    def rows_per_layer(self) -> list[int]:
-        return torch.stack([run[:, -1] for run in self.runs]).sum(1).tolist() if self.runs else []
 
 
 # ----------------------------------------------------------------------------------------------- early-exit loss

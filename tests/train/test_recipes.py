@@ -15,7 +15,7 @@ from test_module import fixed_batch, make_cfg, make_module
 
 from hsd_exp import layer_skipping
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import decoder_layers, family_of, submodule, unwrap
+from hsd_exp.families import decoder_layers, family_of, readout, submodule, unwrap
 from hsd_exp.skip.early_exit import EarlyExit
 from hsd_exp.skip.policies import build_policy
 from hsd_exp.train.recipes import (
@@ -157,7 +157,7 @@ def test_the_early_exit_loss_is_the_weighted_ce_of_each_layers_readout(tmp_path)
     batch = fixed_batch(make_cfg(tmp_path), lm)
     layers = decoder_layers(model)
     family = family_of(model)
-    norm, head = submodule(model, family.final_norm), submodule(model, family.lm_head)
+    norm, head = submodule(model, family.final_norm), submodule(model, family.lm_head)  # by hand, not readout()
     with layer_outputs(layers) as outs:
         out = forward(model, batch)
     weights = exit_weights(len(layers), 1, 1.0, "none")
@@ -222,9 +222,7 @@ def test_a_layerskip_step_adds_the_exit_losses_on_a_dropout_forward(tmp_path, mo
         loss = module.training_step(batch, 0)
         with layer_outputs(decoder_layers(model)) as outs:
             out = forward(model, batch, EarlyExit(layer=L - 1))  # keep_bottom=L-1, p_max=1: the top layer drops
-        family = family_of(model)
-        readout = lambda h: submodule(model, family.lm_head)(submodule(model, family.final_norm)(h))  # noqa: E731
-        expected, _ = early_exit_loss(outs, out.loss, batch["labels"], readout, exit_weights(L, 0, 1.0, "none"))
+        expected, _ = early_exit_loss(outs, out.loss, batch["labels"], readout(model), exit_weights(L, 0, 1.0, "none"))
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert logged["train/loss_dropout"] == pytest.approx(float(out.loss), rel=1e-5)
     assert {f"train/exit_ce_l{i}" for i in range(2, L + 1)} <= set(logged)

@@ -149,6 +149,7 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
         if stats is not None and stats.lossless is not None:
             extra = {"acceptance": stats.lossless.acceptance,
                      "tokens_per_verification": stats.lossless.tokens_per_verification,
+                     "verify_avg_layers": stats.lossless.verify_avg_layers,
                      "identical": bool(torch.equal(fn.out, plain.out))}  # the promise: plain generate()'s tokens
         measured = base / t
         # The decode steps alone: the prefill's time taken off both (None if noise makes it meaningless).

@@ -88,7 +88,8 @@ def routed_step_flops(model, ctx: int, rows: int, layer_rows: tuple[int, ...]) -
 
 def lossless_decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats) -> float:
     """Lossless mode's decode FLOPs: every draft forward under the policy (as ``decode_flops`` counts a step)
-    plus every verify forward (the full model on k + 1 positions), context at the call's mid-point."""
+    plus every verify forward (the layers above the drafts' exact bottom on k + 1 positions), context at the
+    call's mid-point."""
     per_layer, per_attn, d, vocab = layer_flops(model)
     kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
     L, ctx = len(per_layer), prompt_len + new_tokens // 2
@@ -99,9 +100,13 @@ def lossless_decode_flops(model, prompt_len: int, rows: int, new_tokens: int, st
                            + sum(kv[i] if kv_rope else per_attn[i] + 4 * ctx * d for i in range(L - extra, L))
                            for run, extra, evals in zip(stats.step_layers, stats.kv_only, stats.confidence_evals,
                                                         strict=True))
-    verified = stats.lossless.drafted + stats.lossless.verifications  # positions: k + 1 per verification
-    verify = rows * verified * (sum(f + 4 * ctx * d for f in per_layer) + 2 * d * vocab)
-    return float(draft + verify)
+    # Verification: layers E+1..L and the LM head on k + 1 positions, plus the last draft's pass through the
+    # exact bottom layers 1..E (E = 0 when the drafts skip a bottom layer: every layer verifies).
+    E, runs = stats.lossless.exact_bottom, stats.lossless.verifications
+    verified = stats.lossless.drafted + runs  # positions: k + 1 per verification
+    verify = rows * verified * (sum(f + 4 * ctx * d for f in per_layer[E:]) + 2 * d * vocab)
+    bottom = rows * runs * sum(f + 4 * ctx * d for f in per_layer[:E])
+    return float(draft + verify + bottom)
 
 
 __all__ = ["call_flops", "decode_flops", "kv_only_flops", "layer_flops", "lossless_decode_flops",

@@ -137,6 +137,8 @@ def test_lossless_rows_check_their_tokens_and_count_drafts_and_verifications():
     assert all(r["identical"] for r in rows[1:])  # plain generate()'s tokens, checked in the run
     full = rows[2]
     assert full["acceptance"] == 1.0 and full["tokens_per_verification"] == pytest.approx(7 / 2)
+    # HSD skips layer 1: every layer verifies; a full-depth draft's layers 1..5 are exact: only layer 6 does
+    assert rows[1]["verify_avg_layers"] == 6 and full["verify_avg_layers"] == 1
     # a full-depth draft only adds work: 7 tokens = 6 drafts + 2 verifications of 4 positions, vs 7 steps
     assert full["decode_ideal_speedup"] < 1.0
     with pytest.raises(ConfigError, match="draft_len=0 must be a positive integer"):

@@ -22,11 +22,14 @@ class SkipCache(DynamicCache):
     transformers sizes the attention masks from one layer per kind (the first full-attention layer, the first
     sliding one), which may be a skipped layer. The true length n is the longest layer's (a layer that runs has
     every position; sliding layers count every position they saw, though they keep only the last window - 1).
-    Masks are sized as a layer of that kind holding n positions would size them.
+    Masks are sized as a layer of that kind holding n positions would size them. ``count_from = E`` counts only
+    layers E.. (lossless mode's top-only verification, which runs them while the bottom ones already hold more).
     """
 
+    count_from: int = 0
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max((layer.get_seq_length() for layer in self.layers), default=0)
+        return max((layer.get_seq_length() for layer in self.layers[self.count_from:]), default=0)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """(kv_length, kv_offset) of a running layer of ``layer_idx``'s kind: DynamicSlidingWindowLayer's rule with
@@ -41,12 +44,12 @@ class SkipCache(DynamicCache):
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length()
 
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions of every layer (layers already shorter keep theirs): lossless mode
+    def truncate(self, length: int, first: int = 0) -> None:
+        """Keep the first ``length`` positions of every layer from ``first`` on (shorter ones keep theirs): lossless mode
         drops the drafts' K/V before verifying and the rejected positions after. Sliding layers can only go back
         past their window after ``activate_past_recording()`` (lossless mode calls it); they are then cut back to
         the window here too (``crop(0)``), so they stay small."""
-        for layer in self.layers:
+        for layer in self.layers[first:]:
             extra = layer.get_seq_length() - length
             if extra > 0:
                 layer.crop(-extra)

@@ -34,7 +34,9 @@ How it works, without copying model code:
    that mix, so its gradient flows at every routed position, skipped ones included.
 7. Lossless mode (``lossless=True``, hsd_exp.skip.lossless) replaces generate() with a draft-and-verify loop: draft
    forwards run under the policy as above (skipped layers' caches are kept, not dropped), prefill and verify
-   forwards run every layer (``full_depth``), and the cache is cut back to the full model's K/V between them.
+   forwards run a fixed range of layers (``run_layers``: every layer, or only those above the draft's exact
+   bottom layers, whose input state the drafts left at layer E: ``capture`` records it, ``feed`` hands it back),
+   and the cache is cut back to the full model's K/V between them.
 
 transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (of ``generate()``, the
 model forwards and the layers); the engine reads the name off the model's ``forward`` signature, so both work.
@@ -83,7 +85,10 @@ class SkipEngine:
         self._saved: list = []  # (object, attribute, previous instance value or None)
         self.lossless, self.draft_len = lossless, draft_len  # generate() drafts with the policy, verifies in full
         self.draft_confidence = draft_confidence  # lossless: stop drafting early below this top probability
-        self._full = False  # lossless mode's verify forwards: every layer, nothing recorded
+        self._depth: range | None = None  # lossless mode's prefill and verify forwards: these layers, nothing recorded
+        self._edge: int | None = None  # lossless mode: the layer (0-based) whose input state is captured / fed
+        self._captured: list | None = None  # (B, 1, C) states entering layer _edge, one per forward, when recording
+        self._feed: torch.Tensor | None = None  # (B, Q, C) the state layer _edge takes instead of its input
         if lossless:
             self.stats.lossless = LosslessStats()
 
@@ -140,15 +145,18 @@ class SkipEngine:
                                      self.stats.lossless, self.draft_confidence)
         finally:
             self._prompt_len, self._call_tmax, self._step, self._dynamic, self._routing = None, None, -1, None, None
+            self._edge, self._captured = None, None
 
     @contextmanager
-    def full_depth(self, full: bool = True):
-        """Forwards inside run every layer and record nothing (lossless mode's prefill and verification)."""
-        previous, self._full = self._full, full
+    def run_layers(self, layers: range | None = None, feed: torch.Tensor | None = None):
+        """Forwards inside run exactly ``layers`` (0-based; None: the policy decides) and record nothing; with
+        ``feed`` (B, Q, C), layer ``_edge`` takes it as its input state (lossless mode's top-only verification)."""
+        saved = self._depth, self._feed
+        self._depth, self._feed = layers, feed
         try:
             yield
         finally:
-            self._full = previous
+            self._depth, self._feed = saved
 
     # ------------------------------------------------------------------ before the layers: make the plan
     def _before_stack(self, module, args, kwargs):
@@ -177,8 +185,8 @@ class SkipEngine:
         steps = [p - self._prompt_len for p in range(past, past + q)]  # T of each query position
 
         self._dynamic, self._ran, self._routing = None, [], None
-        if self._full:  # lossless mode's prefill and verification: the full model
-            self._plan = [True] * self.L
+        if self._depth is not None:  # lossless mode's prefill and verification: a fixed range of layers
+            self._plan = [i in self._depth for i in range(self.L)]
             return None
         if steps[-1] < 0:  # prefill: every layer
             self.stats.prefill_tokens += x.shape[0] * q
@@ -232,6 +240,11 @@ class SkipEngine:
         signature = inspect.signature(orig_forward)
 
         def forward(layer, hidden_states, *args, **kwargs):
+            if idx == engine._edge:  # lossless mode: the state entering layer E, kept from the drafts or fed back
+                if engine._feed is not None:
+                    hidden_states = engine._feed
+                elif engine._captured is not None:
+                    engine._captured.append(hidden_states)
             plan = engine._plan[idx]
             if engine._routing is not None:
                 return engine._routed_layer(idx, layer, orig_forward, signature, hidden_states, args, kwargs)

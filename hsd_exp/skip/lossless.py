@@ -22,6 +22,11 @@ cost: a batch's acceptance is its least-accepting row's.
 The cache: drafting writes the policy's K/V (skipped layers write none, or K/V from skipped states); before
 verifying, every layer is cut back to the committed positions, whose K/V are the full model's, and the verify
 forward writes the full model's K/V for x_n, d_1..d_k; after it the rejected positions are cut off again.
+
+Exact bottom layers (LayerSkip's verification): when every draft token runs layers 1..E (an early exit at E, or
+``keep_first`` >= E), the drafts computed those layers exactly as the full model would, so their K/V stay and the
+verify forward runs only layers E+1..L, on the states h_E(x_n), h_E(d_1)..h_E(d_k) the drafts left entering layer
+E+1 (d_k's own bottom pass is one extra bottom-only forward, no LM head): L - E layers per verification, not L.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from transformers import (
 )
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.families import submodule
 from hsd_exp.skip.cache import SkipCache
 
 # GenerationConfig fields that would change greedy tokens, with the values that leave them off: lossless mode does
@@ -60,6 +66,8 @@ class LosslessStats:
     verifications: int = 0  # full-depth verify forwards
     committed: int = 0  # tokens committed per row, summed over rounds (a + 1 each)
     draft_layers: list[float] = field(default_factory=list)  # layers per draft token, as the engine recorded
+    verified_layers: int = 0  # layers run by the verify forwards, summed (L each, or L - E above exact bottom layers)
+    exact_bottom: int = 0  # E: the bottom layers every draft ran exactly, which verification skips (0: none)
 
     @property
     def acceptance(self) -> float:
@@ -69,13 +77,18 @@ class LosslessStats:
     def tokens_per_verification(self) -> float:
         return self.committed / self.verifications if self.verifications else float("nan")
 
+    @property
+    def verify_avg_layers(self) -> float | None:
+        return self.verified_layers / self.verifications if self.verifications else None
+
     def summary(self, draft_len: int, draft_confidence: float | None = None) -> dict:
         """What metrics.json records of a lossless run."""
         layers = self.draft_layers
         return {"lossless": True, "draft_len": draft_len, "draft_confidence": draft_confidence, "acceptance": self.acceptance,
                 "tokens_per_verification": self.tokens_per_verification, "drafted": self.drafted,
                 "accepted": self.accepted, "verifications": self.verifications,
-                "draft_avg_layers": sum(layers) / len(layers) if layers else None}
+                "draft_avg_layers": sum(layers) / len(layers) if layers else None,
+                "verify_avg_layers": self.verify_avg_layers}
 
 
 def check_lossless(gen: GenerationConfig, draft_len: int, draft_confidence: float | None = None) -> None:
@@ -162,13 +175,28 @@ class Chooser:
         return m, targets
 
 
+def exact_bottom(policy, max_steps: int, num_layers: int) -> int:
+    """E: the bottom layers 1..E that every draft token runs (at every T < Tmax), so the drafts' K/V there are the
+    full model's; at most L - 1 (verification runs at least the top layer). 0 for a policy that decides while
+    decoding (CALM, a router) or skips a bottom layer somewhere (HSD, SkipDecode without keep_first)."""
+    if not policy.static:
+        return 0
+    bottom = num_layers - 1
+    for t in range(max_steps):
+        run = set(policy.layers(t, max_steps, num_layers))
+        bottom = next(i for i in range(bottom + 1) if i not in run or i == bottom)
+        if bottom == 0:
+            break
+    return bottom
+
+
 def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       gen: GenerationConfig, draft_len: int, stats: LosslessStats,
                       draft_confidence: float | None = None) -> torch.Tensor:
     """``generate()`` of ``engine.model`` (greedy or sampling), drafts under ``engine.policy``: (B, P + new).
     ``draft_confidence``: stop a round's drafting early once some unfinished row's draft distribution has its top
     probability below it (that row will likely reject, and the batch commits its least-accepting row's count)."""
-    model, cache_kw = engine.model, engine.cache_kw
+    model, cache_kw, stack = engine.model, engine.cache_kw, submodule(engine.model, engine.family.stack)
     B, P = input_ids.shape
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     eos = [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
@@ -179,16 +207,41 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
     cache = SkipCache(config=model.config)
     cache.activate_past_recording()  # sliding-window layers (Gemma-3) keep what truncate() may need to go back to
 
-    def forward(ids: torch.Tensor, full: bool) -> torch.Tensor:
-        """Logits (B, q, V) for ``ids`` (B, q), the positions right after the cached ones."""
+    L = engine.L
+    E = stats.exact_bottom = exact_bottom(engine.policy, limit, L)  # 0: verify at full depth
+    engine._edge = E or None  # the drafts record the state entering layer E + 1 (0-based E)
+
+    def forward(ids: torch.Tensor, layers: range | None, feed: torch.Tensor | None = None, head: bool = True):
+        """Logits (B, q, V) for ``ids`` (B, q), the positions right after the cached ones, running ``layers`` (None:
+        the policy's); ``feed`` (B, q, C): layer E's input instead of the bottom layers' output; ``head`` False runs
+        the decoder stack alone (no logits)."""
         q, c = ids.shape[1], cache.get_seq_length()
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, c + q - P)], dim=1)  # (B, c + q)
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]  # generate()'s position ids
-        with engine.full_depth(full):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
-        return out.logits  # (B, q, V)
+        with engine.run_layers(layers, feed):
+            out = (model if head else stack)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                             **{cache_kw: cache})
+        return out.logits if head else None  # (B, q, V)
 
-    first, _ = choose.draft(forward(input_ids, full=True)[:, -1], 0)  # the prefill, every layer: token 0
+    def verify(ids: torch.Tensor, n: int) -> torch.Tensor:
+        """The full model's logits (B, k + 1, V) for ``ids`` = x_n, d_1..d_k; the cache holds n committed positions
+        (plus, below layer E, the drafts' x_n, d_1..d_{k-1}, whose states at E the engine captured)."""
+        stats.verifications += 1
+        if not E:  # full depth: every layer from the committed positions on
+            cache.truncate(n)  # back to the full model's K/V (the drafts' are the policy's)
+            stats.verified_layers += L
+            return forward(ids, range(L))
+        cache.truncate(n, first=E)  # above E, back to the full model's K/V; below, the drafts' are the full model's
+        forward(ids[:, -1:], range(E), head=False)  # d_k (x_n if k = 0) through the bottom layers: K/V and h_E
+        feed, engine._captured = torch.cat(engine._captured, dim=1), None  # (B, k + 1, C): h_E of x_n, d_1..d_k
+        cache.count_from = E  # the verified positions come right after the n committed ones of layers E..
+        try:
+            stats.verified_layers += L - E
+            return forward(ids, range(E, L), feed=feed)
+        finally:
+            cache.count_from = 0
+
+    first, _ = choose.draft(forward(input_ids, range(L))[:, -1], 0)  # the prefill, every layer: token 0
     new = [first]
     done = torch.isin(first, eos_ids)  # (B,) rows past their EOS
     while len(new) < limit and not done.all():
@@ -196,9 +249,10 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
         n = P + g - 1  # committed positions with K/V in the cache
         k = min(draft_len, limit - g - 1)
         drafts, qs, tok = [], [], new[-1]
+        engine._captured = [] if E else None  # (B, 1, C) h_E of x_n, d_1, ... as the drafts run
         for j in range(k):  # draft: one token per forward, under the policy
             steps_before = len(engine.stats.per_step)
-            logits = forward(tok.unsqueeze(1), full=False)[:, -1]  # (B, V)
+            logits = forward(tok.unsqueeze(1), None)[:, -1]  # (B, V)
             tok, q = choose.draft(logits, g + j)
             stats.draft_layers += engine.stats.per_step[steps_before:]
             drafts.append(tok)
@@ -208,9 +262,7 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
                 if bool((top < draft_confidence)[~done].any()):
                     break
         k = len(drafts)
-        cache.truncate(n)  # back to the full model's K/V (the drafts' are the policy's)
-        logits = forward(torch.stack([new[-1], *drafts], dim=1), full=True)  # (B, k + 1, V)
-        stats.verifications += 1
+        logits = verify(torch.stack([new[-1], *drafts], dim=1), n)  # (B, k + 1, V)
         m, targets = choose.verify(torch.stack(drafts, dim=1) if k else first.new_empty(B, 0), qs, logits, g)
         a = int(torch.where(done, torch.full_like(m, k), m).min())  # finished rows do not hold the batch back
         stats.drafted += k
@@ -237,4 +289,5 @@ def effective_config(model, kwargs: dict) -> tuple[GenerationConfig, dict]:
     return gen, rest
 
 
-__all__ = ["Chooser", "LosslessStats", "check_confidence", "check_lossless", "effective_config", "lossless_generate"]
+__all__ = ["Chooser", "LosslessStats", "check_confidence", "check_lossless", "effective_config", "exact_bottom",
+           "lossless_generate"]

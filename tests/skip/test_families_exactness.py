@@ -82,15 +82,17 @@ def test_window_blind_mask_sizes_would_break_gemma3(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "mistral"])
-@pytest.mark.parametrize("draft", ["hsd", "calm"])
+@pytest.mark.parametrize("draft", ["hsd", "calm", "early_exit"])
 def test_lossless_with_sliding_layers_is_plain_greedy(family, draft):
-    """SkipCache.truncate cuts sliding layers back past their window (drafts, rejected positions)."""
+    """SkipCache.truncate cuts sliding layers back past their window (drafts, rejected positions); an early-exit
+    draft's verification runs only the layers above its exit, on top of the sliding bottom layers' K/V."""
     lm = load(f"tiny-{family}")
     model = copy.deepcopy(lm.model).double()
     enc = lm.tokenizer(PROMPTS[:3], return_tensors="pt", padding=True)
     kw = {"max_new_tokens": T, "do_sample": False, "pad_token_id": lm.tokenizer.pad_token_id}
     plain = model.generate(**enc, **kw)
-    policy = build_policy("hsd", s=1, min=0, max=4) if draft == "hsd" else build_policy("calm", d=0.1)
+    policy = {"hsd": build_policy("hsd", s=1, min=0, max=4), "calm": build_policy("calm", d=0.1),
+              "early_exit": build_policy("early_exit", layer=2)}[draft]
     with layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=3) as stats:
         out = model.generate(**enc, **kw)
     assert torch.equal(out, plain)

@@ -9,6 +9,7 @@ import torch
 
 from hsd_exp import SkipRouter, build_policy, layer_skipping
 from hsd_exp.errors import ConfigError
+from hsd_exp.skip.lossless import exact_bottom
 
 from helpers import PROMPTS, load
 
@@ -56,6 +57,33 @@ def test_lossless_output_is_plain_greedy_output(name, batch, draft):
     assert 0 <= s.accepted <= s.drafted
     if draft == "full":  # a full-depth draft is always right: every round commits draft_len + 1 tokens
         assert s.acceptance == 1.0 and s.tokens_per_verification > 3
+
+
+@pytest.mark.parametrize("draft", ["early_exit", "skipdecode_keep_first", "hsd", "calm", "full"])
+def test_verification_runs_only_the_layers_above_the_drafts_exact_bottom(draft):
+    """Drafts that run layers 1..E at every T left the full model's K/V and state there: verification runs
+    layers E+1..L on those states, so layer 1 never sees more than one new position after the prompt."""
+    model, tokenizer = float64("tiny-llama")
+    L, policy = model.config.num_hidden_layers, DRAFTS[draft](model)
+    E = exact_bottom(policy, T, L)
+    assert E == {"early_exit": 3, "skipdecode_keep_first": 1, "hsd": 0, "calm": 0, "full": L - 1}[draft]
+    widths = []  # query positions of each forward that computes layer 1 (its MLP runs only when the layer does)
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    plain = greedy(model, tokenizer, 3)
+    widths.clear()
+    try:
+        with layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=3) as stats:
+            out = greedy(model, tokenizer, 3)
+    finally:
+        hook.remove()
+    assert torch.equal(out, plain)
+    s = stats.lossless
+    assert s.verified_layers == s.verifications * (L - E)
+    assert s.summary(3)["verify_avg_layers"] == L - E
+    if E:
+        assert max(widths[1:]) == 1  # after the prefill: drafts and d_k's bottom pass, one position each
+    else:
+        assert max(widths[1:]) > 1  # the verify forwards run layer 1 on x_n, d_1..d_k
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -175,14 +175,14 @@ class Chooser:
         return m, targets
 
 
-def exact_bottom(policy, max_steps: int, num_layers: int) -> int:
-    """E: the bottom layers 1..E that every draft token runs (at every T < Tmax), so the drafts' K/V there are the
-    full model's; at most L - 1 (verification runs at least the top layer). 0 for a policy that decides while
-    decoding (CALM, a router) or skips a bottom layer somewhere (HSD, SkipDecode without keep_first)."""
+def exact_bottom(policy, max_steps: int, num_layers: int, steps: int | None = None) -> int:
+    """E: the bottom layers 1..E that every draft token runs (at every T < ``steps``, default Tmax), so the drafts'
+    K/V there are the full model's; at most L - 1 (verification runs at least the top layer). 0 for a policy that
+    decides while decoding (CALM, a router) or skips a bottom layer somewhere (HSD, SkipDecode without keep_first)."""
     if not policy.static:
         return 0
     bottom = num_layers - 1
-    for t in range(max_steps):
+    for t in range(max_steps if steps is None else steps):
         run = set(policy.layers(t, max_steps, num_layers))
         bottom = next(i for i in range(bottom + 1) if i not in run or i == bottom)
         if bottom == 0:
@@ -208,7 +208,8 @@ def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Ten
     cache.activate_past_recording()  # sliding-window layers (Gemma-3) keep what truncate() may need to go back to
 
     L = engine.L
-    E = stats.exact_bottom = exact_bottom(engine.policy, limit, L)  # 0: verify at full depth
+    # 0: verify at full depth. Drafts are generated tokens 1..limit-1 of the engine's Tmax (the policy's clock).
+    E = stats.exact_bottom = exact_bottom(engine.policy, engine._call_tmax or limit, L, steps=limit)
     engine._edge = E or None  # the drafts record the state entering layer E + 1 (0-based E)
 
     def forward(ids: torch.Tensor, layers: range | None, feed: torch.Tensor | None = None, head: bool = True):

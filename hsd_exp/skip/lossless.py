@@ -63,7 +63,7 @@ class LosslessStats:
 
     drafted: int = 0  # draft tokens proposed per row, summed over rounds (a round drafts k for the batch)
     accepted: int = 0  # of them committed (the batch's a per round)
-    verifications: int = 0  # full-depth verify forwards
+    verifications: int = 0  # verify forwards (every layer, or the layers above the exact bottom ones)
     committed: int = 0  # tokens committed per row, summed over rounds (a + 1 each)
     draft_layers: list[float] = field(default_factory=list)  # layers per draft token, as the engine recorded
     verified_layers: int = 0  # layers run by the verify forwards, summed (L each, or L - E above exact bottom layers)

@@ -2,9 +2,13 @@
 
 The stable Python API is this package's top level::
 
-    from hsd_exp import SkipRouter, build_policy, layer_skipping
+    from hsd_exp import LosslessSettings, SkipRouter, build_policy, layer_skipping
 
     with layer_skipping(model, build_policy("hsd", s=1, min=0, max=18), max_new_tokens=64) as stats:
+        model.generate(**inputs, max_new_tokens=64)
+
+    # lossless: the policy drafts, the full model verifies (greedy output = plain generate()'s)
+    with layer_skipping(model, policy, max_new_tokens=64, lossless=LosslessSettings(draft_len=4)) as stats:
         model.generate(**inputs, max_new_tokens=64)
 
 Everything else (``hsd_exp.skip.engine``, ``hsd_exp.eval``, ...) may move between releases.
@@ -25,6 +29,7 @@ _PUBLIC = {
     "build_policy": "hsd_exp.skip.policies",
     "Policy": "hsd_exp.skip.policies",
     "layer_skipping": "hsd_exp.skip.engine",
+    "LosslessSettings": "hsd_exp.skip.lossless",
     "SkipStats": "hsd_exp.skip.stats",
     "SkipRouter": "hsd_exp.skip.router",
     "ConfigError": "hsd_exp.errors",
@@ -46,7 +51,7 @@ def _policy_label(policy) -> str:
 
 
 def _policy_slug(policy) -> str:
-    from hsd_exp.report.runs import slug  # no torch: the report's module, which names task=compare's folders
+    from hsd_exp.run_folder import slug  # no torch: the module that names task=compare's and multirun folders
 
     return slug(_policy_label(policy))
 

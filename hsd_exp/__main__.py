@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import hsd_exp  # noqa: F401  (registers the ${hsd_root:} resolver)
-from hsd_exp.errors import ConfigError
+from hsd_exp.errors import exit_on_config_error
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -28,18 +27,15 @@ def main(cfg: DictConfig) -> float | None:
     from hsd_exp.tasks import run
 
     quiet_libraries(HydraConfig.get().verbose)
-    try:
-        result = run(cfg)
-    except ConfigError as err:  # bad input: one line, no stack trace
-        logging.getLogger("hsd_exp").debug("config error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading, scoring)
-        interrupted(cfg)
-    except SystemExit:  # Lightning turns Ctrl-C inside fit/test into sys.exit(1)
-        if trainer.interrupted():
+    with exit_on_config_error():  # bad input: one line, no stack trace
+        try:
+            result = run(cfg)
+        except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading, scoring)
             interrupted(cfg)
-        raise
+        except SystemExit:  # Lightning turns Ctrl-C inside fit/test into sys.exit(1)
+            if trainer.interrupted():
+                interrupted(cfg)
+            raise
     return objective(result, cfg.get("avg_layer_budget"))
 
 

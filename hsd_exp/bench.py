@@ -30,13 +30,11 @@ summarised by ``bench.statistic``: ``min`` by default (interference from other p
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -48,18 +46,12 @@ from transformers import GenerationConfig
 import hsd_exp  # noqa: F401  (registers ${hsd_root:})
 from hsd_exp.data.loaders import load_examples
 from hsd_exp.data.prompts import build_prompt
-from hsd_exp.errors import ConfigError
-from hsd_exp.flops import (  # noqa: F401  (the FLOP model, re-exported: hsd_exp.bench's public surface)
-    call_flops,
-    decode_flops,
-    kv_only_flops,
-    layer_flops,
-    lossless_decode_flops,
-    prefill_flops,
-    routed_step_flops,
-)
+from hsd_exp.decoding import DecodeSettings
+from hsd_exp.errors import ConfigError, exit_on_config_error
+from hsd_exp.flops import call_flops, decode_flops, lossless_decode_flops, prefill_flops
+from hsd_exp.shipped import adapter_router
 from hsd_exp.skip.engine import layer_skipping
-from hsd_exp.skip.lossless import check_confidence
+from hsd_exp.skip.lossless import LosslessSettings
 from hsd_exp.skip.policies import Policy, build_policy
 
 
@@ -93,28 +85,26 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
     model, tok = lm.model, lm.tokenizer
     enc = tok(prompts_for(lm, batch_size), return_tensors="pt", padding=True,
               add_special_tokens=not lm.chat).to(model.device)
-    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams,
-                           do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    decode = exact_length(new_tokens, beams, batch_size)
+    gen = decode.generation_config(tok)
     prompt_len, rows = enc["input_ids"].shape[1], batch_size * beams
 
     def plain():
         with torch.no_grad():
             plain.out = model.generate(**enc, generation_config=gen)
 
-    one = copy.deepcopy(gen)
-    one.max_new_tokens = one.min_new_tokens = 1
+    one = exact_length(1, beams, batch_size).generation_config(tok)
 
     def prefill_only():  # the prompt pass and the first token: the same under every policy
         with torch.no_grad():
             return model.generate(**enc, generation_config=one)
 
-    def under(policy):
-        lossless = isinstance(policy, Lossless)
-        kw = ({"lossless": True, "draft_len": policy.draft_len, "draft_confidence": policy.draft_confidence}
-              if lossless else {})
+    def under(row):  # a policy, or a Lossless row: the same decoding, its policy drafting for the full model
+        lossless = row.settings if isinstance(row, Lossless) else None
+        policy = row.policy if isinstance(row, Lossless) else row
 
         def fn():
-            with layer_skipping(model, getattr(policy, "policy", policy), max_new_tokens=new_tokens, **kw) as stats, \
+            with layer_skipping(model, policy, max_new_tokens=decode.max_new_tokens, lossless=lossless) as stats, \
                     torch.no_grad():
                 fn.out = model.generate(**enc, generation_config=gen)
             fn.stats = stats
@@ -164,13 +154,24 @@ def bench_setting(lm, policies, batch_size: int, beams: int, new_tokens: int, re
     return out
 
 
+def exact_length(new_tokens: int, beams: int, batch_size: int) -> DecodeSettings:
+    """The benchmark's decoding: greedy (or ``beams``-wide beam search), every row exactly ``new_tokens`` tokens
+    (EOS suppressed until then), so every runner does the same work."""
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, do_sample=False)
+    return DecodeSettings(gen, batch_size)
+
+
 @dataclass(frozen=True)
 class Lossless:
     """A benchmark row in lossless mode: ``policy`` drafts ``draft_len`` tokens, the full model verifies."""
 
     policy: Policy
-    draft_len: int = 4
-    draft_confidence: float | None = None  # stop drafting below this top probability (None: always draft_len)
+    draft_len: int = LosslessSettings.draft_len
+    draft_confidence: float | None = LosslessSettings.draft_confidence  # None: always draft_len tokens
+    settings: LosslessSettings = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):  # LosslessSettings checks both values
+        object.__setattr__(self, "settings", LosslessSettings(self.draft_len, self.draft_confidence))
 
     @property
     def label(self) -> str:
@@ -185,15 +186,10 @@ class Lossless:
 def bench_policy(entry: dict, depth: int | None) -> Policy | Lossless:
     """One ``bench.policies`` entry: a policy's parameters, plus ``lossless: true`` (and ``draft_len``) for a
     lossless row that drafts with it."""
-    lossless, draft_len = entry.pop("lossless", False), entry.pop("draft_len", 4)
-    confidence = entry.pop("draft_confidence", None)
+    lossless = entry.pop("lossless", False)
+    settings = {k: entry.pop(k) for k in ("draft_len", "draft_confidence") if k in entry}
     policy = build_policy(num_layers=depth, **entry)
-    if not lossless:
-        return policy
-    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 1:
-        raise ConfigError(f"bench.policies: draft_len={draft_len!r} must be a positive integer (e.g. 4)")
-    check_confidence(confidence, "bench.policies: draft_confidence")
-    return Lossless(policy, draft_len, confidence)
+    return Lossless(policy, **settings) if lossless else policy
 
 
 def with_router(row: Policy | Lossless, router) -> Policy | Lossless:
@@ -210,8 +206,8 @@ def check_router_source(router: str | None, adapter: str | None, policies) -> Pa
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"bench.adapter={adapter} holds no LoRA adapter (adapter_config.json): pass a LoRA "
                           "run's <run>/hf_model")
-    if router is None and adapter and (Path(adapter) / "router").is_dir():
-        router = str(Path(adapter) / "router")
+    if router is None:  # the router saved beside the adapter (the one lookup tasks use for model.adapter)
+        router = adapter_router(adapter)
     if not any("router" in p.objects for p in policies):
         return None
     if router is None:
@@ -250,11 +246,11 @@ def _fmt(value: float | None) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     from hsd_exp.console import progress_bar, quiet_libraries
-    from hsd_exp.preflight import model_depth
-    from hsd_exp.tasks import build
+    from hsd_exp.run_settings import build, model_depth
+    from hsd_exp.shipped import merge_adapter
 
     quiet_libraries(HydraConfig.get().verbose)
-    try:
+    with exit_on_config_error():
         b = cfg.bench
         statistic = b.get("statistic", "min")
         if statistic not in STATISTICS:
@@ -267,17 +263,12 @@ def main(cfg: DictConfig) -> None:
             torch.set_num_threads(int(b.threads))
         lm = build(cfg.model, **({"num_layers": depth} if cfg.model.get("path") else {}))
         if b.get("adapter"):  # a LoRA run's hf_model: merged, so it costs what the base model costs
-            from peft import PeftModel
-
-            lm.model = PeftModel.from_pretrained(lm.model, b.adapter).merge_and_unload().eval()
+            lm.model = merge_adapter(lm.model, b.adapter).eval()
         if router_dir is not None:
             from hsd_exp.skip.router import SkipRouter
 
             router = SkipRouter.load(router_dir, lm.model).eval()
             policies = [with_router(p, router) for p in policies]
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     settings = [(int(batch), int(beams)) for batch in b.batch_sizes for beams in b.num_beams]
     rows = []
     print(render([]), flush=True)  # the table once: its head now, each setting's rows as they are measured

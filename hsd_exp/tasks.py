@@ -1,6 +1,7 @@
 """What ``python -m hsd_exp task=...`` runs: generate, evaluate, finetune, finetune_evaluate, compare.
 
-Each task checks the config (``preflight``), loads the model, builds its Lightning pieces and runs them.
+Each task checks the config (``preflight.check``, which parses it once into ``RunSettings``), loads the model,
+builds its Lightning pieces from the settings and runs them.
 """
 
 from __future__ import annotations
@@ -13,47 +14,45 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from hsd_exp import preflight
 from hsd_exp.console import StepTick, progress_bar
+from hsd_exp.data.context import check_context, check_prompt_fits, prompt_room
 from hsd_exp.data.datamodule import HSDDataModule
-from hsd_exp.data.prompts import build_prompt, template_tokens
+from hsd_exp.data.prompts import build_prompt
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.callbacks import (
     PredictionsCallback,
     SkipPolicyCallback,
     TokenProgressCallback,
     WarmUpCallback,
-    bertscore_config,
 )
 from hsd_exp.eval.predictions import read_predictions, read_run_predictions
-from hsd_exp.eval.resume import check_resume_limit, check_resume_setting, recorded_setting, setting
+from hsd_exp.eval.resume import check_resume_limit, check_resume_setting
 from hsd_exp.models import LoadedModel, resolve_dtype
-from hsd_exp.preflight import LOSSLESS_KEYS, build, lossless_settings
-from hsd_exp.report.runs import slug
-from hsd_exp.shipped import adapter_router
+from hsd_exp.run_folder import PREDICTIONS_FILE, recorded_setting, resume_key, slug
+from hsd_exp.run_settings import TRAINING, RouterSource, RunSettings, build, router_source
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.module import CausalLMModule
 from hsd_exp.trainer import finish_wandb, make_trainer
 
 log = logging.getLogger(__name__)
-__all__ = ["build", "run"]  # build: also hsd_exp.bench's model loader
 
 
 def run(cfg: DictConfig) -> dict | None:
-    plan = preflight.check(cfg)
+    settings = preflight.check(cfg)  # the config parsed once and checked, before anything heavy loads
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # model.path: the depth its config.json gave preflight, whatever the preset it started from says
-    depth = {"num_layers": plan.num_layers} if cfg.model.get("path") else {}
-    lm: LoadedModel = build(cfg.model, **model_overrides(cfg, plan.world_size), **depth)
+    depth = {"num_layers": settings.num_layers} if cfg.model.get("path") else {}
+    lm: LoadedModel = build(cfg.model, **model_overrides(cfg, settings.world_size), **depth)
     if cfg.task == "generate":
-        return generate(cfg, lm, plan.policy)
-    check_context(cfg, lm)
-    module = lightning_module(cfg, lm, plan.policy, plan.compare, plan.router_shape)
+        return generate(cfg, settings, lm)
+    check_context(cfg.dataset, settings.decode, lm)
+    module = lightning_module(cfg, lm, settings)
     ckpt = cfg.ckpt_path
-    if cfg.task in preflight.TRAINING:
+    if cfg.task in TRAINING:
         ckpt = finetune(cfg, lm, module, resume=ckpt)
     if cfg.task == "finetune":
         finish_wandb()
@@ -62,12 +61,12 @@ def run(cfg: DictConfig) -> dict | None:
     if cfg.task == "compare":
         out_dir = Path(cfg.paths.output_dir)
         results = {}
-        for p in plan.compare:  # the checkpoint is restored once, for the first policy
-            results[p.label] = evaluate(cfg, lm, module, p, out_dir / slug(p.label), ckpt, restore)
+        for p in settings.compare:  # the checkpoint is restored once, for the first policy
+            results[p.label] = evaluate(cfg, settings, lm, module, p, out_dir / slug(p.label), ckpt, restore)
             restore = None
         print_comparison(out_dir)
         return results
-    return evaluate(cfg, lm, module, plan.policy, Path(cfg.paths.output_dir), ckpt, restore)
+    return evaluate(cfg, settings, lm, module, settings.policy, Path(cfg.paths.output_dir), ckpt, restore)
 
 
 def model_overrides(cfg: DictConfig, world_size: int) -> dict:
@@ -92,7 +91,7 @@ def model_overrides(cfg: DictConfig, world_size: int) -> dict:
             out["dtype"] = str(resolve_dtype("auto", torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
     elif device == "auto" and accelerator == "cpu":
         out["device"] = "cpu"
-    if cfg.task in preflight.TRAINING and cfg.finetune.mode == "full":
+    if cfg.task in TRAINING and cfg.finetune.mode == "full":
         if dtype not in ("auto", "float32", "fp32"):
             raise ConfigError(f"finetune=full with model.dtype={dtype}: the trained weights must be float32 "
                               "(optimizer updates on half-precision weights are mostly rounded away); set "
@@ -101,41 +100,32 @@ def model_overrides(cfg: DictConfig, world_size: int) -> dict:
     return out
 
 
-def generation_config(decode: DictConfig, tokenizer) -> GenerationConfig:
-    """``decode`` built as a GenerationConfig (its ``_target_``), all but ``batch_size`` and the lossless mode's keys;
-    pad/eos from the tokenizer."""
-    node = OmegaConf.to_container(decode, resolve=True)
-    node.pop("batch_size")  # the evaluation batch size: the data module's, not generate()'s
-    for key in LOSSLESS_KEYS:  # how the skip engine decodes (decode=lossless), not generate()'s settings
-        node.pop(key, None)
-    return build(node, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-
-
-def lightning_module(cfg: DictConfig, lm: LoadedModel, policy: Policy, compare: list[Policy] = (),
-                     router_shape: dict | None = None) -> CausalLMModule:
+def lightning_module(cfg: DictConfig, lm: LoadedModel, settings: RunSettings) -> CausalLMModule:
     ft = cfg.finetune
     router_cfg = OmegaConf.to_container(cfg.router, resolve=True) if "router" in cfg else {}
-    return CausalLMModule(lm.model, lm.tokenizer, generation_config(cfg.decode, lm.tokenizer),
+    return CausalLMModule(lm.model, lm.tokenizer, settings.decode.generation_config(lm.tokenizer),
                           finetune=OmegaConf.to_container(ft, resolve=True),
                           optimizer=build(ft.optimizer) if "optimizer" in ft else None,
-                          skip_policy=policy if ft.get("skip_aware") else None,
-                          router=make_router(cfg, lm, [policy, *compare], router_cfg, router_shape),
+                          skip_policy=settings.policy if ft.get("skip_aware") else None,
+                          router=make_router(cfg, lm, settings.policies, router_cfg, settings.router),
                           router_cfg=router_cfg)
 
 
 def make_router(cfg: DictConfig, lm: LoadedModel, policies: list[Policy], router_cfg: dict,
-                recorded: dict | None = None):
-    """SkipLayer's router when one trains (finetune.router) or decodes (policy=skiplayer): dense-initialised
-    from ``router``'s settings, or in the shape the checkpoint recorded, so its weights load into it."""
-    if not cfg.finetune.get("router") and not any("router" in p.objects for p in policies):
+                source: RouterSource | None = None):
+    """SkipLayer's router when one trains (finetune.router) or decodes (policy=skiplayer): in the shape
+    ``source`` gives (the checkpoint's, whose weights Lightning then restores, or a saved router loaded with its
+    weights), else dense-initialised from ``router``'s settings. ``source`` None: the router saved beside
+    ``model.adapter``, if any (``RunSettings.router`` found none elsewhere)."""
+    trains = bool(cfg.finetune.get("router"))
+    if not trains and not any("router" in p.objects for p in policies):
         return None
     from hsd_exp.skip.router import SkipRouter
 
-    if recorded is not None:
-        return SkipRouter(**recorded).to(lm.model.device)
-    shipped = adapter_router(cfg.model.get("adapter"))
-    if shipped is not None and not cfg.finetune.get("router"):  # decoding with the router saved beside the adapter
-        return SkipRouter.load(shipped, lm.model)
+    if source is None and not trains:
+        source = router_source(None, cfg.model.get("adapter"))
+    if source is not None and source.shape is not None:
+        return source.build(lm.model)
     return SkipRouter.for_model(lm.model, **{k: v for k, v in router_cfg.items() if k in SkipRouter.SETTINGS})
 
 
@@ -155,67 +145,35 @@ def checkpoint_must_fit(path: str | None, module: CausalLMModule, model: str | N
                           f"finetune=full (or none) for a full checkpoint ({first})") from None
 
 
-# ---------------------------------------------------------------------------------------------- context
-def prompt_room(cfg: DictConfig, lm: LoadedModel) -> int | None:
-    """Tokens a prompt may take: the model's positions less decode.max_new_tokens (None: the model states none)."""
-    positions = lm.max_positions
-    return None if positions is None else positions - int(cfg.decode.max_new_tokens)
-
-
-def check_context(cfg: DictConfig, lm: LoadedModel) -> None:
-    """Dataset prompts + decode.max_new_tokens must fit the model's positions (GPT-2 indexes past its 1,024 with an
-    IndexError mid-run). Sources are cut to fit, as dataset.max_source_tokens already cuts them, with a warning
-    naming the budget; only a max_new_tokens that leaves no room for a prompt is refused."""
-    room = prompt_room(cfg, lm)
-    if room is None:
-        return
-    positions, key, max_new = lm.max_positions, preflight.max_new_tokens_key(cfg), int(cfg.decode.max_new_tokens)
-    template = template_tokens(cfg.dataset, lm.tokenizer, lm.chat)
-    if room - template < 1:
-        raise ConfigError(f"{key}={max_new} leaves no room for a prompt in model {lm.name}'s {positions} positions "
-                          f"(its prompt template alone takes {template} tokens); set {key} to at most "
-                          f"{positions - template - 1}")
-    configured = cfg.dataset.get("max_source_tokens")
-    if configured is None or configured > room - template:
-        log.warning("dataset.max_source_tokens=%s: a source that long + the prompt template (%d tokens) + %s=%d "
-                    "would not fit model %s's %d positions, so sources are cut to %d tokens; set "
-                    "dataset.max_source_tokens=%d (or less) to silence this", configured, template, key, max_new,
-                    lm.name, positions, room - template, room - template)
-
-
-def check_prompt_fits(cfg: DictConfig, lm: LoadedModel, prompt_tokens: int, max_new: int) -> None:
-    """task=generate: the prompt is the user's own words, so a prompt too long is refused, not silently cut."""
-    positions = lm.max_positions
-    if positions is None or prompt_tokens + max_new <= positions:
-        return
-    key = preflight.max_new_tokens_key(cfg)
-    fix = (f"shorten the prompt to at most {positions - max_new} tokens (or lower {key})" if positions > max_new
-           else f"set {key} below {positions}")
-    raise ConfigError(f"prompt is {prompt_tokens} tokens and {key}={max_new}: together more than model {lm.name}'s "
-                      f"{positions} positions; {fix}")
-
-
 def progress_enabled(cfg: DictConfig) -> bool:
     """callbacks=none (or trainer.enable_progress_bar=false) turns every bar off, task=generate's too."""
     return bool(cfg.get("callbacks")) and cfg.trainer.get("enable_progress_bar", True) is not False
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-def generate(cfg: DictConfig, lm: LoadedModel, policy: Policy) -> dict:
+def generate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel) -> dict:
+    """One completion of ``cfg.prompt`` under the policy, decoded as ``settings.decode`` says (lossless too)."""
+    policy, decode = settings.policy, settings.decode
     prompt = build_prompt(cfg.prompt, {"instruction": ""}, lm.tokenizer, lm.chat) if lm.chat else cfg.prompt
     enc = lm.tokenizer([prompt], return_tensors="pt", add_special_tokens=not lm.chat).to(lm.model.device)
-    gen = generation_config(cfg.decode, lm.tokenizer)
-    check_prompt_fits(cfg, lm, enc["input_ids"].shape[1], gen.max_new_tokens)
+    check_prompt_fits(decode, lm, enc["input_ids"].shape[1])
+    # lossless decoding runs its own draft/verify rounds and takes no logits processors: no per-token bar there
+    bar = progress_enabled(cfg) and decode.lossless is None
     start = time.perf_counter()
-    with (progress_bar(gen.max_new_tokens, "Generating", enabled=progress_enabled(cfg)) as tick,
-          layer_skipping(lm.model, policy, max_new_tokens=gen.max_new_tokens) as stats, torch.no_grad()):
-        out = lm.model.generate(**enc, generation_config=gen, logits_processor=LogitsProcessorList([StepTick(tick)]))
+    with (progress_bar(decode.max_new_tokens, "Generating", enabled=bar) as tick,
+          layer_skipping(lm.model, policy, max_new_tokens=decode.max_new_tokens, lossless=decode.lossless) as stats,
+          torch.no_grad()):
+        ticks = {} if decode.lossless else {"logits_processor": LogitsProcessorList([StepTick(tick)])}
+        out = lm.model.generate(**enc, generation_config=decode.generation_config(lm.tokenizer), **ticks)
     seconds = time.perf_counter() - start
     text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    # lossless: every token is the full model's (the drafts' cost is in the lossless entries)
+    layers = float(lm.num_layers) if decode.lossless else stats.avg_layers
     result = {"model": lm.name, "policy": policy.label, "prompt": cfg.prompt, "completion": text,
-              "avg_layers": stats.avg_layers, "num_layers": lm.num_layers, "seconds": round(seconds, 3)}
+              "avg_layers": layers, "num_layers": lm.num_layers, "seconds": round(seconds, 3),
+              **decode.record(stats)}
     # logged, not printed: the console shows it and the run's log file (<run>/<task_name>.log) keeps it
-    log.info("%s | %s | Avg. Layer %.2f of %d | %.2f s\n> %s\n%s", lm.name, policy.label, stats.avg_layers,
+    log.info("%s | %s | Avg. Layer %.2f of %d | %.2f s\n> %s\n%s", lm.name, policy.label, layers,
              lm.num_layers, seconds, cfg.prompt, text)
     return result
 
@@ -251,31 +209,30 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     return last
 
 
-def evaluate(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, policy: Policy, run_dir: Path,
-             ckpt_path: str | None = None, restore: str | None = None) -> dict:
-    """Decode the evaluation split with ``policy`` into ``run_dir`` and score it.
+def evaluate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel, module: CausalLMModule, policy: Policy,
+             run_dir: Path, ckpt_path: str | None = None, restore: str | None = None) -> dict:
+    """Decode the evaluation split with ``policy`` (as ``settings.decode`` says) into ``run_dir`` and score it.
 
     ``ckpt_path``: the checkpoint evaluated (run.json, metrics.json); ``restore``: the one Lightning loads into
     ``module`` first (None when its weights are already there).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     done = {str(r["id"]) for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
-    check_resume_setting(run_dir, setting(cfg, lm.name, policy.label, ckpt_path), resuming=bool(done))
+    check_resume_setting(run_dir, resume_key(cfg, policy.label, model=lm.name, ckpt_path=ckpt_path),
+                         resuming=bool(done))
     check_resume_limit(run_dir, cfg.dataset.limit, len(done))
     if done:
         log.info("resuming: %d predictions already in %s", len(done), run_dir)
-    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=cfg.decode.batch_size, skip_ids=done,
-                       max_prompt_tokens=prompt_room(cfg, lm))
-    meta = {"policy": policy.name, "policy_label": policy.label, "policy_params": policy.params(),
-            "dataset": cfg.dataset.name, "split": cfg.dataset.split, "model": lm.name,
-            "num_layers": lm.num_layers, "num_beams": cfg.decode.num_beams, "ckpt_path": ckpt_path,
-            **recorded_setting(cfg, lm.chat)}  # what the report pairs runs on (with metrics' examples_hash)
-    preds = PredictionsCallback(str(run_dir), bertscore_config(cfg), meta)
+    decode = settings.decode
+    dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=decode.batch_size, skip_ids=done,
+                       max_prompt_tokens=prompt_room(decode, lm))
+    # what the report pairs runs on (with metrics' examples_hash)
+    meta = recorded_setting(cfg, policy, model=lm.name, chat=lm.chat, num_layers=lm.num_layers, ckpt_path=ckpt_path)
+    skip = SkipPolicyCallback(policy, decode, str(run_dir))
+    preds = PredictionsCallback(str(run_dir), settings.bertscore, meta, skip=skip)  # skip: its lossless record
     # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
     # it runs once Lightning has put the model on this rank's device.
-    callbacks = [WarmUpCallback(), SkipPolicyCallback(policy, int(cfg.decode.max_new_tokens), str(run_dir),
-                                                        **lossless_settings(cfg.decode)), preds,
-                 TokenProgressCallback(int(cfg.decode.max_new_tokens))]
+    callbacks = [WarmUpCallback(), skip, preds, TokenProgressCallback(decode.max_new_tokens)]
     trainer = make_trainer(cfg, callbacks, run_dir, run_name=policy.label)
     try:
         with checkpoint_must_fit(restore, module, lm.name):
@@ -304,8 +261,8 @@ def print_comparison(out_dir: Path) -> None:
 
     paths = write_report(collect_runs([str(out_dir)]), out_dir)
     print("\n" + Path(paths["md"]).read_text())
-    runs = sorted(p for p in out_dir.iterdir() if (p / "predictions.jsonl").is_file())
-    preds = {run.name: read_predictions(run / "predictions.jsonl") for run in runs}
+    runs = sorted(p for p in out_dir.iterdir() if (p / PREDICTIONS_FILE).is_file())
+    preds = {run.name: read_predictions(run / PREDICTIONS_FILE) for run in runs}
     first = next(iter(preds.values()), [])
     for i, rec in enumerate(first[:2]):
         print(f"input: {one_line(rec['source'])}\nreference: {one_line(rec['references'][0] if rec['references'] else '')}")

@@ -14,7 +14,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.report.runs import flat_config
+from hsd_exp.run_folder import flat_config
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

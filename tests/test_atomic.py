@@ -1,10 +1,12 @@
-"""Atomic writes keep the umask's permissions: results folders stay readable for colleagues."""
+"""Atomic writes keep the umask's permissions (results folders stay readable for colleagues) and are whole or absent."""
 
 import os
 import stat
 import tempfile
 
-from hsd_exp.atomic import publish, umask_mode
+import pytest
+
+from hsd_exp.atomic import atomic_file, publish, umask_mode, write_atomic
 
 
 def test_a_published_temp_file_and_folder_get_the_umask_mode(tmp_path):
@@ -19,3 +21,15 @@ def test_a_published_temp_file_and_folder_get_the_umask_mode(tmp_path):
         assert umask_mode() == 0o600 and umask_mode(directory=True) == 0o700
     finally:
         os.umask(old)
+
+
+def test_an_atomic_write_replaces_whole_and_a_failed_one_leaves_the_old_file(tmp_path):
+    path = write_atomic(tmp_path / "sub" / "run.json", "first\n")  # the folder is made
+    assert path.read_text() == "first\n"
+    write_atomic(path, b"second\n")
+    assert path.read_bytes() == b"second\n"
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write(b"half of a third")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "second\n"  # never half of one
+    assert [p.name for p in path.parent.iterdir()] == ["run.json"]  # no temp file left behind

@@ -8,21 +8,16 @@ import sys
 import pytest
 import torch
 
-from hsd_exp.bench import (
-    HEAD,
-    Lossless,
-    bench_policy,
-    bench_setting,
+from hsd_exp.bench import HEAD, Lossless, bench_policy, bench_setting, calls_per_setting, check_router_source
+from hsd_exp.errors import ConfigError
+from hsd_exp.flops import (
     call_flops,
-    calls_per_setting,
-    check_router_source,
     decode_flops,
     kv_only_flops,
     layer_flops,
     prefill_flops,
     routed_step_flops,
 )
-from hsd_exp.errors import ConfigError
 from hsd_exp.skip.engine import SkipStats
 from hsd_exp.skip.policies import build_policy
 

@@ -6,6 +6,7 @@ Composition is checked in-process with Hydra's compose API (fast). The bad-input
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from hsd_exp.skip.policies import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = ("model", "dataset", "policy", "decode", "finetune", "trainer", "callbacks", "logger", "paths", "hydra")
+GROUPS = ("model", "dataset", "policy", "decode", "finetune", "trainer", "callbacks", "logger", "paths", "bertscore",
+          "hydra")
 TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
 
 
@@ -113,6 +115,10 @@ def test_group_member_composes(group, member):
             assert node["_target_"].startswith("pytorch_lightning.callbacks.")
         if not job["callbacks"]:  # no bar of ours: Lightning's default one must stay off too
             assert job["trainer"]["enable_progress_bar"] is False
+    elif group == "bertscore":  # the one home of the BERTScore defaults: what eval.metrics fills in
+        from hsd_exp.eval.metrics import bertscore_defaults
+
+        assert job["bertscore"] == bertscore_defaults() and job["bertscore"]["enabled"] is True
     elif group == "logger":
         assert job["logger"], "logger group member defines no logger"
         for node in job["logger"].values():
@@ -138,7 +144,7 @@ def test_hydra_group_composes():
 def test_multirun_job_folder_names_the_policy_label(policy, num, folder):
     """Multirun job folders read like task=compare's (slug of the label), after the job number: `5_hsd` said
     nothing about s, min or max."""
-    from hsd_exp.report.runs import slug
+    from hsd_exp.run_folder import slug
 
     cfg = compose_cfg(["model=tiny-llama", *policy], hydra_cfg=True)
     OmegaConf.update(cfg, "hydra.job.num", num, force_add=True)
@@ -413,3 +419,49 @@ def test_paper_sweep_is_the_papers_eleven_settings():
         (policy,) = build_policies(sub)
         labels.add(policy.label)
     assert len(labels) == 11  # eleven distinct rows in the report
+
+
+# ---------------------------------------------------------------------------------------------- sweeps' objective
+def run_module(args: list[str]) -> subprocess.CompletedProcess:
+    from helpers import CACHE_DIR
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_optuna_sweep_searches_under_the_layer_budget(tmp_path):
+    """+sweep=optuna end to end on a tiny model: every trial evaluates, Optuna records the best objective."""
+    import yaml
+
+    from hsd_exp.__main__ import objective
+
+    sweep = tmp_path / "optuna"
+    res = run_module(["-m", "hsd_exp", "+sweep=optuna", "model=tiny-llama", "dataset.path=sample", "dataset.limit=2",
+               "decode.max_new_tokens=4", "decode.batch_size=2", "bertscore.enabled=false", "avg_layer_budget=4",
+               "hydra.sweeper.n_trials=3",
+               'hydra.sweeper.params={policy.s:"choice(1,2)",policy.min:"choice(0)",policy.max:"range(2,6)"}',
+               f"hydra.sweep.dir={sweep}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = [json.loads((j / "metrics.json").read_text()) for j in sorted(sweep.iterdir()) if j.is_dir()]
+    assert len(trials) == 3 and all(t["policy"] == "hsd" for t in trials)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(objective(t, 4) for t in trials)
+    in_budget = [t for t in trials if t["avg_layers"] <= 4]
+    assert in_budget, [t["avg_layers"] for t in trials]
+    (winner,) = [t for t in trials if objective(t, 4) == best["best_value"]][:1]
+    assert winner["avg_layers"] <= 4  # an over-budget trial never wins while one within the budget exists
+
+
+@pytest.mark.parametrize(("over", "within"), [
+    ({"rougeL": 16.92, "avg_layers": 15.94}, {"rougeL": 15.02, "avg_layers": 14.9}),  # the audit's case
+    ({"rougeL": 100.0, "avg_layers": 15.001}, {"rougeL": 0.0, "avg_layers": 15.0}),  # the extremes
+])
+def test_objective_ranks_every_over_budget_run_below_every_run_within(over, within):
+    from hsd_exp.__main__ import objective
+
+    over, within = {**over, "num_layers": 30}, {**within, "num_layers": 30}
+    assert objective(over, 15) < 0 <= objective(within, 15)
+    assert objective(within, 15) == within["rougeL"]
+    assert objective(over, None) == over["rougeL"]  # no budget: plain ROUGE-L
+    closer = {**over, "avg_layers": (over["avg_layers"] + 15) / 2}
+    assert objective(over, 15) < objective(closer, 15)  # over the budget, fewer layers still score higher

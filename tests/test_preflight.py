@@ -1,4 +1,5 @@
-"""Preflight: bad decoding values, a model brought by path and the offline order, all refused before a model loads.
+"""Preflight: bad decoding values, a model brought by path, SkipLayer's router and the offline order, all refused
+before a model loads.
 
 model=phi2 is neither cached nor downloadable here (tests run offline): a check that passed would end on phi-2's
 offline error instead, so a case that names its own value proves its check came first.
@@ -10,9 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hsd_exp import models, preflight, tasks
 from hsd_exp.errors import ConfigError
+from hsd_exp.skip.router import SkipRouter
 
 from helpers import compose_config, load
 
@@ -42,11 +45,6 @@ def test_bad_decoding_values_are_refused_before_the_model_loads(tmp_path, overri
     msg = str(err.value)
     assert expected in msg and "set " in msg and "\n" not in msg, msg
     assert "microsoft/phi-2" not in msg
-
-
-def test_good_decoding_values_pass(tmp_path):
-    for overrides in ([], ["decode=beam4"], ["decode=sample"], ["decode=sample", "decode.top_p=1.0"]):
-        preflight.check_decode(cfg_of(tmp_path, "model=tiny-gpt2", *overrides))
 
 
 # ---------------------------------------------------------------------------------------------- model.path
@@ -108,3 +106,37 @@ def test_offline_model_is_named_before_the_hub_dataset(tmp_path):
 def test_local_mistakes_still_come_before_the_offline_model(tmp_path):
     with pytest.raises(ConfigError, match="nosuch"):
         preflight.check(cfg_of(tmp_path, "task=evaluate", "model=phi2", "dataset.path=sample", "dataset.split=nosuch"))
+
+
+# ---------------------------------------------------------------------------------------------- SkipLayer's router
+ROUTER = ["model=tiny-llama", "dataset.path=sample", "decode.max_new_tokens=8", "dataset.limit=4",
+          "finetune.batch_size=4", "finetune.train_limit=32", "finetune.max_length=96", "logger=csv",
+          "finetune.router=true", "router.kind=linear", "router.density=0.5", "router.lr=0.05", "policy=skiplayer"]
+
+
+def test_skiplayer_without_a_router_stops_before_the_model_loads(tmp_path):
+    def make_cfg(tmp, *overrides):
+        return cfg_of(tmp, *ROUTER, *overrides)
+
+    with pytest.raises(ConfigError, match="policy=skiplayer needs a trained router"):
+        preflight.check(make_cfg(tmp_path / "a", "task=evaluate", "finetune.router=false"))
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"model.x": torch.zeros(1)}, "pytorch-lightning_version": "2.6.0"}, plain)
+    with pytest.raises(ConfigError, match="holds no router"):
+        preflight.check(make_cfg(tmp_path / "b", "task=evaluate", "finetune=full", "finetune.router=false",
+                                 f"ckpt_path={plain}"))
+    with pytest.raises(ConfigError, match=r"router.density=1.5 is out of range"):
+        preflight.check(make_cfg(tmp_path / "c", "task=finetune", "finetune=lora", "router.density=1.5"))
+    with pytest.raises(ConfigError, match="router.kind=deep is unknown"):
+        preflight.check(make_cfg(tmp_path / "d", "task=finetune", "finetune=lora", "router.kind=deep"))
+    preflight.check(make_cfg(tmp_path / "e", "task=finetune", "finetune=none"))  # the router alone: fine
+    router_only = tmp_path / "router.ckpt"
+    shape = SkipRouter(num_layers=12, hidden_size=64).config
+    torch.save({"state_dict": {"router.gates.0.net.0.weight": torch.zeros(1)}, "hsd_adapter_only": True,
+                "hsd_router": shape, "pytorch-lightning_version": "2.6.0"}, router_only)
+    with pytest.raises(ConfigError, match="holds a router only .*evaluate it with finetune=none"):
+        preflight.check(make_cfg(tmp_path / "f", "task=evaluate", "finetune=lora", "finetune.router=false",
+                                 f"ckpt_path={router_only}"))
+    with pytest.raises(ConfigError, match="holds a router for 12 layers, but model.num_layers=6"):
+        preflight.check(make_cfg(tmp_path / "g", "task=evaluate", "finetune=none", "finetune.router=false",
+                                 f"ckpt_path={router_only}"))

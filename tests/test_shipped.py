@@ -157,3 +157,26 @@ def test_the_presets_data_falls_back_to_the_bundled_sample_where_the_shared_data
 
     cfg = OmegaConf.create({"here": f"${{hsd_dir_or:{tmp_path},sample}}", "gone": "${hsd_dir_or:/no/such/dir,sample}"})
     assert cfg.here == str(tmp_path) and cfg.gone == "sample"
+
+
+def test_the_export_cli_takes_flags_or_the_older_positional_words(tmp_path, monkeypatch, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    import hsd_exp.shipped as shipped_module
+    from hsd_exp.shipped import main
+
+    assert main(["--help"]) == 0
+    assert "usage: python -m hsd_exp.shipped SRC --name NAME --base-model HUB_ID" in capsys.readouterr().out
+    assert main([str(tmp_path / "none"), "--name", "x", "--base-model", "org/m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model.adapter={tmp_path / 'none'} is neither") and err.count("\n") == 1
+    assert main([str(tmp_path), "x"]) == 2  # one word after SRC: a usage error
+    assert "NAME and HUB_ID" in capsys.readouterr().err
+
+    base = load_model(**TINY, cache_dir=str(tmp_path))
+    get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "hf_model")
+    monkeypatch.setattr(shipped_module, "WEIGHTS", tmp_path / "weights")
+    assert main([str(tmp_path / "hf_model"), "--name", "a", "--base-model", "org/m"]) == 0
+    assert main([str(tmp_path / "hf_model"), "b", "org/m"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "weights" / n) for n in ("a", "b")]
+    assert shipped_module.shipped() == ["a", "b"]

@@ -16,8 +16,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
-from hsd_exp.eval.callbacks import bertscore_config
 from hsd_exp.eval.predictions import read_predictions
+from hsd_exp.run_settings import bertscore_config
 from hsd_exp.trainer import make_trainer, world_size
 
 from helpers import compose_config
@@ -330,35 +330,6 @@ def test_checkpoint_mismatch_names_the_model_preset(tmp_path):
                 "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}, ckpt)
     with pytest.raises(ConfigError, match=rf"ckpt_path={ckpt} does not fit model=tiny-llama with finetune=none"):
         tasks.run(make_cfg(tmp_path, "task=evaluate", f"ckpt_path={ckpt}"))
-
-
-# ---------------------------------------------------------------------------------------------- the model's context
-def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
-    """A 5,000-word prompt on tiny-gpt2 (512 positions) ended in an IndexError inside GPT-2's position table."""
-    with pytest.raises(ConfigError) as err:
-        tasks.run(make_cfg(tmp_path, "task=generate", "model=tiny-gpt2", f"prompt='{'word ' * 5000}'"))
-    msg = str(err.value)
-    assert "512 positions" in msg and "decode.max_new_tokens=8" in msg and "shorten the prompt" in msg, msg
-
-
-def test_evaluate_cuts_long_sources_to_fit_the_context(tmp_path, caplog):
-    """A source longer than the model's context (dataset.max_source_tokens allowing it) is cut to fit, with one
-    warning naming the budget that fits; it used to end in an IndexError mid-run."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"meaning_representation": f"name[{i}] " + "word " * 3000, "human_reference": "ref"} for i in range(2)]
-    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with caplog.at_level(logging.WARNING, logger="hsd_exp"):
-        m = tasks.run(make_cfg(tmp_path, "task=evaluate", "model=tiny-gpt2", f"dataset.path={data}",
-                               "dataset.max_source_tokens=6000", "dataset.limit=null", "policy=full"))
-    assert m["num_examples"] == 2
-    cut = [r for r in caplog.records if "sources are cut to" in r.getMessage()]
-    assert len(cut) == 1 and "dataset.max_source_tokens=6000" in cut[0].getMessage()
-
-
-def test_max_new_tokens_leaving_no_room_for_a_prompt_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"decode.max_new_tokens=600 leaves no room.*512 positions.*at most"):
-        tasks.run(make_cfg(tmp_path, "task=evaluate", "model=tiny-gpt2", "decode.max_new_tokens=600"))
 
 
 # ---------------------------------------------------------------------------------------------- what a run prints

@@ -35,7 +35,7 @@ class _FittedPair(TrainPair):
 
 
 class HSDDataModule(pl.LightningDataModule):
-    """``train``/``val`` yield (prompt, reference) pairs; ``test``/``predict`` yield prompts to generate from.
+    """``train``/``val`` yield (prompt, reference) pairs; ``test`` yields prompts to generate from.
 
     Training batches put every prompt's end in the same column (prompts left-padded, targets right-padded):
     generated-token index T = column - prompt length is then the same for every row, which is what
@@ -51,7 +51,7 @@ class HSDDataModule(pl.LightningDataModule):
 
     def __init__(self, dataset_cfg: Any, tokenizer, chat: bool, eval_batch_size: int = 8,
                  train_batch_size: int = 8, max_length: int | None = None, train_limit: int | None = None,
-                 val_limit: int | None = None, skip_ids: set[str] | None = None, num_workers: int = 0,
+                 val_limit: int | None = None, skip_ids: set[str] | None = None,
                  max_positions: int | None = None, max_prompt_tokens: int | None = None):
         super().__init__()
         self.cfg = dataset_cfg
@@ -62,7 +62,6 @@ class HSDDataModule(pl.LightningDataModule):
         self.max_length = max_length
         self.train_limit, self.val_limit = train_limit, val_limit
         self.skip_ids = skip_ids or set()  # resume: ids already in predictions.jsonl
-        self.num_workers = num_workers
         self.max_positions = max_positions
         self.max_prompt_tokens = max_prompt_tokens
         self.train_pairs: list[TrainPair] = []
@@ -75,7 +74,7 @@ class HSDDataModule(pl.LightningDataModule):
             self.train_pairs = self._pairs(load_examples(self.cfg, split="train", limit=self.train_limit))
             self.val_pairs = self._pairs(load_examples(self.cfg, split="validation", limit=self.val_limit)
                                          if self._has_validation() else [])
-        if stage in ("test", "predict", None) and not self.test_examples:
+        if stage in ("test", None) and not self.test_examples:
             examples = load_examples(self.cfg)  # dataset.split / dataset.limit
             self.test_examples = [ex for ex in examples if ex.id not in self.skip_ids]
 
@@ -153,20 +152,16 @@ class HSDDataModule(pl.LightningDataModule):
                            f"template alone takes {overhead} tokens; set finetune.max_length larger "
                            "(or null = derived from the dataset)")
 
-    # ------------------------------------------------------------------ loaders
+    # ------------------------------------------------------------------ loaders (in-process: tokenising is cheap)
     def train_dataloader(self):
         return DataLoader(self.train_pairs, batch_size=self.train_batch_size, shuffle=True,
-                          collate_fn=self.collate_train, num_workers=self.num_workers)
+                          collate_fn=self.collate_train)
 
     def val_dataloader(self):
-        return DataLoader(self.val_pairs, batch_size=self.train_batch_size, collate_fn=self.collate_train,
-                          num_workers=self.num_workers)
+        return DataLoader(self.val_pairs, batch_size=self.train_batch_size, collate_fn=self.collate_train)
 
     def test_dataloader(self):
-        return DataLoader(self.test_examples, batch_size=self.eval_batch_size, collate_fn=self.collate_eval,
-                          num_workers=self.num_workers)
-
-    predict_dataloader = test_dataloader
+        return DataLoader(self.test_examples, batch_size=self.eval_batch_size, collate_fn=self.collate_eval)
 
     def collate_train(self, pairs: list[TrainPair]) -> dict[str, torch.Tensor]:
         pad = self.tok.pad_token_id

@@ -16,7 +16,7 @@ built exactly as evaluation would build it for that shorter source (template and
 
 Prompt + ``max_new_tokens`` must also fit the model's positions (``max_position_embeddings``): evaluation
 passes ``build_prompt_within`` the tokens left for the prompt, and a source is cut further where
-``max_source_tokens`` would not fit (``tasks.check_context`` warns once with the budget that does).
+``max_source_tokens`` would not fit (``hsd_exp.data.context.check_context`` warns once with the budget that does).
 
 Prompt strings are tokenised with the tokenizer's special tokens for base models (a tokenizer that adds
 BOS adds it in training and evaluation alike) and without them for chat models, whose template already

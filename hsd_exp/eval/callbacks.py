@@ -1,4 +1,11 @@
-"""Lightning callbacks: apply the skip policy while decoding; stream predictions and write metrics."""
+"""Lightning callbacks around ``trainer.test``: the skip policy on while decoding, per-token progress, the
+predictions streamed from each ``test_step``'s outputs and the metrics written at the end.
+
+What passes between them and the module is explicit: ``SkipPolicyCallback`` sets the module's declared
+``skip_stats`` (its layer records come from them) and ``TokenProgressCallback`` its ``token_tick``; ``test_step``
+returns a ``GeneratedBatch`` (texts, layer records, tokens, seconds) that ``PredictionsCallback`` writes; tasks.py
+hands the predictions callback the skip callback, whose lossless record goes into metrics.json.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +15,15 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
-from transformers import LogitsProcessorList
 
 from hsd_exp.console import StepTick
+from hsd_exp.decoding import DecodeSettings
 from hsd_exp.eval.layer_map import log_layer_map, write_layer_map
 from hsd_exp.eval.metrics import summarize_run
-from hsd_exp.eval.predictions import METRICS_FILE, PredictionWriter, read_run_predictions, write_metrics
+from hsd_exp.eval.predictions import PredictionWriter, read_run_predictions, write_metrics
+from hsd_exp.run_folder import METRICS_FILE, predictions_file
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
-
-
-def bertscore_config(cfg: DictConfig) -> dict:
-    """``cfg.bertscore`` with ``device: auto`` resolved to the run's device (cpu under trainer.accelerator=cpu)."""
-    bs = OmegaConf.to_container(cfg.bertscore, resolve=True)
-    if bs["device"] == "auto" and str(cfg.trainer.accelerator).lower() == "cpu":
-        bs["device"] = "cpu"
-    return bs
 
 
 class WarmUpCallback(pl.Callback):
@@ -42,28 +41,29 @@ class WarmUpCallback(pl.Callback):
 class SkipPolicyCallback(pl.Callback):
     """Enters ``layer_skipping`` when testing starts and leaves it when it ends (or fails).
 
-    Training and validation are untouched; after ``on_test_end`` the model's ``generate()`` is plain again.
-    With ``run_dir``, a per-token policy's layer map (which layers ran at which token) goes there and to the
+    ``decode`` says how: Tmax = decode.max_new_tokens, and with decode=lossless the policy drafts while the full
+    model verifies. Training and validation are untouched; after ``on_test_end`` the model's ``generate()`` is plain
+    again. With ``run_dir``, a per-token policy's layer map (which layers ran at which token) goes there and to the
     loggers (hsd_exp.eval.layer_map).
     """
 
-    def __init__(self, policy: Policy, max_new_tokens: int, run_dir: str | None = None, lossless: bool = False,
-                 draft_len: int = 4, draft_confidence: float | None = None):
+    def __init__(self, policy: Policy, decode: DecodeSettings, run_dir: str | None = None):
         self.policy = policy
-        self.max_new_tokens = max_new_tokens
+        self.decode = decode
         self.run_dir = Path(run_dir) if run_dir else None
-        self.lossless, self.draft_len = lossless, draft_len  # decode=lossless: the policy drafts, full verifies
-        self.draft_confidence = draft_confidence
         self._ctx = None
-        self.stats = None
+        self.stats = None  # SkipStats of the last test loop
+
+    def decode_record(self) -> dict:
+        """What metrics.json records of the decoding (decode=lossless: the drafts' acceptance and cost)."""
+        return self.decode.record(self.stats)
 
     def _enter(self, pl_module) -> None:
         policy = self.policy
-        if "router" in policy.objects and policy.router is None and getattr(pl_module, "router", None) is not None:
+        if "router" in policy.objects and policy.router is None and pl_module.router is not None:
             policy = policy.with_router(pl_module.router)  # SkipLayer: the router the checkpoint restored
-        self._ctx = layer_skipping(pl_module.model, policy, max_new_tokens=self.max_new_tokens,
-                                   lossless=self.lossless, draft_len=self.draft_len,
-                                   draft_confidence=self.draft_confidence)
+        self._ctx = layer_skipping(pl_module.model, policy, max_new_tokens=self.decode.max_new_tokens,
+                                   lossless=self.decode.lossless)
         self.stats = self._ctx.__enter__()
         pl_module.skip_stats = self.stats
 
@@ -78,8 +78,6 @@ class SkipPolicyCallback(pl.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self._exit(pl_module)
-        if self.stats is not None and self.stats.lossless is not None:  # into metrics.json (PredictionsCallback)
-            pl_module.decode_record = self.stats.lossless.summary(self.draft_len, self.draft_confidence)
         rates = self.stats.run_rates() if self.stats is not None else []
         if rates and self.run_dir is not None and trainer.is_global_zero:
             per_layer = write_layer_map(self.run_dir, rates, f"{self.policy.display_name}: layers run per token")
@@ -93,10 +91,10 @@ class TokenProgressCallback(pl.Callback):
     """Moves the test bar within a batch: a CALM batch on a CPU can take minutes, and a bar that moves per batch
     only sat at 0/1 for all of it.
 
-    ``generate()`` gets a ``StepTick`` (a logits processor that returns the scores untouched: the tokens are those
-    of a run without it, beams and sampling included), and each tick advances the bar by 1/max_new_tokens of a
-    batch and shows ``token t/max_new_tokens`` beside it (Rich: in the description; tqdm: as postfix), redrawn at
-    most every ``min_interval`` seconds. Without a bar it adds nothing.
+    The module's ``generate()`` gets a ``StepTick`` (a logits processor that returns the scores untouched: the tokens
+    are those of a run without it, beams and sampling included), and each tick advances the bar by 1/max_new_tokens
+    of a batch and shows ``token t/max_new_tokens`` beside it (Rich: in the description; tqdm: as postfix), redrawn
+    at most every ``min_interval`` seconds. Without a bar it adds nothing.
     """
 
     MIN_INTERVAL = 0.2  # seconds between redraws
@@ -115,7 +113,7 @@ class TokenProgressCallback(pl.Callback):
         if bar is None or not bar.is_enabled:
             return
         self.bar = bar
-        pl_module.logits_processors = LogitsProcessorList([StepTick(self.tick)])
+        pl_module.token_tick = StepTick(self.tick)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self.batch_idx, self.step = batch_idx, 0
@@ -152,7 +150,7 @@ class TokenProgressCallback(pl.Callback):
                 tqdm_bar.set_postfix_str(text or "", refresh=True)
 
     def _detach(self, pl_module) -> None:
-        pl_module.logits_processors = None
+        pl_module.token_tick = None
         self.bar = None
         self._description = None
 
@@ -164,41 +162,42 @@ class TokenProgressCallback(pl.Callback):
 
 
 class PredictionsCallback(pl.Callback):
-    """Streams every prediction to ``predictions.jsonl`` as it is made; at the end scores all of them.
+    """Streams every prediction to ``predictions.jsonl`` as its batch ends (``test_step``'s outputs); at the end
+    scores all of them into ``metrics.json``.
 
     Resume: the writer reopens the same file and keeps what is there; the data module was built without
-    those ids, so nothing is recomputed and nothing lost. Metrics cover every record in the file.
+    those ids, so nothing is recomputed and nothing lost. Metrics cover every record in the file. ``skip``: the
+    run's SkipPolicyCallback, whose decoding record (decode=lossless) joins the metrics.
     """
 
-    def __init__(self, run_dir: str, bertscore: dict | None, meta: dict, wandb_samples: int = 32):
+    def __init__(self, run_dir: str, bertscore: dict | None, meta: dict, skip: SkipPolicyCallback | None = None,
+                 wandb_samples: int = 32):
         self.run_dir = Path(run_dir)
         self.bertscore = bertscore
         self.meta = meta  # policy, policy_label, dataset, model, num_layers, ... -> metrics.json
+        self.skip = skip
         self.wandb_samples = wandb_samples
         self.writer: PredictionWriter | None = None
         self.metrics: dict | None = None
+        self.generated_tokens, self.generate_seconds = 0, 0.0  # this process's, summed over its batches
         self._t0 = 0.0
 
-    def _file(self, trainer) -> Path:
-        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.jsonl"
-        return self.run_dir / name
-
-    def _start(self, trainer, pl_module) -> None:
-        self.writer = PredictionWriter(self._file(trainer))
-        pl_module.on_generated = self._write
-        pl_module.generate_seconds, pl_module.generated_tokens = 0.0, 0
+    def on_test_start(self, trainer, pl_module):
+        self.writer = PredictionWriter(self.run_dir / predictions_file(trainer.global_rank, trainer.world_size))
+        self.generated_tokens, self.generate_seconds = 0, 0.0
         self._t0 = time.perf_counter()
 
-    def _write(self, batch, texts, layers) -> None:
-        for i, text in enumerate(texts):
-            self.writer.write(batch["ids"][i], batch["sources"][i], batch["references"][i], text, layers[i])
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        for i, text in enumerate(outputs.texts):
+            self.writer.write(batch["ids"][i], batch["sources"][i], batch["references"][i], text, outputs.layers[i])
+        self.generated_tokens += outputs.tokens
+        self.generate_seconds += outputs.seconds
 
-    def _end(self, trainer, pl_module) -> None:
+    def on_test_end(self, trainer, pl_module):
         if self.writer is not None:
             self.writer.close()
-        pl_module.on_generated = None
         # DDP: every rank generated its share in parallel, so throughput = all tokens / the slowest rank's time.
-        counts = pl_module.all_gather(torch.tensor([float(pl_module.generated_tokens), pl_module.generate_seconds]))
+        counts = pl_module.all_gather(torch.tensor([float(self.generated_tokens), self.generate_seconds]))
         counts = counts.view(-1, 2)  # (world_size, 2)
         generated, seconds = int(counts[:, 0].sum()), float(counts[:, 1].max())
         trainer.strategy.barrier()
@@ -206,18 +205,20 @@ class PredictionsCallback(pl.Callback):
             return
         records = read_run_predictions(self.run_dir)  # every rank's file, each id once
         tokens = [n for r in records for n in r["layers_per_token"]]
-        tok_s = generated / seconds if seconds else None
         self.metrics = summarize_run(
             records, self.bertscore,
             avg_layers=sum(tokens) / len(tokens) if tokens else None,
-            tokens_per_s=tok_s,
+            tokens_per_s=generated / seconds if seconds else None,
             generated_tokens_this_run=generated,
             wall_seconds=time.perf_counter() - self._t0,
             complete=True,
             **self.meta,
-            **getattr(pl_module, "decode_record", {}),  # decode=lossless: acceptance, tokens per verification
+            **(self.skip.decode_record() if self.skip is not None else {}),  # lossless: acceptance, cost
         )
         write_metrics(self.run_dir, self.metrics)
+        self._log(trainer, records)
+
+    def _log(self, trainer, records: list[dict]) -> None:
         numeric = {f"test/{k}": float(v) for k, v in self.metrics.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         for logger in trainer.loggers:
@@ -227,9 +228,6 @@ class PredictionsCallback(pl.Callback):
                         for r in records[: self.wandb_samples]]
                 logger.log_table(key="predictions", columns=["id", "source", "references", "prediction"], data=rows)
 
-    on_test_start = _start
-    on_test_end = _end
-
     def finish_without_loop(self, trainer, pl_module) -> None:
         """Nothing was left to generate, so Lightning skipped the loop and these hooks: keep a finished run's
         metrics (the tokens/s of the run that generated), or score a run that stopped before writing them."""
@@ -237,5 +235,5 @@ class PredictionsCallback(pl.Callback):
         if done.is_file():
             self.metrics = json.loads(done.read_text())
         else:
-            self._start(trainer, pl_module)
-            self._end(trainer, pl_module)
+            self.on_test_start(trainer, pl_module)
+            self.on_test_end(trainer, pl_module)

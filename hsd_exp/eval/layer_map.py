@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-RATES_FILE, RATES_PLOT = "layer_run_rates.json", "layer_run_rates.png"
+from hsd_exp.run_folder import RATES_FILE, RATES_PLOT
 
 
 def write_layer_map(run_dir: Path, rates: list[list[float]], title: str) -> dict:

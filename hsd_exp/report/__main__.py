@@ -45,7 +45,7 @@ import argparse
 import os
 import sys
 
-from hsd_exp.errors import ConfigError
+from hsd_exp.errors import ConfigError, exit_on_config_error
 from hsd_exp.eval.metrics import QUALITY_KEYS
 from hsd_exp.report.runs import as_text, collect_runs
 from hsd_exp.report.tables import build_table, check_not_mixed, default_title, write_report
@@ -53,7 +53,8 @@ from hsd_exp.report.wandb_log import log_wandb, log_wandb_runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hsd_exp.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m hsd_exp.report", usage="%(prog)s DIR [DIR ...] [options]",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", metavar="DIR", help="multirun or run directories of `python -m hsd_exp`")
     p.add_argument("--out", help="output directory (default: the first DIR)")
@@ -70,26 +71,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status: 0, 2 for bad input (one line ``error: ...``) or a usage error, 1 when
+    only the W&B logging failed."""
     try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
+        return _report(parse_args(argv))
+    except SystemExit as e:  # argparse (--help: 0, a usage error: 2) or exit_on_config_error (2), already printed
         return int(e.code or 0)
-    try:
+
+
+def _report(args: argparse.Namespace) -> int:
+    with exit_on_config_error():
         runs = collect_runs(args.dirs)
         if not args.allow_mixed:
             check_not_mixed(runs)
         paths = write_report(runs, args.out or args.dirs[0], metric=args.metric, title=args.title)
         rows = build_table(runs)
-        if len({as_text(r["bertscore_model"]) for r in rows if r["bertscore_f1"] is not None}) > 1:
-            print("warning: runs used different BERTScore backbones; BERTScore values are not comparable",
-                  file=sys.stderr)
-        print(paths["md"].read_text(encoding="utf-8"))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if len({as_text(r["bertscore_model"]) for r in rows if r["bertscore_f1"] is not None}) > 1:
+        print("warning: runs used different BERTScore backbones; BERTScore values are not comparable",
+              file=sys.stderr)
+    print(paths["md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    if args.wandb or args.wandb_runs:
-        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and summary per run: hundreds of lines
+    if not (args.wandb or args.wandb_runs):
+        return 0
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and summary per run: hundreds of lines
+    with exit_on_config_error():
         try:
             if args.wandb:
                 log_wandb(runs, rows, paths["png"], args.title or default_title(runs), args.metric,
@@ -98,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 n = log_wandb_runs(runs, rows, project=args.wandb_project, out_dir=paths["md"].parent)
                 print(f"W&B: {n} runs logged to project {args.wandb_project} (files under "
                       f"{paths['md'].parent}/wandb)", file=sys.stderr)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except ConfigError:
+            raise
         except Exception as e:  # the report files are written; say what failed instead of a stack trace
             print(f"error: W&B logging failed ({type(e).__name__}: {e}); report files are written", file=sys.stderr)
             return 1

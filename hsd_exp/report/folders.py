@@ -1,4 +1,4 @@
-"""Which folders are runs (see hsd_exp.report.runs), and how many predictions one holds."""
+"""Which folders are runs (their files: hsd_exp.run_folder), and how many predictions one holds."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from hsd_exp.eval.predictions import METRICS_FILE, PREDICTIONS_FILE
-
-CONFIG_FILE = Path(".hydra") / "config.yaml"
+from hsd_exp.run_folder import CONFIG_FILE, METRICS_FILE, is_predictions_file
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -29,19 +27,14 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def _has_results(files: Iterable[str]) -> bool:
-    return any(f == METRICS_FILE or _is_predictions_file(f) for f in files)
-
-
-def _is_predictions_file(name: str) -> bool:  # predictions.jsonl, or predictions.rank<N>.jsonl under DDP
-    stem, suffix = os.path.splitext(PREDICTIONS_FILE)
-    return name.startswith(stem) and name.endswith(suffix)
+    return any(f == METRICS_FILE or is_predictions_file(f) for f in files)
 
 
 def count_predictions(run_dir: Path) -> int:
     """Complete JSON lines in the run's predictions*.jsonl (a torn last line from a crash does not count)."""
     n = 0
     for path in sorted(run_dir.iterdir()):
-        if path.is_file() and _is_predictions_file(path.name):
+        if path.is_file() and is_predictions_file(path.name):
             n += _count_lines(path)
     return n
 

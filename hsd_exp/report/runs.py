@@ -1,6 +1,7 @@
-"""Run folders: finding them and reading what each one ran and measured.
+"""Run folders read back: what each one ran and measured, as one RunRecord.
 
-A run folder is what one evaluation (one Hydra job; see DEVELOPERS.md "Run directory format") leaves:
+A run folder is what one evaluation (one Hydra job; ``hsd_exp.run_folder``, DEVELOPERS.md "Run directory format")
+leaves:
 
 - ``.hydra/config.yaml``: the composed config (model, dataset, decode, policy), read raw: its interpolations
   are not resolved, since some use resolvers only the app registers;
@@ -31,13 +32,12 @@ from typing import Any
 
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.metrics import QUALITY_KEYS
-from hsd_exp.eval.predictions import METRICS_FILE
-from hsd_exp.report.folders import CONFIG_FILE, count_predictions, find_run_dirs
+from hsd_exp.report.folders import count_predictions, find_run_dirs
+from hsd_exp.run_folder import CONFIG_FILE, MEASURED, METRICS_FILE, PAIRED, SETTING, slug
 from hsd_exp.skip.policies import Policy, build_policy, config_label, policy_class
 
-METRIC_FIELDS = (*QUALITY_KEYS, "bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers",
-                 "lossless", "draft_len", "draft_confidence", "acceptance",
-                 "tokens_per_verification")
+# RunRecord.setting: (attribute, short name shown in a row's "[...]" suffix when settings differ), in that order.
+SETTING_FIELDS = tuple((f.name, f.short) for f in PAIRED)
 
 NO_RUNS = ("no runs found under {dir}: expected folders with .hydra/config.yaml or metrics.json "
            "(a multirun dir of `python -m hsd_exp -m ...`)")
@@ -45,7 +45,8 @@ NO_RUNS = ("no runs found under {dir}: expected folders with .hydra/config.yaml 
 
 @dataclass
 class RunRecord:
-    """One evaluation run: what its config says it ran and what its metrics.json measured (None = missing)."""
+    """One evaluation run: what its config says it ran and what its metrics.json measured (None = missing). One
+    attribute per ``run_folder.SETTING`` field and ``run_folder.MEASURED`` / quality key, of the same name."""
 
     path: Path
     status: str  # "complete", "partial (N predictions)" or "unreadable: ..."
@@ -132,8 +133,7 @@ class RunRecord:
         sampling, length; temperature and top_p when sampling); each such setting gets its own baseline, rows
         and lines. Which examples were scored (``examples_hash``) is checked apart: ``same_examples``."""
         sampling = str(self.do_sample).lower() == "true"
-        return tuple("" if attr in SAMPLING_ONLY and not sampling else as_text(getattr(self, attr))
-                     for attr, _ in SETTING_FIELDS)
+        return tuple("" if f.sampling_only and not sampling else as_text(getattr(self, f.name)) for f in PAIRED)
 
 
 def collect_runs(dirs: Iterable[str | os.PathLike]) -> list[RunRecord]:
@@ -179,28 +179,6 @@ def read_run(run_dir: Path) -> RunRecord:
     return record
 
 
-CONFIG_KEYS = (("model", "model.name"), ("dataset", "dataset.name"), ("num_beams", "decode.num_beams"),
-               ("ckpt_path", "ckpt_path"), ("model_path", "model.path"), ("adapter", "model.adapter"),
-               ("split", "dataset.split"),
-               ("limit", "dataset.limit"), ("do_sample", "decode.do_sample"),
-               ("max_new_tokens", "decode.max_new_tokens"), ("temperature", "decode.temperature"),
-               ("top_p", "decode.top_p"), ("dataset_path", "dataset.path"), ("chat", "model.chat"),
-               ("instruction", "dataset.instruction"), ("separator", "dataset.separator"),
-               ("max_source_tokens", "dataset.max_source_tokens"))
-# RunRecord.setting: (attribute, short name shown in a row's "[...]" suffix when settings differ), in that order.
-SETTING_FIELDS = (("model_path", "model.path"), ("adapter", "adapter"), ("ckpt_path", "ckpt"), ("split", "split"), ("limit", "limit"),
-                  ("num_beams", "beams"), ("do_sample", "sample"), ("max_new_tokens", "max_new_tokens"),
-                  ("dataset_path", "data"), ("chat", "chat"), ("instruction", "instruction"),
-                  ("separator", "separator"), ("max_source_tokens", "max_source_tokens"),
-                  ("temperature", "temperature"), ("top_p", "top_p"))
-SAMPLING_ONLY = ("temperature", "top_p")  # part of the setting only where decode.do_sample is true
-# What metrics.json records of the setting (tasks.evaluate), read where the run has no config; "limit" wins
-# over the config: it is the limit the scored predictions were made under (a refused resume with another
-# limit has already rewritten .hydra/config.yaml).
-METRICS_SETTING = ("model_path", "adapter", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
-                   "dataset_path", "chat", "instruction", "separator", "max_source_tokens")
-
-
 def _apply_config(record: RunRecord, run_dir: Path) -> None:
     """Fields from the run's own config or, for a ``task=compare`` subfolder, its parent's (whose policy
     group is not the subfolder's policy: that one is the ``compare_policies`` entry named like the folder)."""
@@ -213,8 +191,8 @@ def _apply_config(record: RunRecord, run_dir: Path) -> None:
     cfg = OmegaConf.load(path)  # interpolations stay unresolved: they may use resolvers not registered here
     raw = OmegaConf.to_container(cfg, resolve=False)
     record.config = raw if isinstance(raw, dict) else {}
-    for attr, key in CONFIG_KEYS:
-        setattr(record, attr, _config_value(cfg, record.config, key))
+    for f in SETTING:
+        setattr(record, f.name, _config_value(cfg, record.config, f.config))
     if path == own:
         record.policy = _config_value(cfg, record.config, "policy.name")
         node = record.config.get("policy")
@@ -272,11 +250,6 @@ def _apply_compare_policy(record: RunRecord, entries: Any, folder: str) -> None:
     record.policy_label = folder  # unknown policy: at least name the row after its folder
 
 
-def slug(label: str) -> str:
-    """A policy label as a folder name: task=compare runs each policy in ``out_dir / slug(policy.label)``."""
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in label).strip("_")
-
-
 def _load_metrics(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -287,33 +260,22 @@ def _load_metrics(path: Path) -> dict | None:
 
 
 def _apply_metrics(record: RunRecord, metrics: dict) -> None:
-    """metrics.json values as they are; what it says ran (model, dataset, policy, decode) wins over the config."""
-    for key in METRIC_FIELDS:
+    """metrics.json values as they are; what it says ran (the policy, ``SettingField.wins == "ran"``) wins over
+    the config."""
+    for key in (*QUALITY_KEYS, *MEASURED):
         setattr(record, key, metrics.get(key))
-    for key in ("model", "dataset", "policy", "policy_label", "num_beams", "ckpt_path"):
+    for key in ("policy", "policy_label", *(f.name for f in SETTING if f.wins == "ran")):
         if metrics.get(key) is not None:
             setattr(record, key, metrics[key])
     # The rest of the setting comes from the config, so a run that has not written metrics.json yet (whose
     # setting only its config knows) gets the same setting as its finished siblings; metrics.json's values
-    # serve a run without a config, and its "limit" (what the scored predictions were made under) always.
-    for key in METRICS_SETTING if not record.config else ("limit",):
-        if key in metrics:  # a recorded null is a value (dataset.limit=null: every example)
-            setattr(record, key, metrics[key])
+    # serve a run without a config, and its "limit" (wins == "scored") always.
+    for f in SETTING:
+        if (f.wins == "scored" or (f.wins == "config" and not record.config)) and f.name in metrics:
+            setattr(record, f.name, metrics[f.name])  # a recorded null is a value (dataset.limit=null: all)
     record.examples_hash = metrics.get("examples_hash")
     if isinstance(metrics.get("policy_params"), dict):  # all of the policy's parameters, as it ran
         record.params = _policy_params(metrics["policy_params"])
-
-
-def flat_config(d: dict, prefix: str = "") -> dict:
-    """Dotted keys: W&B's run comparer and parallel-coordinates panels want flat configs."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_config(v, key + "."))
-        else:
-            out[key] = v if not isinstance(v, list) else str(v)
-    return out
 
 
 def policy_name(policy: str | None, label: str | None) -> str:

@@ -26,14 +26,13 @@ from hsd_exp.report.runs import (
     is_number,
     policy_name,
 )
+from hsd_exp.run_folder import PAIRED, REPORT_FILES
 
 __all__ = [
-    "CSV_COLUMNS", "MD_COLUMNS", "OUTPUT_FILES", "PARAM_COLUMNS", "build_table", "check_not_mixed",
+    "CSV_COLUMNS", "MD_COLUMNS", "PARAM_COLUMNS", "build_table", "check_not_mixed",
     "default_title", "group_notes", "markdown_table", "render_markdown", "retention_vs_full", "setting_names",
     "write_csv", "write_report",
 ]
-
-OUTPUT_FILES = {"md": "report.md", "csv": "report.csv", "png": "quality_vs_layers.png"}
 
 # Markdown table: (header, row key). Status is text; everything else is a number with 2 decimals.
 MD_COLUMNS = (
@@ -42,11 +41,9 @@ MD_COLUMNS = (
     ("Speedup", "speedup"), ("% of full", "pct_full"), ("Status", "status"),
 )
 PARAM_COLUMNS = ("s", "min", "max", "d", "criterion")  # the papers' parameters; a policy's others are in its row name
-CSV_COLUMNS = (
-    "model", "dataset", "method", "family", "policy", *PARAM_COLUMNS, "setting", "num_beams",
-    "ckpt_path", "model_path", "adapter", "split", "limit", "do_sample", "max_new_tokens", "temperature", "top_p",
-    "dataset_path", "chat", "instruction", "separator", "max_source_tokens", "examples_hash",
-    "avg_layers", "num_layers",
+CSV_COLUMNS = (  # the setting: model, dataset and every field a Full baseline must share (run_folder.SETTING)
+    "model", "dataset", "method", "family", "policy", *PARAM_COLUMNS, "setting", *(f.name for f in PAIRED),
+    "examples_hash", "avg_layers", "num_layers",
     *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS),
     "num_examples", "num_predictions", "status", "path",
 )
@@ -117,11 +114,7 @@ def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]
     row = {
         "model": run.model, "dataset": run.dataset, "method": run.method, "family": run.family,
         "policy": policy_name(run.policy, run.policy_label), **{k: run.params.get(k) for k in PARAM_COLUMNS},
-        "setting": setting, "num_beams": run.num_beams,
-        "ckpt_path": run.ckpt_path, "model_path": run.model_path, "adapter": run.adapter, "split": run.split, "limit": run.limit,
-        "do_sample": run.do_sample, "max_new_tokens": run.max_new_tokens,
-        **{k: getattr(run, k) for k in ("temperature", "top_p", "dataset_path", "chat", "instruction", "separator",
-                                        "max_source_tokens", "examples_hash")},
+        "setting": setting, **{f.name: getattr(run, f.name) for f in PAIRED}, "examples_hash": run.examples_hash,
         "avg_layers": run.avg_layers, "num_layers": run.num_layers,
         **{k: getattr(run, k) for k in QUALITY_KEYS},
         "bertscore_model": run.bertscore_model, "tokens_per_s": run.tokens_per_s,
@@ -290,11 +283,11 @@ def write_report(runs: list[RunRecord], out_dir: str | os.PathLike, metric: str 
         check_not_mixed(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / name for k, name in OUTPUT_FILES.items()}
+    paths = {k: out / name for k, name in REPORT_FILES.items()}
     rows = build_table(runs)
     write_csv(rows, paths["csv"])
     plot_quality_vs_layers(runs, rows, paths["png"], metric=metric, title=title)  # panels name model/dataset
-    paths["md"].write_text(render_markdown(runs, rows, title or default_title(runs), OUTPUT_FILES["png"]),
+    paths["md"].write_text(render_markdown(runs, rows, title or default_title(runs), REPORT_FILES["png"]),
                            encoding="utf-8")
     return paths
 

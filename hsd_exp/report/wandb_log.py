@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.report.runs import RunRecord, as_text, flat_config, is_number
+from hsd_exp.report.runs import RunRecord, as_text, is_number
 from hsd_exp.report.tables import CSV_COLUMNS
+from hsd_exp.run_folder import flat_config
 
 
 def wandb_dir(out_dir: str | os.PathLike | None) -> str | None:

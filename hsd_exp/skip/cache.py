@@ -55,3 +55,10 @@ class SkipCache(DynamicCache):
                 layer.crop(-extra)
             elif getattr(layer, "record_past", False) and layer.is_initialized:
                 layer.crop(0)  # a sliding layer that kept its past: back to its window
+
+    def drop(self, layers) -> None:
+        """Empty the caches of ``layers`` (0-based): a static policy's skipped layers, which never run again."""
+        for i in layers:
+            if i < len(self.layers) and self.layers[i].get_seq_length() > 0:
+                self.layers[i].keys = self.layers[i].keys[..., :0, :]  # (B, H, 0, D)
+                self.layers[i].values = self.layers[i].values[..., :0, :]

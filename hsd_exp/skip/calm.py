@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.skip.policies import Policy, check_number, fmt
+from hsd_exp.skip.modes import PER_STEP
+from hsd_exp.skip.params import check_number, fmt
+from hsd_exp.skip.policies import Policy
 
 CRITERIA = ("softmax", "state")
 
@@ -41,7 +43,7 @@ class CALM(Policy):
     tau: float = 4.0
     name = "calm"
     title = "CALM"
-    static = False
+    kind = PER_STEP  # decides as the layers of each decode step run (hsd_exp.skip.modes)
     order = 1
     style = ("tab:green", "D")
 

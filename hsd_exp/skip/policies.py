@@ -22,6 +22,8 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.skip.modes import KINDS, STATIC
+from hsd_exp.skip.params import check_band, check_keep_first, fmt
 
 POLICIES: dict[str, type[Policy]] = {}  # name -> class, filled by Policy.__init_subclass__
 
@@ -48,25 +50,20 @@ def bottom_layers(keep_first: int) -> set[int]:
     return set(range(keep_first))
 
 
-def fmt(value: Any) -> str:
-    """A parameter as the report shows it: 18.0 -> "18", 0.020 -> "0.02", "state" -> "state"."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 @dataclass(frozen=True)
 class Policy:
     """Base class: a frozen dataclass whose fields are the policy's parameters (``params()``).
 
-    ``static`` policies decide from (T, Tmax, L) alone (``layers``); dynamic ones decide inside each decode
-    step (``begin_step``; the protocol is in hsd_exp.skip.engine's docstring). A subclass that sets ``name``
-    is registered in POLICIES, so ``build_policy(name, ...)`` and ``conf/policy/<file>.yaml`` reach it.
+    ``kind`` says which protocol of hsd_exp.skip.modes the engine asks: "static" policies decide from (T, Tmax, L)
+    alone (``layers``), "per_step" ones inside each decode step (``begin_step``), "per_token" ones per row and
+    position (``begin_forward``). A subclass that sets ``name`` is registered in POLICIES, so
+    ``build_policy(name, ...)`` and ``conf/policy/<file>.yaml`` reach it.
     """
 
     name: ClassVar[str] = "policy"  # registry key: conf/policy/*.yaml's `name:`
     title: ClassVar[str] = ""  # the paper's method name in the report ("HSD"); default: name
-    static: ClassVar[bool] = True
+    kind: ClassVar[str] = STATIC  # hsd_exp.skip.modes: STATIC, PER_STEP or PER_TOKEN
+    static: ClassVar[bool] = True  # kind == STATIC, derived per class: "decided ahead of decoding?"
     baseline: ClassVar[bool] = False  # the report's reference row (Speedup, % of full)
     order: ClassVar[int] = 100  # where the report puts this family among the others (rows, plot lines)
     style: ClassVar[tuple[str | None, str]] = (None, "o")  # plot (colour, marker); None = matplotlib's next
@@ -74,6 +71,12 @@ class Policy:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "static" in cls.__dict__ or "per_token" in cls.__dict__:  # the flags kind replaced: say so, not ignore
+            raise TypeError(f"{cls.__qualname__} sets static/per_token: set kind = 'per_step' or 'per_token' "
+                            "instead (hsd_exp.skip.modes)")
+        if cls.kind not in KINDS:
+            raise TypeError(f"{cls.__qualname__}.kind={cls.kind!r}: choose one of {', '.join(KINDS)}")
+        cls.static = cls.kind == STATIC
         if "name" not in cls.__dict__:  # a helper subclass (tests' Replay) names no policy: not registered
             return
         cls.title = cls.__dict__.get("title") or cls.name
@@ -124,8 +127,8 @@ class Policy:
         raise NotImplementedError(f"{type(self).__name__} is static: define layers(step, max_steps, num_layers)")
 
     def begin_step(self, step: int, max_steps: int, num_layers: int, readout):
-        """Dynamic: an object deciding decode step T layer by layer (``runs``, ``after_layer``, ``record``, ``evals``)."""
-        raise NotImplementedError(f"{type(self).__name__} is dynamic (static=False): define begin_step(...)")
+        """Per-step: an object deciding decode step T layer by layer (``runs``, ``after_layer``, ``record``, ``evals``)."""
+        raise NotImplementedError(f"{type(self).__name__} is kind={self.kind!r}: define begin_step(...)")
 
 
 def _with_options(text: str, options: list[str]) -> str:
@@ -154,8 +157,8 @@ class _TopBand:
         return [f"keep_first={self.keep_first}"] if self.keep_first else []
 
     def validate(self, num_layers: int | None = None) -> None:
-        _check_band(self.min, self.max, num_layers)
-        _check_keep_first(self.keep_first, num_layers)
+        check_band(self.min, self.max, num_layers)
+        check_keep_first(self.keep_first, num_layers)
 
 
 @dataclass(frozen=True)
@@ -238,32 +241,6 @@ class HSD(_TopBand, Policy):
 
 def _suffix(options: list[str], sep: str = ",") -> str:
     return "".join(sep + o for o in options)
-
-
-def check_number(key: str, value: Any, valid: str) -> None:
-    """ConfigError unless ``value`` is a finite int or float (a bool is not): e.g. ``policy.max=abc`` from the CLI."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"policy.{key}={value} is not a finite number: must be {valid}")
-
-
-def _check_band(lo: float, hi: float, num_layers: int | None) -> None:
-    L = "L" if num_layers is None else f"L={num_layers}"
-    check_number("min", lo, f"a number with 0 <= min <= max <= {L} (the model's layers)")
-    check_number("max", hi, f"a number with 0 <= min <= max <= {L} (the model's layers)")
-    if lo < 0:
-        raise ConfigError(f"policy.min={lo:g} is out of range: must be >= 0")
-    if lo > hi:
-        raise ConfigError(f"policy.min={lo:g} > policy.max={hi:g}: need 0 <= min <= max")
-    if num_layers is not None and hi > num_layers:
-        raise ConfigError(f"policy.max={hi:g} is out of range: must be <= L={num_layers} (the model's layers, "
-                          "model.num_layers; read from config.json when model.path is set)")
-
-
-def _check_keep_first(keep_first: int, num_layers: int | None) -> None:
-    if not isinstance(keep_first, int) or isinstance(keep_first, bool) or keep_first < 0:
-        raise ConfigError(f"policy.keep_first={keep_first} is out of range: must be an integer >= 0 (0 = the paper)")
-    if num_layers is not None and keep_first > num_layers:
-        raise ConfigError(f"policy.keep_first={keep_first} is out of range: must be <= L={num_layers}")
 
 
 @lru_cache(maxsize=65536)  # the engine asks once per token; this keeps the Python cost off the hot path

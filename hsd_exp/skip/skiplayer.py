@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.skip.policies import Policy, check_number, fmt
+from hsd_exp.skip.modes import PER_TOKEN
+from hsd_exp.skip.params import check_number, fmt
+from hsd_exp.skip.policies import Policy
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,8 @@ class SkipLayer(Policy):
     router: Any = field(default=None, compare=False, repr=False)
     name = "skiplayer"
     title = "SkipLayer"
-    static = False
+    kind = PER_TOKEN  # decisions per row and position: the engine routes every forward, cached or not
     objects = ("router",)
-    per_token = True  # decisions per row and position: the engine routes every forward, cached or not
     order = 4
     style = ("tab:purple", "P")
 

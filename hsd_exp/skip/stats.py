@@ -29,9 +29,9 @@ class SkipStats:
     num_layers: int
     per_step: list[int] = field(default_factory=list)  # layers run per processed generated token
     step_layers: list[tuple[int, ...]] = field(default_factory=list)  # which (0-based), same order
-    kv_only: list[int] = field(default_factory=list)  # dynamic: layers that only wrote K/V, per token
-    confidence_evals: list[int] = field(default_factory=list)  # dynamic: exit checks computed, per token
-    calm_exits: list[CalmExit] = field(default_factory=list)  # dynamic: each step's record
+    kv_only: list[int] = field(default_factory=list)  # per-step: layers that only wrote K/V, per token
+    confidence_evals: list[int] = field(default_factory=list)  # per-step: exit checks computed, per token
+    calm_exits: list[CalmExit] = field(default_factory=list)  # per-step: each step's record (CALM)
     last_call: list[int] = field(default_factory=list)  # per_step of the most recent generate() call
     last_call_rows: list[list[int]] = field(default_factory=list)  # per-token policies: per step, per row
     layer_rows: list[tuple[int, ...]] = field(default_factory=list)  # per-token policies: per step, per layer

@@ -8,27 +8,42 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import cached_property
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
+from hsd_exp.console import StepTick
 from hsd_exp.families import decoder_layers, readout
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.router import density_loss, run_rate
 from hsd_exp.skip.skiplayer import SkipLayer
+from hsd_exp.skip.stats import SkipStats
 from hsd_exp.train.lora import apply_lora
 from hsd_exp.train.recipes import Recipe, distill_kl, early_exit_loss, exit_weights, layer_outputs
 
 log = logging.getLogger(__name__)
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # a training batch's keys the model takes
+
+
+class GeneratedBatch(NamedTuple):
+    """What ``test_step`` returns for one batch (``PredictionsCallback`` streams it)."""
+
+    texts: list[str]  # one prediction per example
+    layers: list[list[float]]  # per example, the decoder layers run for each generated token after the first
+    tokens: int  # tokens generated, up to and including each row's EOS
+    seconds: float  # generate()'s wall time
 
 
 class CausalLMModule(pl.LightningModule):
     """Training: next-token loss on target tokens (labels = -100 elsewhere) with the configured optimizer.
 
-    Evaluation (``trainer.test``): ``generate()`` with ``generation_config``; ``SkipPolicyCallback`` applies the
-    skip policy around the whole loop and sets ``self.skip_stats``, which gives each batch's layers per token.
+    Evaluation (``trainer.test``): ``generate()`` with ``generation_config``; ``test_step`` returns the batch's
+    ``GeneratedBatch``. Two fields are set by the evaluation callbacks for one test loop (None outside it):
+    ``skip_stats`` (SkipPolicyCallback: the engine's counts, which give each row's layers per token) and
+    ``token_tick`` (TokenProgressCallback: a logits processor ticking the bar per token, scores untouched).
     """
 
     def __init__(self, model, tokenizer, generation_config: GenerationConfig | None = None,
@@ -49,11 +64,10 @@ class CausalLMModule(pl.LightningModule):
         self.generation_config = generation_config
         self.make_optimizer = optimizer
         self.skip_policy = skip_policy  # skip-aware training only; decoding uses the callback's policy
-        self.skip_stats = None  # set by SkipPolicyCallback while testing
-        self.on_generated = None  # callback(batch, predictions, layers_per_token) set by the writer callback
-        self.generate_seconds = 0.0
-        self.generated_tokens = 0
+        self.skip_stats: SkipStats | None = None  # SkipPolicyCallback, while testing
+        self.token_tick: StepTick | None = None  # TokenProgressCallback, while testing with a bar
         self.train_steps_skipped = 0
+        self._warm = False
 
     # ------------------------------------------------------------------ training
     @cached_property
@@ -63,8 +77,16 @@ class CausalLMModule(pl.LightningModule):
         return Recipe.from_config(self.ft, self.skip_policy, self.num_layers)
 
     def _loss(self, batch) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
-        return self.model(**inputs).loss
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS}).loss
+
+    def _distilled(self, loss, logits, inputs: dict, weight: float) -> torch.Tensor:
+        """loss + weight * KL(full-depth logits || ``logits``) on the target tokens; the teacher is the same model,
+        same step, every layer (one more forward, no grad)."""
+        with torch.no_grad():
+            full = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (B, Q, V)
+        kl = distill_kl(logits, full, inputs["labels"])
+        self.log("train/distill_kl", kl, on_step=True, on_epoch=True, batch_size=len(inputs["input_ids"]))
+        return loss + weight * kl
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.ft["mode"] == "none" and self.router is not None:
@@ -89,7 +111,7 @@ class CausalLMModule(pl.LightningModule):
             return self._router_step(batch)
         recipe, n = self.recipe, len(batch["input_ids"])
         kind, policy = recipe.draw(random)  # Python's RNG: seed_everything seeds it
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
         with ExitStack() as stack:
             if policy is not None:
                 # Exactly the decode-time computation: prompt positions run every layer, the target position
@@ -106,11 +128,7 @@ class CausalLMModule(pl.LightningModule):
             self.log_dict({f"train/exit_ce_l{idx + 1}": ce for idx, ce in per_layer.items()}, on_step=True,
                           batch_size=n)
         if kind == "skipped" and recipe.distill_weight:
-            with torch.no_grad():  # the teacher: the same model, same step, every layer
-                full = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (B, Q, V)
-            kl = distill_kl(out.logits, full, batch["labels"])
-            loss = loss + recipe.distill_weight * kl
-            self.log("train/distill_kl", kl, on_step=True, on_epoch=True, batch_size=n)
+            loss = self._distilled(loss, out.logits, inputs, recipe.distill_weight)
         if kind == "skipped":
             self.train_steps_skipped += 1
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
@@ -123,7 +141,7 @@ class CausalLMModule(pl.LightningModule):
         loss = CE + loss_weight * sum_l (r_l - P)^2 [+ distill_weight * KL(full-depth || routed)]."""
         cfg, n = self.router_cfg, len(batch["input_ids"])
         self.router.train()
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
         with layer_skipping(self.model, SkipLayer(router=self.router), max_new_tokens=self.ft["skip_max_new_tokens"],
                             prompt_len=int(batch["prompt_len"])):
             out = self.model(**inputs)
@@ -133,11 +151,7 @@ class CausalLMModule(pl.LightningModule):
         density = density_loss(rates, cfg["density"]).to(out.loss.device)
         loss = out.loss + cfg["loss_weight"] * density
         if cfg.get("distill_weight"):
-            with torch.no_grad():
-                full = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits  # (B, Q, V)
-            kl = distill_kl(out.logits, full, batch["labels"])
-            loss = loss + cfg["distill_weight"] * kl
-            self.log("train/distill_kl", kl, on_step=True, on_epoch=True, batch_size=n)
+            loss = self._distilled(loss, out.logits, inputs, cfg["distill_weight"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/ce", out.loss, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/density_loss", density, on_step=True, on_epoch=True, batch_size=n)
@@ -184,39 +198,40 @@ class CausalLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate_batch(self, batch) -> tuple[list[str], list[list[int]]]:
+    def generate_batch(self, batch) -> GeneratedBatch:
         """Predictions for one batch and, per example, the decoder layers run for each generated token."""
-        gen = self.generation_config
+        gen, stats = self.generation_config, self.skip_stats
+        lossless = stats is not None and stats.lossless is not None
+        # the progress tick rides on generate()'s logits processors; lossless decoding runs its own rounds (none)
+        tick = self.token_tick is not None and not lossless
+        ticks = {"logits_processor": LogitsProcessorList([self.token_tick])} if tick else {}
         start = time.perf_counter()
-        # progress: eval.callbacks.TokenProgressCallback sets a logits processor that ticks per token, scores untouched
-        ticks = getattr(self, "logits_processors", None)
         out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  generation_config=gen, **({"logits_processor": ticks} if ticks else {}))
-        self.generate_seconds += time.perf_counter() - start
+                                  generation_config=gen, **ticks)
+        seconds = time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
-        per_step = list(self.skip_stats.last_call) if self.skip_stats is not None else []
-        if self.skip_stats is not None and self.skip_stats.lossless is not None:
-            per_step = []  # lossless: every token is the full model's (draft costs: metrics' lossless entries)
-        per_row = self.skip_stats.last_call_rows if self.skip_stats is not None else []
+        # lossless: every token is the full model's (the drafts' cost: metrics' lossless entries)
+        per_step = list(stats.last_call) if stats is not None and not lossless else []
+        per_row = stats.last_call_rows if stats is not None else []
         beams = gen.num_beams or 1
-        texts, layers = [], []
+        texts, layers, tokens = [], [], 0
         for b, row in enumerate(new.tolist()):
             if per_row:  # a per-token policy (router): this example's own rows (its beams' mean), step by step
                 per_step = [sum(step[b * beams:(b + 1) * beams]) / beams for step in per_row]
             n = _generated_length(row, gen.eos_token_id, gen.pad_token_id)
-            self.generated_tokens += n
+            tokens += n
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
             # Token k (k >= 1) of this row came out of decode step k-1, the forward that fed token k-1 back;
             # token 0 came out of the prefill, which Avg. Layer leaves out. So the row's steps are 0..n-2,
             # whatever the other rows of the batch did: a row that ends early must not count the step that
             # fed its last token back only because a longer row kept the batch going.
             layers.append(per_step[:max(n - 1, 0)] if per_step else [self.num_layers] * max(n - 1, 0))
-        return texts, layers
+        return GeneratedBatch(texts, layers, tokens, seconds)
 
     @torch.no_grad()
     def warm_up(self) -> None:
         """A 2-token generate() once per process before anything is timed."""
-        if getattr(self, "_warm", False):
+        if self._warm:
             return
         enc = self.tokenizer(["warm up"], return_tensors="pt").to(self.model.device)
         self.model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
@@ -226,10 +241,8 @@ class CausalLMModule(pl.LightningModule):
     def num_layers(self) -> int:
         return len(decoder_layers(self.model))
 
-    def test_step(self, batch, batch_idx):
-        texts, layers = self.generate_batch(batch)
-        if self.on_generated is not None:
-            self.on_generated(batch, texts, layers)
+    def test_step(self, batch, batch_idx) -> GeneratedBatch:
+        return self.generate_batch(batch)
 
 
 def _generated_length(row: list[int], eos: int | list[int] | None, pad: int | None) -> int:

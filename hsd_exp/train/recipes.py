@@ -83,8 +83,7 @@ class LayerDropout(Policy):
     p_max: float = 0.2
     keep_bottom: int = 0
     num_layers: int = 0  # L: set by Recipe.from_config (the engine's per-token protocol does not pass it)
-    static = False
-    per_token = True
+    kind = "per_token"  # hsd_exp.skip.modes.PER_TOKEN
 
     def validate(self, num_layers: int | None = None) -> None:
         if not 0 <= self.p_max <= 1:

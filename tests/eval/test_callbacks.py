@@ -13,6 +13,7 @@ import torch
 from hsd_exp import tasks
 from hsd_exp.data.datamodule import HSDDataModule
 from hsd_exp.data.loaders import load_examples
+from hsd_exp.decoding import DecodeSettings
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.callbacks import SkipPolicyCallback
 from hsd_exp.eval.predictions import read_predictions
@@ -57,10 +58,15 @@ class Probe(pl.Callback):
 
 
 @pytest.fixture
-def setup(tmp_path):
+def decode(tmp_path) -> DecodeSettings:
+    return DecodeSettings.from_config(make_cfg(tmp_path).decode)  # max_new_tokens=MAX_NEW
+
+
+@pytest.fixture
+def setup(tmp_path, decode):
     cfg = make_cfg(tmp_path)
     lm = tasks.build(cfg.model)  # a fresh model: a leaked engine must not reach other tests
-    module = CausalLMModule(lm.model, lm.tokenizer, tasks.generation_config(cfg.decode, lm.tokenizer))
+    module = CausalLMModule(lm.model, lm.tokenizer, decode.generation_config(lm.tokenizer))
     dm = HSDDataModule(cfg.dataset, lm.tokenizer, lm.chat, eval_batch_size=2)
     policy = build_policy("hsd", s=1, min=0, max=4)
     return lm, module, dm, policy
@@ -72,10 +78,10 @@ def trainer_with(*callbacks) -> pl.Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- SkipPolicyCallback
-def test_skip_policy_attached_only_while_decoding(setup):
+def test_skip_policy_attached_only_while_decoding(setup, decode):
     lm, module, dm, policy = setup
     assert installed(lm.model) == {"generate": False, "layers": [False] * 6}
-    skip, probe = SkipPolicyCallback(policy, MAX_NEW), Probe()
+    skip, probe = SkipPolicyCallback(policy, decode), Probe()
     trainer = trainer_with(skip, probe)
     trainer.test(module, datamodule=dm)
 
@@ -94,7 +100,7 @@ def test_skip_policy_attached_only_while_decoding(setup):
         assert torch.isfinite(lm.model(**x).logits).all()
 
 
-def test_skip_policy_detached_after_an_exception(setup, monkeypatch):
+def test_skip_policy_detached_after_an_exception(setup, decode, monkeypatch):
     lm, module, dm, policy = setup
     probe = Probe()
 
@@ -102,7 +108,7 @@ def test_skip_policy_detached_after_an_exception(setup, monkeypatch):
         raise RuntimeError("boom in test_step")
 
     monkeypatch.setattr(module, "test_step", boom)
-    trainer = trainer_with(SkipPolicyCallback(policy, MAX_NEW), probe)
+    trainer = trainer_with(SkipPolicyCallback(policy, decode), probe)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.test(module, datamodule=dm)
     assert probe.seen and probe.seen[0]["generate"]
@@ -246,7 +252,7 @@ def test_metrics_json_records_what_the_report_pairs_runs_on(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- WarmUpCallback
-def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, monkeypatch):
+def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, decode, monkeypatch):
     """Under DDP the model is loaded on the CPU: warm-up must wait until Lightning has moved it, and its
     tokens must count neither in the policy's stats nor in tokens/s (so it runs before the other callbacks)."""
     from hsd_exp.eval.callbacks import WarmUpCallback
@@ -261,7 +267,7 @@ def test_warm_up_runs_once_on_the_placed_model_before_the_policy(setup, monkeypa
         return orig(self)
 
     monkeypatch.setattr(CausalLMModule, "warm_up", warm_up)
-    trainer = trainer_with(WarmUpCallback(), SkipPolicyCallback(policy, MAX_NEW))
+    trainer = trainer_with(WarmUpCallback(), SkipPolicyCallback(policy, decode))
     trainer.test(module, datamodule=dm)
     trainer.test(module, datamodule=dm)
     assert seen[0] == {"device": "cpu", "engine": False, "stats": False}

@@ -1,6 +1,13 @@
-"""``python -m hsd_exp.report`` (hsd_exp.report.__main__): options, outputs, errors as one line and exit 2."""
+"""``python -m hsd_exp.report`` (hsd_exp.report.__main__): options, outputs, errors as one line and exit 2; end to
+end, a tiny Hydra multirun over two policies, then the report built from its folders."""
 
 from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,7 +16,7 @@ from hsd_exp.report.__main__ import main
 from hsd_exp.report.runs import collect_runs
 from hsd_exp.report.tables import check_not_mixed
 
-from helpers import PNG_MAGIC, make_multirun, read_csv
+from helpers import CACHE_DIR, PNG_MAGIC, ROOT, make_multirun, read_csv
 
 
 def test_empty_dir_raises_config_error_and_cli_exits_2(tmp_path, capsys):
@@ -55,3 +62,47 @@ def test_help_describes_outputs_and_columns(capsys):
     for text in ("report.md", "report.csv", "quality_vs_layers.png", "Speedup", "% of full", "partial (N predictions)",
                  "--allow-mixed", "model.path, model.adapter, ckpt_path"):
         assert text in out, text
+
+
+def run(args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_multirun_then_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = run(["-m", "hsd_exp", "-m", "task=evaluate", "model=tiny-gpt2", "model.tiny.layers=24",
+               "model.num_layers=24", "dataset.path=sample", "dataset.limit=4", "decode.max_new_tokens=6",
+               "decode.batch_size=2", "bertscore.enabled=false", "policy=full,hsd_s1_max12",
+               f"hydra.sweep.dir={sweep}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0_full", "1_hsd_s_1_0_12"]  # job number + the policy label's slug
+    metrics = {j.name: json.loads((j / "metrics.json").read_text()) for j in jobs}
+    for m in metrics.values():
+        assert m["num_examples"] == 4 and m["complete"] is True
+    assert metrics["0_full"]["avg_layers"] == 24
+    assert metrics["1_hsd_s_1_0_12"]["avg_layers"] < 24
+
+    out = tmp_path / "report"
+    res = run(["-m", "hsd_exp.report", str(sweep), "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert len(rows) == 2
+    by_policy = {"full" if r["method"].lower().startswith("full") else "hsd": r for r in rows}
+    for name, job in (("full", "0_full"), ("hsd", "1_hsd_s_1_0_12")):
+        for key in ("avg_layers", "rouge1", "rouge2", "rougeL", "bleu1", "tokens_per_s"):
+            assert float(by_policy[name][key]) == metrics[job][key], (name, key)
+        # % of full: the mean retention over the metrics both runs have, full != 0 (BERTScore is off here).
+        # A random tiny model may score 0 everywhere: then no metric is kept and the cell is blank.
+        full = metrics["0_full"]
+        kept = [metrics[job][k] / full[k] * 100 for k in ("rouge1", "rouge2", "rougeL", "bleu1", "bertscore_f1")
+                if isinstance(metrics[job].get(k), int | float) and isinstance(full.get(k), int | float) and full[k]]
+        if kept:
+            assert float(by_policy[name]["pct_full"]) == pytest.approx(sum(kept) / len(kept)), name
+        else:
+            assert by_policy[name]["pct_full"] == "", name
+    speedup = metrics["1_hsd_s_1_0_12"]["tokens_per_s"] / metrics["0_full"]["tokens_per_s"]
+    assert float(by_policy["hsd"]["speedup"]) == speedup
+    assert (out / "quality_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Avg. Layer" in (out / "report.md").read_text()

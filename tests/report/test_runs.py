@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from hsd_exp.report.runs import SETTING_FIELDS, collect_runs, rebuild_policy, slug
+from hsd_exp.report.runs import SETTING_FIELDS, RunRecord, collect_runs, rebuild_policy
+from hsd_exp.run_folder import MEASURED, SETTING
 
 from helpers import FULL_QUALITY, metrics_for, set_config, write_run
 
@@ -96,11 +97,6 @@ def test_metrics_without_complete_key_is_complete_and_interpolated_params(tmp_pa
     assert b.method == "skipdecode"  # no policy to rebuild from a raw interpolation: the name
 
 
-def test_slug_names_compare_subfolders_after_policy_labels():
-    assert slug("hsd(s=1,0,18)") == "hsd_s_1_0_18"
-    assert slug("calm(d=0.02,softmax)") == "calm_d_0.02_softmax"
-
-
 def test_compare_task_subfolders_are_runs_and_inherit_the_parent_config(tmp_path):
     """task=compare: one config in the run dir, one subfolder per compare_policies entry (label slug)."""
     parent = write_run(tmp_path / "cmp", "name: full", None, predictions=0, beams=1)
@@ -186,3 +182,15 @@ def test_run_without_config_takes_its_setting_from_metrics_json(tmp_path):
     (run,) = collect_runs([run_dir])
     assert (run.dataset_path, run.chat, run.separator, run.limit, run.examples_hash) == ("sample", True, " S:", 4,
                                                                                           "abcd")
+
+
+def test_a_run_record_reads_every_setting_field_and_measurement():
+    """run_folder.SETTING and MEASURED are the one list: RunRecord holds each under its name, and the pairing key
+    is exactly the fields with a short name, in their order (model and dataset name the table instead)."""
+    from dataclasses import fields
+
+    from hsd_exp.eval.metrics import QUALITY_KEYS
+
+    attrs = {f.name for f in fields(RunRecord)}
+    assert {f.name for f in SETTING} | set(MEASURED) | set(QUALITY_KEYS) <= attrs
+    assert [attr for attr, _ in SETTING_FIELDS] == [f.name for f in SETTING if f.name not in ("model", "dataset")]

@@ -10,8 +10,18 @@ import pytest
 from hsd_exp.eval.metrics import QUALITY_KEYS
 from hsd_exp.report import tables as report
 from hsd_exp.report.runs import collect_runs
+from hsd_exp.report.tables import build_table, write_report
 
-from helpers import PNG_MAGIC, POLICIES, make_multirun, metrics_for, read_csv, set_config, write_run
+from helpers import (
+    PNG_MAGIC,
+    POLICIES,
+    make_multirun,
+    metrics_for,
+    policy_yaml,
+    read_csv,
+    set_config,
+    write_run,
+)
 
 
 def md_rows(md: str) -> list[list[str]]:
@@ -245,3 +255,51 @@ def test_long_or_multiline_setting_values_stay_on_one_short_line(tmp_path):
                 set_config(run_dir, dataset__separator=separator)
     settings = {r["setting"] for r in report.build_table(collect_runs([tmp_path / "a", tmp_path / "b"]))}
     assert settings == {"separator=\\n\\nDescription:", "separator=\\n\\nSummary of the whole article, in..."}
+
+
+# ----------------------------------------------------------------------------- policies beyond the papers
+# A lossless run: named after its mode and acceptance, never the Full baseline, its promise checked (every
+# prediction equal to its Full run's).
+LOSSLESS = {"lossless": True, "draft_len": 4, "acceptance": 0.625, "tokens_per_verification": 2.5}
+
+
+def make_lossless_runs(root):
+    write_run(root / "full", policy_yaml("full"), metrics_for("full", {}, 30, 10.0, 1.0))
+    write_run(root / "ll", policy_yaml("hsd", {"s": 1, "min": 0, "max": 18}),
+              {**metrics_for("hsd", {"s": 1, "min": 0, "max": 18}, 30, 14.0, 1.0), **LOSSLESS})
+    write_run(root / "ll_full", policy_yaml("full"), {**metrics_for("full", {}, 30, 8.0, 1.0), **LOSSLESS})
+
+
+def test_a_lossless_row_is_named_paired_with_full_and_checked(tmp_path):
+    make_lossless_runs(tmp_path / "grid")
+    report = (tmp_path / "out")
+    md = open(write_report(collect_runs([str(tmp_path / "grid")]), report)["md"]).read()
+    row = next(line for line in md.splitlines() if "HSD (s=1, 0, 18) → lossless (k=4, acceptance 0.62)" in line)
+    assert "| 1.40 |" in row and "| 100.00 |" in row  # Speedup over its Full run; quality = Full's
+    assert "Full → lossless (k=4" in md  # a lossless run drafting with Full is not the baseline
+    assert "all 5 predictions identical to its Full run's, as promised" in md
+
+
+def test_a_lossless_row_that_differs_from_full_is_flagged(tmp_path):
+    make_lossless_runs(tmp_path / "grid")
+    path = tmp_path / "grid" / "ll" / "predictions.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "prediction": "something else"})
+    path.write_text("\n".join(lines) + "\n")
+    md = open(write_report(collect_runs([str(tmp_path / "grid")]), tmp_path / "out")["md"]).read()
+    assert "is not lossless here: 1 of 5 predictions differ from its Full run's" in md
+
+
+# SkipLayer: its rows are named after the method and drawn as a line of their own, next to HSD.
+def test_skiplayer_rows_and_line(tmp_path):
+    root = make_multirun(tmp_path / "grid", partial=False)
+    for i, threshold in enumerate((0.5, 0.7)):
+        params = {"threshold": threshold}
+        write_run(root / f"9{i}_skiplayer", policy_yaml("skiplayer", params),
+                  metrics_for("skiplayer", params, 20.0 - 4 * i, 150.0, 0.9))
+    rows = build_table(collect_runs([root]))
+    names = [r["method"] for r in rows]
+    assert "SkipLayer (threshold=0.5)" in names and "SkipLayer (threshold=0.7)" in names
+    assert names.index("SkipLayer (threshold=0.5)") > names.index("HSD (s=2, 0, 12)")  # after the paper's methods
+    skip = [r for r in rows if r["method"].startswith("SkipLayer")]
+    assert {r["family"] for r in skip} == {"SkipLayer"} and all(r["pct_full"] is not None for r in skip)

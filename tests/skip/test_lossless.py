@@ -9,7 +9,7 @@ import torch
 
 from hsd_exp import SkipRouter, build_policy, layer_skipping
 from hsd_exp.errors import ConfigError
-from hsd_exp.skip.lossless import exact_bottom
+from hsd_exp.skip.lossless import LosslessSettings, exact_bottom
 
 from helpers import PROMPTS, load
 
@@ -111,6 +111,24 @@ def test_a_bad_draft_confidence_is_refused():
     with pytest.raises(ConfigError, match="draft_confidence=0 is out of range"), \
             layer_skipping(model, build_policy("full"), max_new_tokens=T, lossless=True, draft_confidence=0):
         greedy(model, tokenizer, 1)
+
+
+def test_lossless_settings_decode_as_the_keywords_do_and_check_their_values():
+    model, tokenizer = float64("tiny-llama")
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    with layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=3) as keywords:
+        by_keywords = greedy(model, tokenizer, 3)
+    with layer_skipping(model, policy, max_new_tokens=T, lossless=LosslessSettings(draft_len=3)) as settings:
+        by_settings = greedy(model, tokenizer, 3)
+    assert torch.equal(by_keywords, by_settings) and keywords.lossless == settings.lossless
+    with pytest.raises(ValueError, match="inside LosslessSettings"), \
+            layer_skipping(model, policy, max_new_tokens=T, lossless=LosslessSettings(), draft_len=3):
+        pass
+    with pytest.raises(ConfigError, match="decode.draft_len=True must be a positive integer"):
+        LosslessSettings(draft_len=True)
+    with pytest.raises(ConfigError, match="decode.draft_confidence=1.5 is out of range"):
+        LosslessSettings(draft_confidence=1.5)
+    assert LosslessSettings(2, 1) == LosslessSettings(draft_len=2, draft_confidence=1)  # c = 1 is a probability
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

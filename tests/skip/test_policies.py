@@ -151,6 +151,21 @@ def test_the_registry_holds_every_policy_in_report_order():
     assert policy_class("hsd") is HSD and policy_class("nope") is None and policy_class(None) is None
 
 
+def test_each_policy_names_its_kind_and_static_follows_it():
+    """The engine dispatches on ``kind`` (hsd_exp.skip.modes); the flags it replaced are refused, not ignored."""
+    assert {n: cls.kind for n, cls in POLICIES.items() if cls.kind != "static"} == {"calm": "per_step",
+                                                                                   "skiplayer": "per_token"}
+    assert all(cls.static == (cls.kind == "static") for cls in POLICIES.values())
+    with pytest.raises(TypeError, match="sets static/per_token: set kind"):
+        @dataclass(frozen=True)
+        class Flagged(Policy):
+            static = False
+    with pytest.raises(TypeError, match="kind='sometimes': choose one of static, per_step, per_token"):
+        @dataclass(frozen=True)
+        class Odd(Policy):
+            kind = "sometimes"
+
+
 def test_a_name_already_taken_is_refused():
     with pytest.raises(ValueError, match="policy name 'hsd' is taken by hsd_exp.skip.policies.HSD"):
         @dataclass(frozen=True)

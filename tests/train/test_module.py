@@ -1,4 +1,4 @@
-"""CausalLMModule: fine-tuning (full / LoRA), checkpoints and resume, skip-aware training.
+"""CausalLMModule: fine-tuning (full / LoRA), checkpoints and resume, skip-aware training, SkipLayer's router.
 
 Every test loads its own tiny model (``tasks.build(cfg.model)``, seeded): training changes weights in place
 and LoRA wraps the model, so the session-cached models of conftest.load must not be used here.
@@ -7,6 +7,7 @@ and LoRA wraps the model, so the session-cached models of conftest.load must not
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -17,8 +18,11 @@ import torch
 from hsd_exp import preflight, tasks
 from hsd_exp.data.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
+from hsd_exp.eval.layer_map import RATES_FILE, RATES_PLOT
 from hsd_exp.families import decoder_layers, unwrap
+from hsd_exp.run_settings import RunSettings
 from hsd_exp.skip.policies import build_policy
+from hsd_exp.skip.router import SkipRouter
 from hsd_exp.train.module import CausalLMModule
 
 from helpers import compose_config, load
@@ -38,14 +42,14 @@ def make_cfg(tmp: Path, *overrides: str):
 
 def make_module(cfg) -> tuple:
     lm = tasks.build(cfg.model)
-    module = tasks.lightning_module(cfg, lm, tasks.build(cfg.policy, num_layers=cfg.model.num_layers))
+    module = tasks.lightning_module(cfg, lm, RunSettings.from_config(cfg))
     return lm, module
 
 
 def restore(cfg, lm, module, ckpt: str) -> None:
     """Lightning restores ``ckpt`` into ``module`` as task=evaluate does (a short evaluation into cfg's folder)."""
-    policy = tasks.build(cfg.policy, num_layers=cfg.model.num_layers)
-    tasks.evaluate(cfg, lm, module, policy, Path(cfg.paths.output_dir), ckpt, restore=ckpt)
+    settings = RunSettings.from_config(cfg)
+    tasks.evaluate(cfg, settings, lm, module, settings.policy, Path(cfg.paths.output_dir), ckpt, restore=ckpt)
 
 
 def fixed_batch(cfg, lm, n: int = 4) -> dict:
@@ -355,3 +359,44 @@ def test_layer_record_of_a_row_does_not_depend_on_the_rest_of_its_batch(tmp_path
     assert alone == [want]
     assert beside[0] == want
     assert len(beside[1]) == 7  # the long row: 8 tokens, steps T = 0..6
+
+
+# ---------------------------------------------------------------------------------------------- SkipLayer's router
+ROUTER = ["model=tiny-llama", "dataset.path=sample", "bertscore.enabled=false", "decode.max_new_tokens=8",
+          "dataset.limit=4", "finetune.batch_size=4", "finetune.train_limit=32", "finetune.max_length=96",
+          "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logger=csv", "callbacks=none",
+          "finetune.router=true", "router.kind=linear", "router.density=0.5", "router.lr=0.05", "policy=skiplayer"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "none"])
+def test_router_trains_toward_the_density_is_saved_and_evaluates(tmp_path, mode):
+    """The density loss pulls the run rate toward P; the router goes into the checkpoint (beside a LoRA adapter,
+    or alone on a frozen backbone) and policy=skiplayer evaluates it."""
+    def make(tmp, *overrides):
+        return compose_config(tmp, *ROUTER, *overrides)
+
+    out = tasks.run(make(tmp_path / "ft", "task=finetune_evaluate", f"finetune={mode}", "trainer.max_steps=30"))
+    assert 0 < out["avg_layers"] < 6  # the trained router skips at decode time
+    ckpt = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert ckpt["hsd_router"]["num_layers"] == 6 and any(k.startswith("router.gates.") for k in keys)
+    assert all(k.startswith("router.") or "lora_" in k for k in keys)  # trained weights only
+    if mode == "none":
+        assert all(k.startswith("router.") for k in keys)  # the frozen backbone stays out
+    metrics = (tmp_path / "ft" / "csv" / "metrics.csv").read_text().splitlines()
+    header, rows = metrics[0].split(","), [r.split(",") for r in metrics[1:]]
+    rates = [float(r[header.index("train/run_rate")]) for r in rows if r[header.index("train/run_rate")]]
+    assert rates[0] > 0.9 and abs(rates[-1] - 0.5) < abs(rates[0] - 0.5)  # pulled from dense toward P
+    router = SkipRouter.load(tmp_path / "ft" / "hf_model" / "router")
+    assert router.num_layers == 6
+    again = tasks.run(make(tmp_path / "ev", "task=evaluate", f"finetune={mode}",
+                           f"ckpt_path={tmp_path / 'ft' / 'checkpoints' / 'last.ckpt'}"))
+    assert again["avg_layers"] == pytest.approx(out["avg_layers"])  # the same router, restored by Lightning
+    full = tasks.run(make(tmp_path / "full", "task=evaluate", f"finetune={mode}", "policy=full",
+                          f"ckpt_path={tmp_path / 'ft' / 'checkpoints' / 'last.ckpt'}"))
+    assert full["avg_layers"] == 6  # the same checkpoint at full depth: its router is left out
+    layer_map = json.loads((tmp_path / "ev" / RATES_FILE).read_text())  # which layers ran at which token
+    assert (tmp_path / "ev" / RATES_PLOT).read_bytes().startswith(b"\x89PNG")
+    assert len(layer_map["by_token"]) == 6 and 1 <= len(layer_map["by_token"][0]) <= 7  # T = 0 .. Tmax-2
+    rates = list(layer_map["per_layer"].values())
+    assert all(0 <= r <= 1 for r in rates) and 0 < sum(rates) < 6

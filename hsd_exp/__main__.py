@@ -22,9 +22,9 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from hsd_exp import trainer
     from hsd_exp.console import quiet_libraries
     from hsd_exp.tasks import run
+    from hsd_exp.train import trainer
 
     quiet_libraries(HydraConfig.get().verbose)
     with exit_on_config_error():  # bad input: one line, no stack trace

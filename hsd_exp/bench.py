@@ -49,7 +49,7 @@ from hsd_exp.data.prompts import build_prompt
 from hsd_exp.decoding import DecodeSettings
 from hsd_exp.errors import ConfigError, exit_on_config_error
 from hsd_exp.flops import call_flops, decode_flops, lossless_decode_flops, prefill_flops
-from hsd_exp.shipped import adapter_router
+from hsd_exp.models.shipped import adapter_router
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.lossless import LosslessSettings
 from hsd_exp.skip.policies import Policy, build_policy
@@ -246,8 +246,8 @@ def _fmt(value: float | None) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     from hsd_exp.console import progress_bar, quiet_libraries
+    from hsd_exp.models.shipped import merge_adapter
     from hsd_exp.run_settings import build, model_depth
-    from hsd_exp.shipped import merge_adapter
 
     quiet_libraries(HydraConfig.get().verbose)
     with exit_on_config_error():

@@ -7,14 +7,14 @@ verifications (``lossless_decode_flops``)."""
 
 from __future__ import annotations
 
-from hsd_exp.families import decoder_layers, family_of
+from hsd_exp.models.layout import decoder_layers, layout_of
 from hsd_exp.skip.stats import SkipStats
 
 
 def layer_flops(model) -> tuple[list[int], list[int], int, int]:
     """(2 * params of each decoder layer, 2 * params of its attention block, hidden size d, vocabulary V)."""
     text = model.config.get_text_config()
-    attn = family_of(model).attn
+    attn = layout_of(model).attn
     layers = decoder_layers(model)
     per_layer = [2 * sum(p.numel() for p in layer.parameters()) for layer in layers]
     per_attn = [2 * sum(p.numel() for p in getattr(layer, attn).parameters()) for layer in layers]
@@ -37,12 +37,12 @@ def kv_only_flops(model) -> list[int]:
     """What a token that skips each layer still computes to write its K/V (hsd_exp.skip.partial): the K and V
     projections where the family has a K/V-only path (LLaMA layout), else the whole attention block (whose
     attention over the context the caller adds)."""
-    family = family_of(model)
-    if not family.kv_rope:
+    layout = layout_of(model)
+    if not layout.kv_rope:
         return layer_flops(model)[1]
     out = []
     for layer in decoder_layers(model):
-        attn = getattr(layer, family.attn)
+        attn = getattr(layer, layout.attn)
         out.append(2 * sum(p.numel() for m in (attn.k_proj, attn.v_proj) for p in m.parameters()))
     return out
 
@@ -54,7 +54,7 @@ def decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: Skip
     if stats is not None and stats.layer_rows:  # a per-token policy: what the engine ran, layer by layer
         return float(sum(routed_step_flops(model, prompt_len + t + 1, rows, stats.layer_rows[t])
                          for t in range(new_tokens - 1)))
-    kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
+    kv, kv_rope = kv_only_flops(model), layout_of(model).kv_rope
     total = 0
     for t in range(new_tokens - 1):  # decode steps process generated tokens 0..new_tokens-2
         ctx = prompt_len + t + 1
@@ -73,7 +73,7 @@ def routed_step_flops(model, ctx: int, rows: int, layer_rows: tuple[int, ...]) -
     it (the whole layer), none (K/V only: ``kv_only_flops``), or some (the attention block for every row, the
     MLP for the running ones)."""
     per_layer, per_attn, d, vocab = layer_flops(model)
-    kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
+    kv, kv_rope = kv_only_flops(model), layout_of(model).kv_rope
     step = rows * 2 * d * vocab
     for i, ran in enumerate(layer_rows):
         attention = per_attn[i] + 4 * ctx * d  # the attention block of one row, its context included
@@ -91,7 +91,7 @@ def lossless_decode_flops(model, prompt_len: int, rows: int, new_tokens: int, st
     plus every verify forward (the layers above the drafts' exact bottom on k + 1 positions), context at the
     call's mid-point."""
     per_layer, per_attn, d, vocab = layer_flops(model)
-    kv, kv_rope = kv_only_flops(model), family_of(model).kv_rope
+    kv, kv_rope = kv_only_flops(model), layout_of(model).kv_rope
     L, ctx = len(per_layer), prompt_len + new_tokens // 2
     if stats.layer_rows:  # a router drafts
         draft = sum(routed_step_flops(model, ctx, rows, layer_rows) for layer_rows in stats.layer_rows)

@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from hsd_exp.data.loaders import check_limit, check_required, load_examples
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_device
-from hsd_exp.models import check_hub_model
+from hsd_exp.models.loading import check_hub_model
+from hsd_exp.models.shipped import resolve_adapter
 from hsd_exp.run_folder import slug
 from hsd_exp.run_settings import TRAINING, CheckpointInfo, RunSettings
-from hsd_exp.shipped import resolve_adapter
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.recipes import Recipe
 

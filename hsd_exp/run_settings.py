@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from hsd_exp.decoding import DecodeSettings
 from hsd_exp.errors import ConfigError
-from hsd_exp.models import local_num_layers
-from hsd_exp.shipped import adapter_router
+from hsd_exp.models.loading import local_num_layers
+from hsd_exp.models.shipped import adapter_router
 from hsd_exp.skip.policies import Policy
-from hsd_exp.trainer import world_size
+from hsd_exp.train.trainer import world_size
 
 TASKS = ("generate", "evaluate", "finetune", "finetune_evaluate", "compare")
 TRAINING = ("finetune", "finetune_evaluate")

@@ -30,13 +30,13 @@ from hsd_exp.eval.callbacks import (
 )
 from hsd_exp.eval.predictions import read_predictions, read_run_predictions
 from hsd_exp.eval.resume import check_resume_limit, check_resume_setting
-from hsd_exp.models import LoadedModel, resolve_dtype
+from hsd_exp.models.loading import LoadedModel, resolve_dtype
 from hsd_exp.run_folder import PREDICTIONS_FILE, recorded_setting, resume_key, slug
 from hsd_exp.run_settings import TRAINING, RouterSource, RunSettings, build, router_source
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.module import CausalLMModule
-from hsd_exp.trainer import finish_wandb, make_trainer
+from hsd_exp.train.trainer import finish_wandb, make_trainer
 
 log = logging.getLogger(__name__)
 

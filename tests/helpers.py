@@ -95,7 +95,7 @@ def output_cache(out):
 
 def load(name: str, device: str = "cpu", dtype: str = "float32"):
     """A registry model by name (on ``device`` in ``dtype``), loaded once per test session."""
-    from hsd_exp.models import load_model
+    from hsd_exp.models.loading import load_model
 
     key = (name, device, dtype)
     if key not in _models:

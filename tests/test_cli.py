@@ -73,7 +73,7 @@ def test_group_member_composes(group, member):
         assert cfg.model.name == member
         assert cfg.model._target_ == "hsd_exp.models.load_model"
         assert isinstance(cfg.model.num_layers, int) and cfg.model.num_layers > 0
-        from hsd_exp.families import TESTED
+        from hsd_exp.models.layout import TESTED
 
         assert cfg.model.family in TESTED
     elif group == "dataset":

@@ -1,5 +1,5 @@
 """Families read off the model: on every tested family's tiny model the layout found names real modules (layers,
-final norm, LM head, attention and MLP with their norms, LoRA targets), and a model outside the layout is refused
+final norm, LM head, attention and MLP with their norms), and a model outside the layout is refused
 with one line naming its model_type and what is missing."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hsd_exp.families import TESTED, decoder_layers, family_of, mlp_of, submodule
+from hsd_exp.models.layout import TESTED, decoder_layers, layout_of, mlp_of, submodule
 
 from helpers import load
 
@@ -19,7 +19,7 @@ PARALLEL = {"phi", "gpt_neox"}
 @pytest.mark.parametrize("family", TESTED)
 def test_the_layout_found_names_real_modules(family):
     tiny = load(f"tiny-{family}")
-    fam = family_of(tiny.model)
+    fam = layout_of(tiny.model)
     assert fam.name == family == tiny.family
     layers = decoder_layers(tiny.model)
     assert isinstance(layers, nn.ModuleList) and len(layers) == tiny.num_layers
@@ -42,26 +42,15 @@ def test_the_layout_found_names_real_modules(family):
         hook.remove()
     torch.testing.assert_close(head(seen["out"]), logits)
 
-    names = [n for n, _ in tiny.model.named_modules()]
-    for target in fam.lora_targets:  # each LoRA suffix adapts something in every layer
-        hits = [n for n in names if n.endswith("." + target)]
-        assert len(hits) >= tiny.num_layers, f"{family}: LoRA target {target} matches {hits}"
 
-
-def test_lora_targets_are_every_linear_of_attention_and_mlp():
-    assert family_of(load("tiny-llama").model).lora_targets == (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    assert family_of(load("tiny-gpt2").model).lora_targets == ("c_attn", "c_proj", "c_fc")  # Conv1D
-    assert set(family_of(load("tiny-opt").model).lora_targets) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1",
-                                                                   "fc2"}  # OPT's MLP: fc1, fc2 in the layer
 
 
 def test_unknown_layout_names_the_model_type_and_what_is_missing():
     class Fake(nn.Module):
         config = type("C", (), {"model_type": "mamba"})()
 
-    with pytest.raises(ValueError, match="mamba.*no decoder stack.*hsd_exp/families.py"):
-        family_of(Fake())
+    with pytest.raises(ValueError, match="mamba.*no decoder stack.*hsd_exp/models/layout.py"):
+        layout_of(Fake())
 
 
 def test_a_layer_without_attention_is_refused():
@@ -70,6 +59,6 @@ def test_a_layer_without_attention_is_refused():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(MambaConfig(num_hidden_layers=2, hidden_size=64))
     with pytest.raises(ValueError) as err:
-        family_of(model)
+        layout_of(model)
     msg = str(err.value)
     assert "model_type 'mamba'" in msg and "no single attention submodule" in msg and "\n" not in msg, msg

@@ -10,11 +10,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from hsd_exp import local_models, models
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import decoder_layers, family_of
-from hsd_exp.local_models import gpt2_tokenizer, locate_package_file
-from hsd_exp.models import check_family, load_model
+from hsd_exp.models import loading as models
+from hsd_exp.models import tiny as local_models
+from hsd_exp.models.layout import decoder_layers, layout_of
+from hsd_exp.models.loading import check_family, load_model
+from hsd_exp.models.tiny import gpt2_tokenizer, locate_package_file
 
 from helpers import CACHE_DIR, SMOLLM2_GGUF, compose_config, load
 
@@ -45,7 +46,7 @@ def preset(tmp_path, name: str, *overrides: str):
 def test_tiny_preset_loads_seeded(tmp_path, name):
     cfg, lm = preset(tmp_path, name)
     assert (lm.name, lm.family) == (name, cfg.model.family)
-    assert family_of(lm.model).name == cfg.model.family
+    assert layout_of(lm.model).name == cfg.model.family
     assert lm.num_layers == cfg.model.num_layers == len(decoder_layers(lm.model))
     assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token is not None
     assert not lm.model.training
@@ -149,7 +150,7 @@ def test_model_path_layer_mismatch_before_weights_load(saved_llama, no_weight_lo
 def test_model_path_unknown_model_type(tmp_path, no_weight_load):
     """Judged on its config (the model built on the meta device), before any weights load."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(ConfigError, match="model_type 'mamba'.*no single attention submodule.*hsd_exp/families.py"):
+    with pytest.raises(ConfigError, match="model_type 'mamba'.*no single attention submodule.*hsd_exp/models/layout.py"):
         load_model("m", "llama", path=str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-type"}))
     with pytest.raises(ConfigError, match="model_type 'no-such-type', which transformers cannot build"):
@@ -163,7 +164,7 @@ def test_model_path_of_any_family_loads_offline(tmp_path, family):
     lm.model.save_pretrained(tmp_path, safe_serialization=True)
     lm.tokenizer.save_pretrained(tmp_path)
     got = load_model("mine", family, path=str(tmp_path), device="cpu", dtype="float32")
-    assert got.family == family and family_of(got.model).name == family and got.num_layers == 6
+    assert got.family == family and layout_of(got.model).name == family and got.num_layers == 6
     ref = lm.model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in got.model.state_dict().items())
 

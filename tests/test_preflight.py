@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsd_exp import models, preflight, tasks
+from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
+from hsd_exp.models import loading as models
 from hsd_exp.skip.router import SkipRouter
 
 from helpers import compose_config, load
@@ -59,7 +60,7 @@ def saved_llama(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("model_type,says", [("qwen2", "set model.family=qwen2"),
-                                             ("mamba", "hsd_exp/families.py")])
+                                             ("mamba", "hsd_exp/models/layout.py")])
 def test_model_path_family_is_named_before_the_policy(tmp_path, model_type, says):
     """A Qwen2 folder through model=gpt2 (L=12): first "policy.max=18 must be <= L=12", then "family" took two round
     trips; the family decides everything else, so it comes first (a family the engine cannot serve too)."""

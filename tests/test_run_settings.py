@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.models.shipped import WEIGHTS
 from hsd_exp.run_settings import CheckpointInfo, RunSettings, read_checkpoint, router_source
-from hsd_exp.shipped import WEIGHTS
 
 from helpers import compose_config
 

@@ -1,4 +1,4 @@
-"""Shipped weights (hsd_exp.shipped, hsd_exp/weights/): model.adapter resolves, merges, and the shipped skip-robust
+"""Shipped weights (hsd_exp.models.shipped, hsd_exp/weights/): model.adapter resolves, merges, and the shipped skip-robust
 SmolLM2 loads offline and decodes readable text under its headline setting."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from hsd_exp import layer_skipping
 from hsd_exp.data.prompts import build_prompt
 from hsd_exp.errors import ConfigError
-from hsd_exp.models import load_model
-from hsd_exp.shipped import WEIGHTS, adapter_router, resolve_adapter, shipped
+from hsd_exp.models.loading import load_model
+from hsd_exp.models.shipped import WEIGHTS, adapter_router, resolve_adapter, shipped
 
 from helpers import compose_config
 
@@ -128,8 +128,8 @@ def test_export_writes_a_half_precision_adapter_and_its_router_that_model_adapte
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    import hsd_exp.shipped as shipped_module
-    from hsd_exp.shipped import export_adapter
+    import hsd_exp.models.shipped as shipped_module
+    from hsd_exp.models.shipped import export_adapter
     from hsd_exp.skip.router import SkipRouter
 
     base = load_model(**TINY, cache_dir=str(tmp_path))
@@ -162,11 +162,11 @@ def test_the_presets_data_falls_back_to_the_bundled_sample_where_the_shared_data
 def test_the_export_cli_takes_flags_or_the_older_positional_words(tmp_path, monkeypatch, capsys):
     from peft import LoraConfig, get_peft_model
 
-    import hsd_exp.shipped as shipped_module
-    from hsd_exp.shipped import main
+    import hsd_exp.models.shipped as shipped_module
+    from hsd_exp.models.shipped import main
 
     assert main(["--help"]) == 0
-    assert "usage: python -m hsd_exp.shipped SRC --name NAME --base-model HUB_ID" in capsys.readouterr().out
+    assert "usage: python -m hsd_exp.models.shipped SRC --name NAME --base-model HUB_ID" in capsys.readouterr().out
     assert main([str(tmp_path / "none"), "--name", "x", "--base-model", "org/m"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: model.adapter={tmp_path / 'none'} is neither") and err.count("\n") == 1

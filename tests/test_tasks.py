@@ -18,7 +18,7 @@ from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.predictions import read_predictions
 from hsd_exp.run_settings import bertscore_config
-from hsd_exp.trainer import make_trainer, world_size
+from hsd_exp.train.trainer import make_trainer, world_size
 
 from helpers import compose_config
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from hsd_exp.data.prompts import template_tokens
 from hsd_exp.decoding import DecodeSettings
 from hsd_exp.errors import ConfigError
-from hsd_exp.models import LoadedModel
+from hsd_exp.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

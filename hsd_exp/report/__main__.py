@@ -8,8 +8,8 @@ setting, one table per (model, dataset).
 Outputs (into --out, default the first DIR):
   report.md              the tables (numbers rounded to 2 decimals) with notes, and the figure
   report.csv             every row at full precision, plus each metric's retention <m>_pct_full
-  quality_vs_layers.png  the paper's Fig. 1: quality (--metric) vs. Avg. Layer, one line per method
-                         family (and per setting, when the runs hold several), Full as a star
+  quality_vs_layers.png  the paper's Fig. 1: quality (--metric) vs. Avg. Layer, one line per plot
+                         line (Policy.plot_line; per setting, when the runs hold several), Full as a star
 --wandb also logs the table and the figure to one W&B run (offline unless WANDB_API_KEY is set);
 --wandb-runs logs one W&B run per row (flat config + numbers), for runs evaluated without logger=wandb.
 W&B's files go into --out's wandb/ (WANDB_DIR, when set, wins).

@@ -1,5 +1,5 @@
-"""The paper's Fig. 1: quality vs. Avg. Layer, one line per method family (and setting), one panel per (model,
-dataset). Each run's policy gives its line (``Policy.family``), order, colour and marker (``Policy.style``);
+"""The paper's Fig. 1: quality vs. Avg. Layer, one line per method (its plot line) (and setting), one panel per (model,
+dataset). Each run's policy gives its line (``Policy.plot_line``), order, colour and marker (``Policy.style``);
 the baseline (Full) is a star, a variant (options beyond the paper's) a dashed line in a colour of its own."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ VARIANT_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"
 
 def plot_quality_vs_layers(runs: list[RunRecord], rows: list[dict], path: Path, metric: str = "rougeL",
                            title: str | None = None) -> Path:
-    """One panel per (model, dataset): x = Avg. Layer, y = ``metric``; a line per family, Full as a star."""
+    """One panel per (model, dataset): x = Avg. Layer, y = ``metric``; a line per plot line (Policy.plot_line), Full as a star."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,21 +48,21 @@ def _plot_group(ax: Any, rows: list[dict], metric: str, runs: list[RunRecord]) -
     variant_colors = itertools.cycle(VARIANT_COLORS)
     lines: dict[tuple, list[dict]] = {}
     for row in points:
-        # one line per (setting, family): runs of two checkpoints or decode settings never share a line
-        key = (by_path[row["path"]].order, row["family"], row["setting"] or "")
+        # one line per (setting, plot line): runs of two checkpoints or decode settings never share a line
+        key = (by_path[row["path"]].order, row["plot_line"], row["setting"] or "")
         lines.setdefault(key, []).append(row)
-    for (_, family, setting), members in sorted(lines.items()):
+    for (_, line_name, setting), members in sorted(lines.items()):
         members.sort(key=lambda r: r["avg_layers"])
         xs, ys = [r["avg_layers"] for r in members], [r[metric] for r in members]
-        label = f"{family} [{setting}]" if setting else family  # "" when the panel holds one setting
-        run = by_path[members[0]["path"]]  # one family: one policy class, one style
+        label = f"{line_name} [{setting}]" if setting else line_name  # "" when the panel holds one setting
+        run = by_path[members[0]["path"]]  # one plot line: one policy class, one style
         if run.is_baseline:  # the reference: a star and a horizontal line at its quality
             ax.axhline(ys[0], color="black", linestyle="--", linewidth=0.8, alpha=0.6)
             ax.scatter(xs, ys, marker="*", s=220, color="black", zorder=3, label=label)
             continue
         color, marker = run.built.style if run.built else (None, "o")
         linestyle = "-"
-        if run.built and run.built.variant:  # its family's marker, a colour of its own, dashed
+        if run.built and run.built.variant:  # its line's marker, a colour of its own, dashed
             color, linestyle = next(variant_colors), "--"
         ax.plot(xs, ys, marker=marker, color=color, linestyle=linestyle, label=label)
     ax.legend(loc="best", fontsize="small")

@@ -60,7 +60,7 @@ class RunRecord:
     num_beams: Any = None
     ckpt_path: Any = None
     model_path: Any = None  # model.path: a local copy or fine-tuned weights under the same model.name
-    adapter: Any = None  # model.adapter: a LoRA adapter merged into the weights (hsd_exp.shipped)
+    adapter: Any = None  # model.adapter: a LoRA adapter merged into the weights (hsd_exp.models.shipped)
     split: Any = None
     limit: Any = None
     do_sample: Any = None
@@ -102,12 +102,12 @@ class RunRecord:
         return name
 
     @property
-    def family(self) -> str:
-        """Plot line / sort group (``Policy.family``, e.g. "HSD s=1"), else the policy class's title or name."""
+    def plot_line(self) -> str:
+        """Plot line / sort group (``Policy.plot_line``, e.g. "HSD s=1"), else the policy class's title or name."""
         if self.lossless:
             return "Lossless"
         if self.built:
-            return self.built.family
+            return self.built.plot_line
         cls = self.policy_class
         return cls.title if cls else policy_name(self.policy, self.policy_label)
 

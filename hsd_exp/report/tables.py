@@ -42,7 +42,7 @@ MD_COLUMNS = (
 )
 PARAM_COLUMNS = ("s", "min", "max", "d", "criterion")  # the papers' parameters; a policy's others are in its row name
 CSV_COLUMNS = (  # the setting: model, dataset and every field a Full baseline must share (run_folder.SETTING)
-    "model", "dataset", "method", "family", "policy", *PARAM_COLUMNS, "setting", *(f.name for f in PAIRED),
+    "model", "dataset", "method", "plot_line", "policy", *PARAM_COLUMNS, "setting", *(f.name for f in PAIRED),
     "examples_hash", "avg_layers", "num_layers",
     *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS),
     "num_examples", "num_predictions", "status", "path",
@@ -112,7 +112,7 @@ def _sort_key(run: RunRecord) -> tuple:
 def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]) -> dict:
     setting = setting_names.get(run.setting, "")
     row = {
-        "model": run.model, "dataset": run.dataset, "method": run.method, "family": run.family,
+        "model": run.model, "dataset": run.dataset, "method": run.method, "plot_line": run.plot_line,
         "policy": policy_name(run.policy, run.policy_label), **{k: run.params.get(k) for k in PARAM_COLUMNS},
         "setting": setting, **{f.name: getattr(run, f.name) for f in PAIRED}, "examples_hash": run.examples_hash,
         "avg_layers": run.avg_layers, "num_layers": run.num_layers,

@@ -7,7 +7,7 @@ import inspect
 
 from transformers import DynamicCache
 
-from hsd_exp.families import unwrap
+from hsd_exp.models.layout import unwrap
 
 
 def cache_argument(model) -> str:

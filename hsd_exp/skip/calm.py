@@ -65,9 +65,9 @@ class CALM(Policy):
         return f"CALM ({', '.join(parts)})"
 
     @property
-    def family(self) -> str:
-        family = "CALM" if self.criterion == "softmax" else f"CALM ({self.criterion})"
-        return f"{family} ({', '.join(self.options())})" if self.options() else family
+    def plot_line(self) -> str:
+        line = "CALM" if self.criterion == "softmax" else f"CALM ({self.criterion})"
+        return f"{line} ({', '.join(self.options())})" if self.options() else line
 
     def validate(self, num_layers: int | None = None) -> None:
         check_number("d", self.d, "a number > 0 (the paper uses 0.02 and 0.005)")

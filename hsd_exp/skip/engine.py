@@ -50,7 +50,7 @@ from types import MethodType
 
 import torch
 
-from hsd_exp.families import decoder_layers, family_of, readout, submodule, unwrap
+from hsd_exp.models.layout import decoder_layers, layout_of, readout, submodule, unwrap
 from hsd_exp.skip.cache import SkipCache, cache_argument
 from hsd_exp.skip.drafts import PolicyDraft
 from hsd_exp.skip.lossless import LosslessSettings, LosslessStats, check_generation, effective_config
@@ -67,9 +67,9 @@ class SkipEngine:
     def __init__(self, model, policy: Policy, max_new_tokens: int | None = None, prompt_len: int | None = None,
                  lossless: LosslessSettings | None = None):
         self.model = unwrap(model)
-        self.family = family_of(self.model)
+        self.layout = layout_of(self.model)
         self.layers = decoder_layers(self.model)
-        self.stack = submodule(self.model, self.family.stack)
+        self.stack = submodule(self.model, self.layout.stack)
         self.L = len(self.layers)
         policy.validate(self.L)
         self.policy = policy

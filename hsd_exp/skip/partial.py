@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from hsd_exp.families import mlp_of
+from hsd_exp.models.layout import mlp_of
 
 # what a layer hands its attention; GPT-NeoX's layers name the cache ``layer_past``
 _ATTN_ARGS = ("cache", "past_key_values", "layer_past", "attention_mask", "position_ids", "position_embeddings",
@@ -46,28 +46,28 @@ def _attention_inputs(signature: inspect.Signature, h, args, kwargs) -> dict:
     return {**{k: bound[k] for k in _ATTN_ARGS if k in bound}, **extra}
 
 
-def attention_block(layer, family, signature: inspect.Signature, h, args, kwargs):
+def attention_block(layer, layout, signature: inspect.Signature, h, args, kwargs):
     """(n1(h), attn(n1(h))): the layer's attention on its normed input, writing K/V like the whole layer (with
     Gemma's norm on its output)."""
-    x = getattr(layer, family.attn_norm)(h)  # (B, Q, C)
-    out = getattr(layer, family.attn)(x, **_attention_inputs(signature, h, args, kwargs))
+    x = getattr(layer, layout.attn_norm)(h)  # (B, Q, C)
+    out = getattr(layer, layout.attn)(x, **_attention_inputs(signature, h, args, kwargs))
     out = out[0] if isinstance(out, tuple) else out
-    if family.attn_out_norm is not None:
-        out = getattr(layer, family.attn_out_norm)(out)
+    if layout.attn_out_norm is not None:
+        out = getattr(layer, layout.attn_out_norm)(out)
     return x, out
 
 
-def write_kv_only(layer, family, signature: inspect.Signature, h, args, kwargs) -> None:
+def write_kv_only(layer, layout, signature: inspect.Signature, h, args, kwargs) -> None:
     """Write this position's K/V at ``layer`` from the state h (B, Q, C) it would have received, and nothing else."""
     inputs = _attention_inputs(signature, h, args, kwargs)
     cache = next((inputs[k] for k in _CACHE_ARGS if inputs.get(k) is not None), None)
     if cache is None:  # no cache to complete (a cache-less forward): nothing to write
         return
-    if not family.kv_rope:
-        attention_block(layer, family, signature, h, args, kwargs)
+    if not layout.kv_rope:
+        attention_block(layer, layout, signature, h, args, kwargs)
         return
-    attn = getattr(layer, family.attn)
-    x = getattr(layer, family.attn_norm)(h)  # (B, Q, C)
+    attn = getattr(layer, layout.attn)
+    x = getattr(layer, layout.attn_norm)(h)  # (B, Q, C)
     shape = (*x.shape[:-1], -1, attn.head_dim)
     k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, H_kv, Q, D)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
@@ -79,20 +79,20 @@ def write_kv_only(layer, family, signature: inspect.Signature, h, args, kwargs) 
     cache.update(k, v, attn.layer_idx)
 
 
-def run_rows(layer, family, signature: inspect.Signature, h, run: torch.Tensor, args, kwargs) -> torch.Tensor:
+def run_rows(layer, layout, signature: inspect.Signature, h, run: torch.Tensor, args, kwargs) -> torch.Tensor:
     """One decode step of ``layer`` where only the rows with ``run`` (B,) bool run it; the others pass h through.
     h: (B, Q, C). Every row writes its K/V (the attention block runs for all); the MLP runs for ``run`` rows."""
-    x, attn_out = attention_block(layer, family, signature, h, args, kwargs)  # (B, Q, C) each
+    x, attn_out = attention_block(layer, layout, signature, h, args, kwargs)  # (B, Q, C) each
     rows = run.nonzero().squeeze(-1)  # (R,)
-    mlp = mlp_of(layer, family)
-    if family.parallel:  # the MLP reads h too: normed by attn_norm (Phi) or by its own norm (GPT-NeoX)
-        m = mlp(x[rows] if family.mlp_norm is None else getattr(layer, family.mlp_norm)(h[rows]))
+    mlp = mlp_of(layer, layout)
+    if layout.parallel:  # the MLP reads h too: normed by attn_norm (Phi) or by its own norm (GPT-NeoX)
+        m = mlp(x[rows] if layout.mlp_norm is None else getattr(layer, layout.mlp_norm)(h[rows]))
         ran = attn_out[rows] + m + h[rows]
     else:  # sequential: the MLP reads the normed post-attention state
         a = h[rows] + attn_out[rows]
-        m = mlp(getattr(layer, family.mlp_norm)(a))
-        if family.mlp_out_norm is not None:
-            m = getattr(layer, family.mlp_out_norm)(m)
+        m = mlp(getattr(layer, layout.mlp_norm)(a))
+        if layout.mlp_out_norm is not None:
+            m = getattr(layer, layout.mlp_out_norm)(m)
         ran = a + m
     return h.index_copy(0, rows, ran)  # (B, Q, C): running rows scattered back, the rest keep h
 

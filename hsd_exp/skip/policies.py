@@ -9,7 +9,7 @@ at T. So any layer that runs for a token already holds K/V for every earlier pos
 stays exact without recomputation. ``tests/skip/test_policies.py`` asserts it.
 
 A policy class describes itself to the rest of the code: ``name`` (its key in ``POLICIES`` and
-``conf/policy/*.yaml``), ``label`` (run names, folder slugs), ``display_name`` and ``family`` (the report's
+``conf/policy/*.yaml``), ``label`` (run names, folder slugs), ``display_name`` and ``plot_line`` (the report's
 row and plot line), ``order``, ``style``, ``baseline``. Defining a subclass with a ``name`` registers it.
 This module imports no torch: the report rebuilds policies from run folders to name their rows.
 """
@@ -115,8 +115,8 @@ class Policy:
         return f"{self.title} ({inner})" if inner else self.title
 
     @property
-    def family(self) -> str:
-        """The report's plot line (and sort group); a variant's options follow the family's name."""
+    def plot_line(self) -> str:
+        """The report's plot line (and sort group); a variant's options follow the line's name."""
         return _with_options(self.title, self.options())
 
     def validate(self, num_layers: int | None = None) -> None:
@@ -227,7 +227,7 @@ class HSD(_TopBand, Policy):
         return f"HSD (s={fmt(self.s)}, {fmt(self.min)}, {fmt(self.max)}{_suffix(self.options(), ', ')})"
 
     @property
-    def family(self) -> str:
+    def plot_line(self) -> str:
         return _with_options(f"HSD s={fmt(self.s)}", self.options())
 
     def validate(self, num_layers: int | None = None) -> None:

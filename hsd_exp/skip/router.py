@@ -90,7 +90,7 @@ class SkipRouter(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, **router_cfg) -> SkipRouter:
         """A dense-initialised router for ``model`` (its depth and width), on the model's device."""
-        from hsd_exp.families import decoder_layers
+        from hsd_exp.models.layout import decoder_layers
 
         text = model.config.get_text_config()
         router = cls(num_layers=len(decoder_layers(model)), hidden_size=text.hidden_size, **router_cfg)
@@ -153,7 +153,7 @@ class SkipRouter(nn.Module):
         return router
 
     def check_model(self, model: nn.Module) -> None:
-        from hsd_exp.families import decoder_layers
+        from hsd_exp.models.layout import decoder_layers
 
         L, d = len(decoder_layers(model)), model.config.get_text_config().hidden_size
         if (L, d) != (self.num_layers, self.config["hidden_size"]):

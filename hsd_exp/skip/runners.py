@@ -77,7 +77,7 @@ class StepRunner:
             if i < e.L:  # after the last layer there is nothing left to decide
                 call.decider.after_layer(i, h, out)
         else:  # the state passes through; the layer still writes its K/V from it (CALM's state propagation)
-            write_kv_only(layer, e.family, signature, h, args, kwargs)
+            write_kv_only(layer, e.layout, signature, h, args, kwargs)
             out = h
         if i == e.L:
             ran = tuple(call.ran)
@@ -106,10 +106,10 @@ class TokenRunner:
         z = routing.gates.get(idx)  # training: the (B, Q) straight-through gate, else None
         ran = int(run.sum())  # one reduction (and one sync on a GPU) per layer
         if ran == 0:  # nobody runs: only the K/V write, so later tokens find the cache complete
-            write_kv_only(layer, e.family, signature, h, args, kwargs)
+            write_kv_only(layer, e.layout, signature, h, args, kwargs)
             out = h
         elif z is None and h.shape[1] == 1 and ran < run.numel():  # a batched decode step whose rows differ
-            out = run_rows(layer, e.family, signature, h, run[:, 0], args, kwargs)  # MLP for running rows only
+            out = run_rows(layer, e.layout, signature, h, run[:, 0], args, kwargs)  # MLP for running rows only
         else:
             full = orig_forward(h, *args, **kwargs)  # (B, Q, C); writes K/V from h for every row
             out = full if ran == run.numel() else torch.where(run.unsqueeze(-1), full, h)

@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from hsd_exp.console import StepTick
-from hsd_exp.families import decoder_layers, readout
+from hsd_exp.models.layout import decoder_layers, readout
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.router import density_loss, run_rate

@@ -17,7 +17,7 @@ from hsd_exp.decoding import DecodeSettings
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.callbacks import SkipPolicyCallback
 from hsd_exp.eval.predictions import read_predictions
-from hsd_exp.families import decoder_layers, unwrap
+from hsd_exp.models.layout import decoder_layers, unwrap
 from hsd_exp.skip.policies import build_policy
 from hsd_exp.train.module import CausalLMModule
 

@@ -106,7 +106,7 @@ def test_a_new_static_policy_gets_its_row_and_line_with_no_other_change(tmp_path
         assert [r["method"] for r in rows] == ["Full", "CALM (d=0.02)", "SkipDecode (10,20)", "HSD (s=1, 0, 18)",
                                                "HSD (s=2, 0, 12)", "Every k-th (k=2)", "Every k-th (k=3)"]
         new = rows[-1]
-        assert (new["family"], new["policy"], new["speedup"]) == ("Every k-th", "every_kth", 2.5)
+        assert (new["plot_line"], new["policy"], new["speedup"]) == ("Every k-th", "every_kth", 2.5)
         assert new["pct_full"] == pytest.approx(60.0)
 
         ax = Figure().subplots()

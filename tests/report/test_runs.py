@@ -40,7 +40,7 @@ def test_single_run_dir_and_metrics_only_run(tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text(json.dumps(metrics_for("calm", {"d": 0.005, "criterion": "state"}, 25.0, 90, 1)))
     (run,) = collect_runs([run_dir])
-    assert (run.method, run.family, run.params["d"], run.num_predictions) == (
+    assert (run.method, run.plot_line, run.params["d"], run.num_predictions) == (
         "CALM (d=0.005, state)", "CALM (state)", 0.005, 0)
 
 
@@ -68,7 +68,7 @@ def test_a_run_whose_policy_cannot_be_rebuilt_keeps_its_label(tmp_path):
     (tmp_path / "foo" / "metrics.json").write_text(json.dumps({**metrics, "policy": "foo", "policy_label": "foo(x=1)"}))
     write_run(tmp_path / "bad", "name: hsd\n  s: -1", None)
     runs = {r.path.name: r for r in collect_runs([tmp_path])}
-    assert [(runs[n].method, runs[n].family, runs[n].order) for n in ("old", "foo", "bad")] == [
+    assert [(runs[n].method, runs[n].plot_line, runs[n].order) for n in ("old", "foo", "bad")] == [
         ("hsd(s=2,0,12)", "HSD", 3), ("foo(x=1)", "foo", 100), ("hsd", "HSD", 3)]
 
 
@@ -82,7 +82,7 @@ def test_options_beyond_the_paper_name_their_own_row_and_line(tmp_path):
     runs = collect_runs([tmp_path / "m"])
     assert [r.method for r in runs] == ["HSD (s=1, 0, 18, keep_first=2)", "HSD (s=1, 0, 18, keep_first=1)",
                                         "CALM (d=0.02, first_exit=3)"]
-    assert [r.family for r in runs] == ["HSD s=1 (keep_first=2)", "HSD s=1 (keep_first=1)", "CALM (first_exit=3)"]
+    assert [r.plot_line for r in runs] == ["HSD s=1 (keep_first=2)", "HSD s=1 (keep_first=1)", "CALM (first_exit=3)"]
 
 
 def test_metrics_without_complete_key_is_complete_and_interpolated_params(tmp_path):

@@ -302,4 +302,4 @@ def test_skiplayer_rows_and_line(tmp_path):
     assert "SkipLayer (threshold=0.5)" in names and "SkipLayer (threshold=0.7)" in names
     assert names.index("SkipLayer (threshold=0.5)") > names.index("HSD (s=2, 0, 12)")  # after the paper's methods
     skip = [r for r in rows if r["method"].startswith("SkipLayer")]
-    assert {r["family"] for r in skip} == {"SkipLayer"} and all(r["pct_full"] is not None for r in skip)
+    assert {r["plot_line"] for r in skip} == {"SkipLayer"} and all(r["pct_full"] is not None for r in skip)

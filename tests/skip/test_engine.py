@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hsd_exp.families import decoder_layers, family_of, submodule
+from hsd_exp.models.layout import decoder_layers, layout_of, submodule
 from hsd_exp.skip.engine import SkipCache, SkipEngine, cache_argument, layer_skipping
 from hsd_exp.skip.policies import build_policy
 
@@ -184,7 +184,7 @@ def test_cached_hsd_equals_a_hand_rolled_per_layer_decode():
     lm = load("tiny-llama")
     model, L = lm.model, 6
     policy = build_policy("hsd", s=1, min=0, max=4, num_layers=L)  # skips layer 1 for every token
-    family = family_of(model)
+    family = layout_of(model)
     layers, norm, head = decoder_layers(model), submodule(model, family.final_norm), submodule(model, family.lm_head)
     rotary = submodule(model, family.stack).rotary_emb
     prompt = lm.tokenizer(PROMPTS[2], return_tensors="pt").input_ids  # (1, P): one row, no padding

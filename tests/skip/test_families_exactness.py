@@ -1,4 +1,4 @@
-"""Every tested family (hsd_exp.families.TESTED), read off its tiny random model: cached decoding == the no-cache
+"""Every tested family (hsd_exp.models.layout.TESTED), read off its tiny random model: cached decoding == the no-cache
 reference under HSD, SkipDecode and CALM, greedy and beam 4, batch 3 left-padded. Gemma-3 (sliding-window layers,
 layer 1 among them, window 6) and Mistral (every layer sliding, window 8) decode well past their windows; the real
 Gemma-3-270M (slow) too. Kept as one file across families, parametrised by ``families.TESTED``, beside
@@ -11,8 +11,8 @@ import torch
 
 from hsd_exp import build_policy, layer_skipping
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import TESTED, decoder_layers, family_of
-from hsd_exp.models import load_model
+from hsd_exp.models.layout import TESTED, decoder_layers, layout_of
+from hsd_exp.models.loading import load_model
 from hsd_exp.skip.cache import SkipCache
 
 from helpers import CACHE_DIR, PROMPTS, Replay, T, generate, load
@@ -137,7 +137,7 @@ def test_gemma3_converts_and_answers(gemma3):
                                                                                   False)
     assert config.layer_types.count("full_attention") == 3 and config.sliding_window == 512
     assert config.vocab_size == 262144 and config.tie_word_embeddings
-    assert family_of(gemma3.model).attn_out_norm == "post_attention_layernorm"  # Gemma's norms after attn and MLP
+    assert layout_of(gemma3.model).attn_out_norm == "post_attention_layernorm"  # Gemma's norms after attn and MLP
     enc = gemma3.tokenizer(["Water boils at a temperature of"], return_tensors="pt")
     with torch.no_grad():
         out = gemma3.model.generate(**enc, max_new_tokens=6, do_sample=False)

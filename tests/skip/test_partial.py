@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hsd_exp.families import decoder_layers, family_of
+from hsd_exp.models.layout import decoder_layers, layout_of
 from hsd_exp.skip.cache import cache_argument
 from hsd_exp.skip.partial import attention_block, run_rows, write_kv_only
 
@@ -63,7 +63,7 @@ def rollback(cache, idx, kv):
                                   "tiny-gpt_neox", "tiny-opt"])
 def test_kv_only_and_some_rows_match_the_whole_layer(name):
     model, tokenizer = float64(name)
-    family = family_of(model)
+    family = layout_of(model)
     layer, cache, h, args, kwargs = decode_step_inputs(model, tokenizer)
     signature = inspect.signature(layer.forward)  # what the engine binds: the bound forward
     before = layer_kv(cache, LAYER)
@@ -87,7 +87,7 @@ def test_kv_only_and_some_rows_match_the_whole_layer(name):
 
 def test_the_attention_block_is_the_layers_own():
     model, tokenizer = float64("tiny-llama")
-    family = family_of(model)
+    family = layout_of(model)
     layer, cache, h, args, kwargs = decode_step_inputs(model, tokenizer)
     signature = inspect.signature(layer.forward)
     with torch.no_grad():

@@ -139,7 +139,7 @@ def test_policies_name_themselves(name, params, label, display, family, variant)
     """The run label (folders, W&B names) and the report's row and plot line, as the papers name them; a
     variant (options beyond the paper's setting) is drawn as a line of its own."""
     policy = build_policy(name, **params)
-    assert (policy.label, policy.display_name, policy.family, policy.variant) == (label, display, family, variant)
+    assert (policy.label, policy.display_name, policy.plot_line, policy.variant) == (label, display, family, variant)
 
 
 def test_the_registry_holds_every_policy_in_report_order():

@@ -6,7 +6,7 @@ import torch
 
 from hsd_exp import SkipRouter, build_policy, layer_skipping
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import decoder_layers
+from hsd_exp.models.layout import decoder_layers
 
 from helpers import PROMPTS, load, output_cache
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import decoder_layers, family_of
+from hsd_exp.models.layout import decoder_layers, layout_of
 from hsd_exp.train.lora import apply_lora
 
 from helpers import load
@@ -22,13 +22,13 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
 ])
 def test_default_targets_are_every_linear_of_attention_and_mlp(family, expected):
     model = copy.deepcopy(load(f"tiny-{family}").model)  # the session's model stays unwrapped
-    before = family_of(model)
+    before = layout_of(model)
     peft_model = apply_lora(model, LORA)
     adapted = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == expected
     per_layer = [sum(hasattr(m, "lora_A") for m in layer.modules()) for layer in decoder_layers(peft_model)]
     assert len(set(per_layer)) == 1 and per_layer[0] >= len(expected)  # every layer alike
-    assert family_of(peft_model) == before  # LoRA layers do not change the layout found (kv_rope included)
+    assert layout_of(peft_model) == before  # LoRA layers do not change the layout found (kv_rope included)
 
 
 def test_missing_target_is_named_with_the_linear_modules():

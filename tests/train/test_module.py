@@ -19,7 +19,7 @@ from hsd_exp import preflight, tasks
 from hsd_exp.data.datamodule import HSDDataModule
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.layer_map import RATES_FILE, RATES_PLOT
-from hsd_exp.families import decoder_layers, unwrap
+from hsd_exp.models.layout import decoder_layers, unwrap
 from hsd_exp.run_settings import RunSettings
 from hsd_exp.skip.policies import build_policy
 from hsd_exp.skip.router import SkipRouter

@@ -15,7 +15,7 @@ from test_module import fixed_batch, make_cfg, make_module
 
 from hsd_exp import layer_skipping
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import decoder_layers, family_of, readout, submodule, unwrap
+from hsd_exp.models.layout import decoder_layers, layout_of, readout, submodule, unwrap
 from hsd_exp.skip.early_exit import EarlyExit
 from hsd_exp.skip.policies import build_policy
 from hsd_exp.train.recipes import (
@@ -156,7 +156,7 @@ def test_the_early_exit_loss_is_the_weighted_ce_of_each_layers_readout(tmp_path)
     model = lm.model
     batch = fixed_batch(make_cfg(tmp_path), lm)
     layers = decoder_layers(model)
-    family = family_of(model)
+    family = layout_of(model)
     norm, head = submodule(model, family.final_norm), submodule(model, family.lm_head)  # by hand, not readout()
     with layer_outputs(layers) as outs:
         out = forward(model, batch)

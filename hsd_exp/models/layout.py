@@ -1,7 +1,7 @@
 """Where a model keeps its decoder stack, layers, final norm and LM head: read off the model itself.
 
-Everything downstream (the skip engine, the partial-layer paths, LoRA targets, FLOP counts) looks modules up
-through ``family_of(model)``, so no code branches on model names. Families are not typed into a table: the
+Everything downstream (the skip engine, the partial-layer paths, FLOP counts) looks modules up
+through ``layout_of(model)``, so no code branches on model names. Families are not typed into a table: the
 standard transformers layout says where everything is, so any decoder in it is served without a new row:
 
     stack       model.get_decoder()                     (LlamaModel, GPT2Model, OPTDecoder, ...)
@@ -28,7 +28,7 @@ from hsd_exp.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Family:
+class LayerLayout:
     name: str  # transformers' config.model_type
     stack: str  # the decoder stack module (runs embeddings, mask, layers, final norm)
     layers: str  # nn.ModuleList of decoder layers, relative to the top-level model
@@ -38,7 +38,6 @@ class Family:
     attn_norm: str  # the norm in front of the attention inside one decoder layer
     mlp: str | tuple[str, ...]  # the MLP inside one decoder layer; a tuple: layer attributes applied in turn (OPT)
     mlp_norm: str | None  # the norm in front of the MLP; None: a parallel block (the MLP reads attn_norm's output)
-    lora_targets: tuple[str, ...]  # module-name suffixes peft LoRA adapts: every linear of attention and MLP
     kv_rope: bool = False  # LLaMA-layout attention (k_proj, v_proj, head_dim, RoPE): K/V-only writes need no more
     parallel: bool = False  # attention and MLP read the same input h (Phi, GPT-NeoX); implied by mlp_norm None
     attn_out_norm: str | None = None  # a norm on the attention's output before the residual add (Gemma)
@@ -52,14 +51,14 @@ MLP_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm")
 SANDWICH = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
-# Rows only for what the standard layout cannot say: model_type -> Family fields.
+# Rows only for what the standard layout cannot say: model_type -> LayerLayout fields.
 IRREGULAR: dict[str, dict] = {
     "opt": {"mlp": ("fc1", "activation_fn", "fc2")},  # no MLP module: fc1, activation, fc2 sit in the layer
 }
 
 
-def family_of(model: nn.Module) -> Family:
-    """The family of a Hugging Face causal LM (unwraps peft/Lightning wrappers first); ConfigError (a
+def layout_of(model: nn.Module) -> LayerLayout:
+    """The layer layout of a Hugging Face causal LM (unwraps peft/Lightning wrappers first); ConfigError (a
     ValueError) naming the model_type and what is missing when the engine cannot serve it."""
     model = unwrap(model)
     config = getattr(model, "config", None)
@@ -68,7 +67,7 @@ def family_of(model: nn.Module) -> Family:
     def cannot(why: str) -> ConfigError:
         return ConfigError(
             f"model_type '{model_type}' ({type(model).__name__}) cannot be served by the layer-skip engine: {why}; "
-            "it needs a decoder in the standard transformers layout (or a row in hsd_exp/families.py IRREGULAR)"
+            "it needs a decoder in the standard transformers layout (or a row in hsd_exp/models/layout.py IRREGULAR)"
         )
 
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
@@ -112,7 +111,7 @@ def family_of(model: nn.Module) -> Family:
                      "them (before / after attention and MLP)")
 
     names = {id(m): n for n, m in model.named_modules()}
-    family = Family(
+    layout = LayerLayout(
         name=model_type,
         stack=names[id(stack)],
         layers=names[id(lists[0])],
@@ -122,13 +121,12 @@ def family_of(model: nn.Module) -> Family:
         attn_norm=attn_norm,
         mlp=mlp,
         mlp_norm=mlp_norm,
-        lora_targets=_linear_suffixes(layer, (attn, *((mlp,) if isinstance(mlp, str) else mlp))),
         kv_rope=_llama_attention(getattr(layer, attn), text),
         parallel=mlp_norm is None or bool(getattr(text, "use_parallel_residual", False)),
         attn_out_norm=attn_out_norm,
         mlp_out_norm=mlp_out_norm,
     )
-    return replace(family, **{k: v for k, v in IRREGULAR.get(model_type, {}).items() if k != "mlp"})
+    return replace(layout, **{k: v for k, v in IRREGULAR.get(model_type, {}).items() if k != "mlp"})
 
 
 def _refusals(text, stack) -> list[tuple[str, bool]]:
@@ -149,22 +147,6 @@ def _one(parts: dict[str, nn.Module], test) -> str | None:
     """The name of the one child passing ``test``; None when none or several do."""
     hits = [n for n, m in parts.items() if test(n, m)]
     return hits[0] if len(hits) == 1 else None
-
-
-def _linear_suffixes(layer: nn.Module, where: tuple[str, ...]) -> tuple[str, ...]:
-    """Names of every linear layer (nn.Linear, GPT-2's Conv1D) under ``where`` in one decoder layer, as peft's
-    suffixes. Modules a LoRA adapter already wraps count once, by their own name."""
-    out: list[str] = []
-    for part in where:
-        module = getattr(layer, part)
-        found = [part] if _is_linear(module) else [n for n, m in module.named_modules() if n and _is_linear(m)]
-        for name in found:
-            if ".base_layer" in name or ".lora_" in name or name.startswith("lora_"):
-                continue
-            suffix = name.rsplit(".", 1)[-1]
-            if suffix not in out:
-                out.append(suffix)
-    return tuple(out)
 
 
 def _is_linear(module: nn.Module | None) -> bool:
@@ -196,11 +178,11 @@ def _full_rotary(text) -> bool:
     return all(f is None or f == 1.0 for f in found)
 
 
-def mlp_of(layer: nn.Module, family: Family):
+def mlp_of(layer: nn.Module, layout: LayerLayout):
     """The layer's MLP as one callable (OPT's is fc1, activation, fc2 applied in turn)."""
-    if isinstance(family.mlp, str):
-        return getattr(layer, family.mlp)
-    parts = [getattr(layer, name) for name in family.mlp]
+    if isinstance(layout.mlp, str):
+        return getattr(layer, layout.mlp)
+    parts = [getattr(layer, name) for name in layout.mlp]
 
     def mlp(x):
         for part in parts:
@@ -223,10 +205,10 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
 def readout(model: nn.Module):
     """The final norm then the LM head, as a function of a hidden state: (..., C) -> (..., V). What an early exit
     (CALM's confidence, the early-exit loss) reads off an intermediate layer."""
-    family = family_of(model)
-    norm, head = submodule(model, family.final_norm), submodule(model, family.lm_head)
+    layout = layout_of(model)
+    norm, head = submodule(model, layout.final_norm), submodule(model, layout.lm_head)
     return lambda h: head(norm(h))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return submodule(model, family_of(model).layers)
+    return submodule(model, layout_of(model).layers)

@@ -6,7 +6,7 @@ directory holding a peft LoRA adapter (a run's ``<run>/hf_model``); it is merged
 so a skipping policy costs what it costs on the base model. An adapter trained with SkipLayer's router keeps the
 router in ``router/``: ``policy=skiplayer`` decodes with it.
 
-``python -m hsd_exp.shipped <run>/hf_model --name NAME --base-model HUB_ID`` exports a run's adapter (``--help``).
+``python -m hsd_exp.models.shipped <run>/hf_model --name NAME --base-model HUB_ID`` exports a run's adapter (``--help``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hsd_exp.errors import ConfigError, exit_on_config_error
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # hsd_exp/weights/
 
 
 def shipped() -> list[str]:
@@ -84,7 +84,7 @@ def _save_half(src: Path, dst: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hsd_exp.shipped",
+    p = argparse.ArgumentParser(prog="python -m hsd_exp.models.shipped",
                                 usage="%(prog)s SRC --name NAME --base-model HUB_ID  (or: %(prog)s SRC NAME HUB_ID)",
                                 description="Export a LoRA run's adapter (and its SkipLayer router) into "
                                             "hsd_exp/weights/NAME/ in half precision (export_adapter); write its "
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hsd_exp.shipped``: prints the exported folder; exit status 2 for bad input or usage."""
+    """``python -m hsd_exp.models.shipped``: prints the exported folder; exit status 2 for bad input or usage."""
     try:
         args = parse_args(argv)
         with exit_on_config_error():

@@ -8,7 +8,7 @@ Sources:
 - ``tiny``: a small random-initialised (seeded) config of a family, for fast tests; GPT-2 tokenizer.
 
 ``model.family`` is transformers' ``model_type`` (llama, qwen2, gemma3_text, gpt_neox, ...). Any decoder the skip
-engine can serve loads (hsd_exp.families reads its layout off the model); whether it can is checked on its config
+engine can serve loads (hsd_exp.models.layout reads its layout off the model); whether it can is checked on its config
 before the weights load (the model built on the meta device), and the family must be the model's own.
 """
 
@@ -30,9 +30,9 @@ from transformers import (
 
 from hsd_exp.data.hub import hub_reachable  # one Hub probe for models and datasets
 from hsd_exp.errors import ConfigError
-from hsd_exp.families import family_of
-from hsd_exp.local_models import gguf_to_safetensors, tiny_model
-from hsd_exp.shipped import merge_adapter
+from hsd_exp.models.layout import layout_of
+from hsd_exp.models.shipped import merge_adapter
+from hsd_exp.models.tiny import gguf_to_safetensors, tiny_model
 
 
 @dataclass
@@ -101,7 +101,7 @@ def load_model(
     adapter: str | None = None,
 ) -> LoadedModel:
     """Build the model and tokenizer a `conf/model/*.yaml` describes (instantiated by Hydra); ``adapter``: a LoRA
-    adapter merged into the weights (a shipped name or a directory, hsd_exp.shipped)."""
+    adapter merged into the weights (a shipped name or a directory, hsd_exp.models.shipped)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if path is not None:
@@ -143,7 +143,7 @@ def _presets(family: str) -> list[str]:
     import yaml
 
     out = []
-    for f in sorted((Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml")):
+    for f in sorted((Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml")):
         try:
             node = yaml.safe_load(f.read_text()) or {}
         except (OSError, yaml.YAMLError):
@@ -159,7 +159,7 @@ def check_family(name: str, where: str, model_type: str | None, family: str, con
     the meta device: no weights) and its ``model_type`` is ``model.family``."""
     if model is not None or config is not None:
         try:
-            family_of(model if model is not None else meta_model(config, trust_remote_code))
+            layout_of(model if model is not None else meta_model(config, trust_remote_code))
         except ValueError as err:
             raise ConfigError(f"model '{name}' ({where}): {err}") from None
     if model_type == family:

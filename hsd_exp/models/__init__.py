@@ -6,8 +6,17 @@
 - ``tiny``: seeded random configs of each tested family (fast tests) and the offline GGUF weights' conversion.
 - ``shipped``: the adapters we trained and ship (``model.adapter=<name>``) and their export
   (``python -m hsd_exp.models.shipped``).
+
+``hsd_exp.models.load_model`` (the presets' ``_target_``) is imported on first use, so importing one submodule
+(the engine imports ``layout``) loads nothing else.
 """
 
-from hsd_exp.models.loading import LoadedModel, load_model
+from importlib import import_module
 
 __all__ = ["LoadedModel", "load_model"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(import_module("hsd_exp.models.loading"), name)
+    raise AttributeError(f"module 'hsd_exp.models' has no attribute {name!r}")

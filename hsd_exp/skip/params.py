@@ -42,4 +42,11 @@ def check_keep_first(keep_first: int, num_layers: int | None) -> None:
         raise ConfigError(f"policy.keep_first={keep_first} is out of range: must be <= L={num_layers}")
 
 
-__all__ = ["check_band", "check_keep_first", "check_number", "fmt"]
+def check_threshold(threshold: float, key: str) -> None:
+    """The gate's threshold (router.threshold, policy.threshold): a number in (0, 1)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+        raise ConfigError(f"{key}={threshold} is out of range: must be in (0, 1) (0.5 = the gate's decision "
+                          "boundary)")
+
+
+__all__ = ["check_band", "check_keep_first", "check_number", "check_threshold", "fmt"]

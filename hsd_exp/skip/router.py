@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from hsd_exp.errors import ConfigError
+from hsd_exp.skip.params import check_threshold
 
 KINDS = ("linear", "mlp")
 ESTIMATORS = ("ste", "gumbel")
@@ -184,9 +185,7 @@ def check_router_config(kind: str = "mlp", always_run: list[int] | None = None, 
         raise ConfigError(f"router.kind={kind} is unknown; choose one of {', '.join(KINDS)}")
     if estimator not in ESTIMATORS:
         raise ConfigError(f"router.estimator={estimator} is unknown; choose one of {', '.join(ESTIMATORS)}")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
-        raise ConfigError(f"router threshold={threshold} is out of range: must be in (0, 1) (0.5 = the gate's "
-                          "decision boundary)")
+    check_threshold(threshold, "router.threshold")
     if density is not None and (isinstance(density, bool) or not isinstance(density, int | float)
                                 or not 0 < density <= 1):
         raise ConfigError(f"router.density={density} is out of range: must be in (0, 1] (the target share of "

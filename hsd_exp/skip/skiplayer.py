@@ -20,7 +20,7 @@ from typing import Any
 
 from hsd_exp.errors import ConfigError
 from hsd_exp.skip.modes import PER_TOKEN
-from hsd_exp.skip.params import check_number, fmt
+from hsd_exp.skip.params import check_number, check_threshold, fmt
 from hsd_exp.skip.policies import Policy
 
 
@@ -51,9 +51,7 @@ class SkipLayer(Policy):
 
     def validate(self, num_layers: int | None = None) -> None:
         check_number("threshold", self.threshold, "a number in (0, 1) (0.5 = the gate's decision boundary)")
-        if not 0 < self.threshold < 1:
-            raise ConfigError(f"policy.threshold={self.threshold:g} is out of range: must be in (0, 1) "
-                              "(0.5 = the gate's decision boundary)")
+        check_threshold(self.threshold, "policy.threshold")
         if num_layers is not None and self.router is not None and self.router.num_layers != num_layers:
             raise ConfigError(f"the router was trained for {self.router.num_layers} layers, the model has "
                               f"{num_layers}: evaluate it with the model its checkpoint was trained on")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,12 @@ from hsd_exp.skip.policies import Policy, build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = os.environ.get("HSD_CACHE_DIR", str(ROOT / ".cache"))  # the GGUF conversion is reused across runs
+
+
+def run_python(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python <args>`` offline in a subprocess (the tests' model cache), output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DATASET_CONF = ROOT / "conf" / "dataset"
 

@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 from hsd_exp.errors import ConfigError
 from hsd_exp.skip.policies import Policy
 
+from helpers import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 GROUPS = ("model", "dataset", "policy", "decode", "finetune", "trainer", "callbacks", "logger", "paths", "bertscore",
@@ -422,13 +424,6 @@ def test_paper_sweep_is_the_papers_eleven_settings():
 
 
 # ---------------------------------------------------------------------------------------------- sweeps' objective
-def run_module(args: list[str]) -> subprocess.CompletedProcess:
-    from helpers import CACHE_DIR
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_optuna_sweep_searches_under_the_layer_budget(tmp_path):
     """+sweep=optuna end to end on a tiny model: every trial evaluates, Optuna records the best objective."""
     import yaml
@@ -436,7 +431,7 @@ def test_optuna_sweep_searches_under_the_layer_budget(tmp_path):
     from hsd_exp.__main__ import objective
 
     sweep = tmp_path / "optuna"
-    res = run_module(["-m", "hsd_exp", "+sweep=optuna", "model=tiny-llama", "dataset.path=sample", "dataset.limit=2",
+    res = run_python(["-m", "hsd_exp", "+sweep=optuna", "model=tiny-llama", "dataset.path=sample", "dataset.limit=2",
                "decode.max_new_tokens=4", "decode.batch_size=2", "bertscore.enabled=false", "avg_layer_budget=4",
                "hydra.sweeper.n_trials=3",
                'hydra.sweeper.params={policy.s:"choice(1,2)",policy.min:"choice(0)",policy.max:"range(2,6)"}',

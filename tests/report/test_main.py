@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +13,7 @@ from hsd_exp.report.__main__ import main
 from hsd_exp.report.runs import collect_runs
 from hsd_exp.report.tables import check_not_mixed
 
-from helpers import CACHE_DIR, PNG_MAGIC, ROOT, make_multirun, read_csv
+from helpers import PNG_MAGIC, make_multirun, read_csv, run_python
 
 
 def test_empty_dir_raises_config_error_and_cli_exits_2(tmp_path, capsys):
@@ -64,14 +61,9 @@ def test_help_describes_outputs_and_columns(capsys):
         assert text in out, text
 
 
-def run(args, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HSD_CACHE_DIR": CACHE_DIR}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_tiny_multirun_then_report(tmp_path):
     sweep = tmp_path / "sweep"
-    res = run(["-m", "hsd_exp", "-m", "task=evaluate", "model=tiny-gpt2", "model.tiny.layers=24",
+    res = run_python(["-m", "hsd_exp", "-m", "task=evaluate", "model=tiny-gpt2", "model.tiny.layers=24",
                "model.num_layers=24", "dataset.path=sample", "dataset.limit=4", "decode.max_new_tokens=6",
                "decode.batch_size=2", "bertscore.enabled=false", "policy=full,hsd_s1_max12",
                f"hydra.sweep.dir={sweep}"])
@@ -85,7 +77,7 @@ def test_tiny_multirun_then_report(tmp_path):
     assert metrics["1_hsd_s_1_0_12"]["avg_layers"] < 24
 
     out = tmp_path / "report"
-    res = run(["-m", "hsd_exp.report", str(sweep), "--out", str(out)])
+    res = run_python(["-m", "hsd_exp.report", str(sweep), "--out", str(out)])
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert len(rows) == 2

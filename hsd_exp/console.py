@@ -3,7 +3,11 @@
 ``quiet_libraries`` (called by the entry points, unless ``hydra.verbose`` or ``-v`` is set) silences what every run
 would repeat: Lightning's banner (GPU/TPU lines, its logger tip, the ``val_check_interval`` note during evaluation),
 absl's "Using default tokenizer" (rouge-score), transformers' "Loading weights" bars (Hub download bars stay), W&B's
-start/finish chatter, and three warnings that say nothing about the run (listed in ``BOILERPLATE_WARNINGS``).
+start/finish chatter, and the warnings that say nothing about the run (listed in ``BOILERPLATE_WARNINGS``). Whether
+Lightning's INFO lines show (``lightning_info_shown``) also decides whether fine-tuning prints its model summary.
+
+``result_line`` is an evaluation's one result line; ``report_hint`` (and ``ReportHint`` after a multirun) says where
+the run folder is and which command reports on it.
 
 ``StepTick`` is the progress hook inside ``generate()``: a logits processor that counts tokens and returns the
 scores untouched, so it works with greedy, sampling and beam search alike and cannot change what is generated.
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from transformers import LogitsProcessor
 
 # Their INFO lines are the same every run; their warnings still show.
@@ -32,6 +37,9 @@ BOILERPLATE_WARNINGS = (
     r"Experiment logs directory .* exists and is not empty",
     # a resumed run with every prediction already written: nothing left to generate is the point of resuming
     r"Total length of `DataLoader` across ranks is zero",
+    # transformers 5 deprecates the alias that peft's get_peft_model / PeftModel.from_pretrained still read: every
+    # LoRA fine-tuning and every model.adapter merge warned about code that is not ours
+    r"`is_gradient_checkpointing` is deprecated",
 )
 
 
@@ -101,3 +109,63 @@ def progress_bar(total: int, description: str, unit: str = "tokens", enabled: bo
 
     with progress:
         yield advance
+
+
+def lightning_info_shown() -> bool:
+    """Whether Lightning's INFO lines show (``-v``, or no ``quiet_libraries``): its model summary goes with them."""
+    return logging.getLogger("pytorch_lightning").isEnabledFor(logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------------- results
+REPORTED_TASKS = ("evaluate", "compare", "finetune_evaluate")  # the tasks that leave run folders to report on
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def result_line(label: str, metrics: dict, lossless=None, plain: dict | None = None) -> str:
+    """An evaluation's result on one line. ``lossless`` (``LosslessSettings``, decode=lossless) names the mode and
+    the drafts' acceptance instead of an Avg. Layer; ``plain``, the metrics of the plain Full run of the same
+    compare, adds the speedup tokens/s / tokens/s(plain Full): a lossless run writes full decoding's tokens, so
+    both runs' outputs have the same lengths and the ratio is the wall-clock time per token's."""
+    m, tok = metrics, metrics.get("tokens_per_s")
+    speed = f"{tok:.1f} tok/s" if _number(tok) else "- tok/s"
+    quality = f"R-L {m.get('rougeL') or 0:.2f} | BLEU-1 {m.get('bleu1') or 0:.2f}"
+    if lossless is None:
+        return f"{label}: Avg. Layer {m.get('avg_layers') or 0:.2f} | {quality} | {speed}"
+    conf = f", c={lossless.draft_confidence:g}" if _number(lossless.draft_confidence) else ""
+    accepted = f"acceptance {m['acceptance']:.2f}" if _number(m.get("acceptance")) else "acceptance -"
+    ref = (plain or {}).get("tokens_per_s")
+    gain = f" | {tok / ref:.2f}x plain full decoding's tok/s" if _number(tok) and _number(ref) and ref > 0 else ""
+    return f"{label} -> lossless (k={lossless.draft_len}{conf}): {accepted} | {quality} | {speed}{gain}"
+
+
+def report_hint(folder, what: str = "run folder") -> str:
+    """Where a run went and the command that reports on it, on one line (printed after an evaluation)."""
+    import shlex
+
+    return f"{what}: {folder}  report: python -m hsd_exp.report {shlex.quote(str(folder))}"
+
+
+def empty_answer(new_ids: list[int], tokenizer, fmt: dict) -> str:
+    """Why task=generate printed an empty line, in one line (``fmt``: ``data.prompts.prompt_format``)."""
+    if not new_ids:
+        return "empty answer: no token was generated (decode.max_new_tokens)"
+    eos = tokenizer.eos_token_id
+    if new_ids[0] in (eos if isinstance(eos, list) else [eos]):
+        form = ("the prompt as its chat turn" if fmt["chat"] else
+                f"prompt + dataset.separator={fmt['separator']!r}")
+        return (f"empty answer: the model wrote its end-of-sequence token first (prompt format: {form}); give a "
+                "prompt in the form it was trained on (e.g. an E2E meaning representation for the E2E adapters), "
+                "or dataset=... for another dataset's separator")
+    return f"empty answer: the model wrote only special tokens or whitespace (token ids {new_ids[:8]})"
+
+
+class ReportHint(HydraCallback):
+    """After a multirun of an evaluating task: the sweep folder and the report command over all of its jobs
+    (Hydra's callback seam, registered as ``hydra.callbacks.report_hint`` in conf/hydra/default.yaml)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.get("task") in REPORTED_TASKS:
+            print(report_hint(config.hydra.sweep.dir, "sweep folder"), flush=True)

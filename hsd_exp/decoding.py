@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig
 
 from hsd_exp.errors import ConfigError
-from hsd_exp.skip.lossless import LosslessSettings
+from hsd_exp.skip.lossless import UNSUPPORTED, LosslessSettings, unsupported
 
 LOSSLESS_KEYS = ("draft_len", "draft_confidence")  # decode=lossless's keys: LosslessSettings' fields
 NOT_GENERATION = ("batch_size", "lossless", *LOSSLESS_KEYS)  # decode keys generate() does not take
@@ -79,7 +79,13 @@ class DecodeSettings:
             raise ConfigError(f"decode.repetition_penalty={penalty!r} must be > 0; set decode.repetition_penalty=1.0 "
                               "(no penalty)")
         node = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k not in NOT_GENERATION}
-        return cls(_generation(node), int(d.batch_size), lossless, key)
+        generation = _generation(node)
+        if generation.stop_strings is not None:  # generate() needs the tokenizer for them, which no task passes
+            raise ConfigError(f"decode.stop_strings={generation.stop_strings!r} is not supported by the tasks "
+                              "(generation stops at EOS or max_new_tokens); drop the decode.stop_strings override")
+        if lossless is not None:
+            _check_lossless(generation)
+        return cls(generation, int(d.batch_size), lossless, key)
 
 
 def max_new_tokens_key(decode: DictConfig) -> str:
@@ -96,6 +102,23 @@ def _generation(node: dict) -> GenerationConfig:
     except Exception as err:  # noqa: BLE001 - GenerationConfig refuses the combination: bad input
         cause = err.__cause__ or err
         raise ConfigError(f"decode: {str(cause).splitlines()[0][:300]} (fix the decode.* override)") from None
+
+
+def _check_lossless(generation: GenerationConfig) -> None:
+    """What lossless mode does not apply (hsd_exp.skip.lossless.UNSUPPORTED) refused now, not after the model loads
+    (generate() inside the engine would refuse it then)."""
+    changed = unsupported(generation)
+    if changed:
+        values = ", ".join(f"decode.{f}={getattr(generation, f)!r}" for f in changed)
+        fixes = " ".join(f"decode.{f}={_off(UNSUPPORTED[f])}" for f in changed)
+        raise ConfigError(f"decode=lossless does not apply {values}: the full model verifies plain greedy (or "
+                          f"sampled) tokens; set {fixes}, or decode=greedy to keep it without lossless mode")
+
+
+def _off(values: tuple) -> str:
+    """The override value that leaves a field off: its neutral value, or null."""
+    value = values[-1]
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _is_number(value) -> bool:

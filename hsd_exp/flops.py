@@ -3,7 +3,8 @@ ideal speedup counts exactly what the engine runs (formulas in hsd_exp.bench's d
 
 Beyond the static policies: a per-token policy's step (``routed_step_flops``: a layer all rows run, none run
 (K/V only), or some run (attention for all, MLP for the running rows)), and lossless mode's drafts and
-verifications (``lossless_decode_flops``)."""
+verifications (``lossless_decode_flops``; ``lossless_bound_flops``: each verify forward
+counted once, the cost an upper bound on speedup divides by)."""
 
 from __future__ import annotations
 
@@ -86,28 +87,52 @@ def routed_step_flops(model, ctx: int, rows: int, layer_rows: tuple[int, ...]) -
     return float(step)
 
 
+def _draft_flops(model, ctx: int, rows: int, stats: SkipStats) -> float:
+    """Every draft forward of a lossless call, as ``decode_flops`` counts a decode step under the policy."""
+    per_layer, per_attn, d, vocab = layer_flops(model)
+    kv, kv_rope = kv_only_flops(model), layout_of(model).kv_rope
+    L = len(per_layer)
+    if stats.layer_rows:  # a router drafts
+        return float(sum(routed_step_flops(model, ctx, rows, layer_rows) for layer_rows in stats.layer_rows))
+    # a static policy (skipped layers write nothing) or CALM (the layers above the exit write K/V)
+    return float(rows * sum(sum(per_layer[i] + 4 * ctx * d for i in run) + 2 * d * vocab * (1 + evals)
+                            + sum(kv[i] if kv_rope else per_attn[i] + 4 * ctx * d for i in range(L - extra, L))
+                            for run, extra, evals in zip(stats.step_layers, stats.kv_only, stats.confidence_evals,
+                                                         strict=True)))
+
+
+def _verify_flops(model, ctx: int, rows: int, stats: SkipStats, positions: int) -> float:
+    """Verification: layers E+1..L and the LM head on ``positions`` positions, plus the last draft's pass through
+    the exact bottom layers 1..E (E = 0 when the drafts skip a bottom layer: every layer verifies)."""
+    per_layer, _, d, vocab = layer_flops(model)
+    E, runs = stats.lossless.exact_bottom, stats.lossless.verifications
+    verify = rows * positions * (sum(f + 4 * ctx * d for f in per_layer[E:]) + 2 * d * vocab)
+    bottom = rows * runs * sum(f + 4 * ctx * d for f in per_layer[:E])
+    return float(verify + bottom)
+
+
 def lossless_decode_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats) -> float:
     """Lossless mode's decode FLOPs: every draft forward under the policy (as ``decode_flops`` counts a step)
     plus every verify forward (the layers above the drafts' exact bottom on k + 1 positions), context at the
-    call's mid-point."""
-    per_layer, per_attn, d, vocab = layer_flops(model)
-    kv, kv_rope = kv_only_flops(model), layout_of(model).kv_rope
-    L, ctx = len(per_layer), prompt_len + new_tokens // 2
-    if stats.layer_rows:  # a router drafts
-        draft = sum(routed_step_flops(model, ctx, rows, layer_rows) for layer_rows in stats.layer_rows)
-    else:  # a static policy (skipped layers write nothing) or CALM (the layers above the exit write K/V)
-        draft = rows * sum(sum(per_layer[i] + 4 * ctx * d for i in run) + 2 * d * vocab * (1 + evals)
-                           + sum(kv[i] if kv_rope else per_attn[i] + 4 * ctx * d for i in range(L - extra, L))
-                           for run, extra, evals in zip(stats.step_layers, stats.kv_only, stats.confidence_evals,
-                                                        strict=True))
-    # Verification: layers E+1..L and the LM head on k + 1 positions, plus the last draft's pass through the
-    # exact bottom layers 1..E (E = 0 when the drafts skip a bottom layer: every layer verifies).
-    E, runs = stats.lossless.exact_bottom, stats.lossless.verifications
-    verified = stats.lossless.drafted + runs  # positions: k + 1 per verification
-    verify = rows * verified * (sum(f + 4 * ctx * d for f in per_layer[E:]) + 2 * d * vocab)
-    bottom = rows * runs * sum(f + 4 * ctx * d for f in per_layer[:E])
-    return float(draft + verify + bottom)
+    call's mid-point. A FLOP count, not a time bound: see ``lossless_bound_flops``."""
+    ctx = prompt_len + new_tokens // 2
+    verified = stats.lossless.drafted + stats.lossless.verifications  # positions: k + 1 per verification
+    return _draft_flops(model, ctx, rows, stats) + _verify_flops(model, ctx, rows, stats, verified)
 
 
-__all__ = ["call_flops", "decode_flops", "kv_only_flops", "layer_flops", "lossless_decode_flops",
-           "prefill_flops", "routed_step_flops"]
+def lossless_bound_flops(model, prompt_len: int, rows: int, new_tokens: int, stats: SkipStats) -> float:
+    """The least a lossless call's decode can cost, for an upper bound on its speedup: as
+    ``lossless_decode_flops``, but each verify forward costs a one-position forward at its depth
+    (V_n forwards of layers E+1..L and the LM head, whatever their k + 1 positions).
+
+    A forward over n positions reads its weights once, and at decode sizes that read, not the multiply-adds,
+    sets its time, so n positions cost at least (and on a CPU or GPU at batch 1 about) what one costs. Counting
+    k + 1 positions per verification made the old "ideal" a lower bound on speed, which measured runs beat by
+    1.3-1.9x. Formula with symbols: docs/bench.md, "The lossless bound"."""
+    ctx = prompt_len + new_tokens // 2
+    return _draft_flops(model, ctx, rows, stats) + _verify_flops(model, ctx, rows, stats,
+                                                                  stats.lossless.verifications)
+
+
+__all__ = ["call_flops", "decode_flops", "kv_only_flops", "layer_flops", "lossless_bound_flops",
+           "lossless_decode_flops", "prefill_flops", "routed_step_flops"]

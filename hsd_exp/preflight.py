@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from hsd_exp.data.loaders import check_limit, check_required, load_examples
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.metrics import resolve_bertscore_backbone, resolve_bertscore_device
-from hsd_exp.models.loading import check_hub_model
+from hsd_exp.models.loading import check_hub_model, check_tokenizer_files
 from hsd_exp.models.shipped import resolve_adapter
 from hsd_exp.run_folder import slug
 from hsd_exp.run_settings import TRAINING, CheckpointInfo, RunSettings
@@ -35,6 +35,8 @@ def check(cfg: DictConfig) -> RunSettings:
     check_positive("dataset.max_new_tokens", cfg.dataset.get("max_new_tokens"))
     if run.task == "compare":
         check_compare(run.compare)
+    elif run.decode.lossless is not None and run.task != "finetune":  # the tasks that decode with the policy
+        check_lossless_draft(run.policy, run.decode.max_new_tokens, run.num_layers)
     if run.task in TRAINING:
         check_training(cfg.finetune, run.task, run.policy, run.num_layers)
     if run.task != "generate" and run.bertscore["enabled"]:  # a typo or a missing backbone fails now, not after decoding
@@ -70,7 +72,10 @@ def check_model_available(model: DictConfig) -> None:
     ``model.adapter`` that names no adapter."""
     if model.get("adapter"):
         resolve_adapter(model.adapter)
-    if model.get("path") or model.get("source", "hub") != "hub":
+    if model.get("path"):
+        check_tokenizer_files(model.name, str(model.path), bool(model.get("trust_remote_code", False)))
+        return
+    if model.get("source", "hub") != "hub":
         return
     check_hub_model(model.name, model.get("hub_id"), model.get("revision"),
                     bool(model.get("trust_remote_code", False)))
@@ -107,6 +112,20 @@ def check_compare(compare: tuple[Policy, ...]) -> None:
         dup = next(p.label for p, d in zip(compare, dirs, strict=True) if dirs.count(d) > 1)
         raise ConfigError(f"compare_policies: more than one policy is labelled {dup} (run dir {slug(dup)}); "
                           "each entry must differ in the parameters its label shows")
+
+
+def check_lossless_draft(policy: Policy, max_new_tokens: int, num_layers: int | None) -> None:
+    """decode=lossless with a policy that runs every layer at every step (policy=full) drafts with the full model:
+    every draft is accepted, and each round pays draft_len full forwards plus a verification, so it is plain
+    greedy decoding made slower. Refused (the Python API allows it, as a check of the rounds themselves)."""
+    if num_layers is None or not policy.static:
+        every = policy.name == "full"
+    else:
+        every = all(len(policy.layers(t, max_new_tokens, num_layers)) == num_layers for t in range(max_new_tokens))
+    if every:
+        raise ConfigError(f"decode=lossless with policy={policy.label} drafts with the full model (every layer at "
+                          "every step): the same output as decode=greedy, only slower; draft with a skipping policy "
+                          "(e.g. policy=hsd_s1_max18) or drop decode=lossless")
 
 
 def check_training(finetune: DictConfig, task: str, policy: Policy, num_layers: int | None = None) -> None:

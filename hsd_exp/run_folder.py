@@ -103,8 +103,12 @@ PAIRED = tuple(f for f in SETTING if f.short)  # what a Full baseline must share
 
 # What else metrics.json holds, besides the quality metrics (hsd_exp.eval.metrics.QUALITY_KEYS), the policy
 # ("policy", "policy_label", "policy_params"), "examples_hash" and "complete": what the run measured.
-MEASURED = ("bertscore_model", "avg_layers", "tokens_per_s", "num_examples", "num_layers",
-            "lossless", "draft_len", "draft_confidence", "acceptance", "tokens_per_verification")
+# Speed (hsd_exp.eval.speed): ms_per_step (the report's Speedup), prefill_ms, tokens_per_s (output-length dependent),
+# flop_ideal (the bound a Speedup must respect), mean_new_tokens (checked against Full's); a lossless run's
+# layer_forwards_per_token (what its drafts and verifications ran per committed token).
+MEASURED = ("bertscore_model", "avg_layers", "tokens_per_s", "ms_per_step", "prefill_ms", "flop_ideal",
+            "mean_new_tokens", "num_examples", "num_layers", "lossless", "draft_len", "draft_confidence",
+            "acceptance", "tokens_per_verification", "layer_forwards_per_token")
 
 NOT_DECODING = ("_target_", "batch_size")  # decode keys that do not change a prediction
 

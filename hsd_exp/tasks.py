@@ -6,6 +6,8 @@ builds its Lightning pieces from the settings and runs them.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -13,14 +15,15 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import LogitsProcessorList
 
 from hsd_exp import preflight
-from hsd_exp.console import StepTick, progress_bar
+from hsd_exp.console import StepTick, empty_answer, progress_bar, result_line
 from hsd_exp.data.context import check_context, check_prompt_fits, prompt_room
 from hsd_exp.data.datamodule import HSDDataModule
-from hsd_exp.data.prompts import build_prompt
+from hsd_exp.data.prompts import build_prompt, prompt_format, prompt_special_tokens
+from hsd_exp.decoding import LOSSLESS_KEYS
 from hsd_exp.errors import ConfigError
 from hsd_exp.eval.callbacks import (
     PredictionsCallback,
@@ -36,7 +39,7 @@ from hsd_exp.run_settings import TRAINING, RouterSource, RunSettings, build, rou
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
 from hsd_exp.train.module import CausalLMModule
-from hsd_exp.train.trainer import finish_wandb, make_trainer
+from hsd_exp.train.trainer import finish_wandb, make_trainer, wandb_run_name
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,38 @@ def run(cfg: DictConfig) -> dict | None:
         return {"ckpt_path": ckpt}
     restore = ckpt if cfg.task != "finetune_evaluate" else None  # the trained weights are in module already
     if cfg.task == "compare":
-        out_dir = Path(cfg.paths.output_dir)
-        results = {}
-        for p in settings.compare:  # the checkpoint is restored once, for the first policy
-            results[p.label] = evaluate(cfg, settings, lm, module, p, out_dir / slug(p.label), ckpt, restore)
-            restore = None
-        print_comparison(out_dir)
-        return results
+        return compare(cfg, settings, lm, module, ckpt, restore)
     return evaluate(cfg, settings, lm, module, settings.policy, Path(cfg.paths.output_dir), ckpt, restore)
+
+
+def compare(cfg: DictConfig, settings: RunSettings, lm: LoadedModel, module: CausalLMModule, ckpt: str | None,
+            restore: str | None) -> dict:
+    """task=compare: each policy into its own folder (``slug`` of its label), then the report over them.
+
+    With decode=lossless the Full row (a ``baseline`` policy) still decodes plainly (``plain_decoding``): it is
+    the output the lossless rows promise and the speed they are measured against; drafting with the full model
+    verifies nothing. Baselines run first, so a lossless row's result line can name its speedup over them."""
+    out_dir = Path(cfg.paths.output_dir)
+    plain = plain_decoding(cfg, settings) if settings.decode.lossless is not None else (cfg, settings)
+    results, reference = {}, None
+    for p in sorted(settings.compare, key=lambda p: not p.baseline):  # stable: otherwise the config's order
+        run_cfg, run_settings = plain if p.baseline else (cfg, settings)
+        results[p.label] = evaluate(run_cfg, run_settings, lm, module, p, out_dir / slug(p.label), ckpt, restore,
+                                    plain=reference)
+        reference = reference or (results[p.label] if p.baseline else None)
+        restore = None  # the checkpoint is restored once, for the first policy
+    print_comparison(out_dir)
+    return {p.label: results[p.label] for p in settings.compare}
+
+
+def plain_decoding(cfg: DictConfig, settings: RunSettings) -> tuple[DictConfig, RunSettings]:
+    """``cfg`` and ``settings`` as decode=greedy with the same generation settings: decode=lossless's own keys
+    (``lossless``, ``draft_len``, ``draft_confidence``) dropped, so run.json and metrics.json record a plain run."""
+    plain = copy.deepcopy(cfg)
+    node = OmegaConf.to_container(cfg.decode, resolve=True)
+    with open_dict(plain):
+        plain.decode = {k: v for k, v in node.items() if k not in ("lossless", *LOSSLESS_KEYS)}
+    return plain, dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, lossless=None))
 
 
 def model_overrides(cfg: DictConfig, world_size: int) -> dict:
@@ -152,10 +179,16 @@ def progress_enabled(cfg: DictConfig) -> bool:
 
 # ---------------------------------------------------------------------------------------------- tasks
 def generate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel) -> dict:
-    """One completion of ``cfg.prompt`` under the policy, decoded as ``settings.decode`` says (lossless too)."""
+    """One completion of ``cfg.prompt`` under the policy, decoded as ``settings.decode`` says (lossless too).
+
+    The prompt is formatted as evaluation formats a source (``prompt_format``): a chat model gets it as its user
+    turn, any other model ``prompt + dataset.separator`` (its source cut to ``dataset.max_source_tokens``), the
+    format the shipped E2E adapters were trained on; without the separator they answered with EOS at once."""
     policy, decode = settings.policy, settings.decode
-    prompt = build_prompt(cfg.prompt, {"instruction": ""}, lm.tokenizer, lm.chat) if lm.chat else cfg.prompt
-    enc = lm.tokenizer([prompt], return_tensors="pt", add_special_tokens=not lm.chat).to(lm.model.device)
+    fmt = prompt_format(cfg.dataset, lm.chat)
+    prompt = build_prompt(cfg.prompt, fmt, lm.tokenizer, lm.chat)
+    enc = lm.tokenizer([prompt], return_tensors="pt", add_special_tokens=prompt_special_tokens(lm.chat))
+    enc = enc.to(lm.model.device)
     check_prompt_fits(decode, lm, enc["input_ids"].shape[1])
     # lossless decoding runs its own draft/verify rounds and takes no logits processors: no per-token bar there
     bar = progress_enabled(cfg) and decode.lossless is None
@@ -166,15 +199,21 @@ def generate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel) -> dict:
         ticks = {} if decode.lossless else {"logits_processor": LogitsProcessorList([StepTick(tick)])}
         out = lm.model.generate(**enc, generation_config=decode.generation_config(lm.tokenizer), **ticks)
     seconds = time.perf_counter() - start
-    text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    # lossless: every token is the full model's (the drafts' cost is in the lossless entries)
+    new_ids = out[0, enc["input_ids"].shape[1]:].tolist()
+    text = lm.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    # lossless: every token is the full model's (the drafts' cost is in the lossless entries); a one-token answer
+    # has no decode step (the prefill writes the first token): no Avg. Layer rather than nan
     layers = float(lm.num_layers) if decode.lossless else stats.avg_layers
+    layers = None if layers != layers else layers
     result = {"model": lm.name, "policy": policy.label, "prompt": cfg.prompt, "completion": text,
               "avg_layers": layers, "num_layers": lm.num_layers, "seconds": round(seconds, 3),
-              **decode.record(stats)}
+              "prompt_format": fmt, **decode.record(stats)}
+    shown = f"{layers:.2f}" if layers is not None else "- (no decode step)"
     # logged, not printed: the console shows it and the run's log file (<run>/<task_name>.log) keeps it
-    log.info("%s | %s | Avg. Layer %.2f of %d | %.2f s\n> %s\n%s", lm.name, policy.label, layers,
-             lm.num_layers, seconds, cfg.prompt, text)
+    log.info("%s | %s | Avg. Layer %s of %d | %.2f s\n> %s\n%s", lm.name, policy.label, shown, lm.num_layers,
+             seconds, cfg.prompt, text)
+    if not text:
+        log.warning("%s", empty_answer(new_ids, lm.tokenizer, fmt))
     return result
 
 
@@ -191,6 +230,9 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
     trainer = make_trainer(cfg, [ckpt_cb], run_dir, fit=True)
     if not dm.val_pairs:
         trainer.limit_val_batches = 0
+    # Models load in eval mode and the module switches them to train mode when an epoch starts; Lightning checks
+    # before that and warned "Found N module(s) in eval mode" on every fine-tuning: switch before fit instead
+    module.model.train()
     with checkpoint_must_fit(resume, module, lm.name):
         trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
     last = ckpt_cb.last_model_path or str(run_dir / "checkpoints" / "last.ckpt")
@@ -210,11 +252,13 @@ def finetune(cfg: DictConfig, lm: LoadedModel, module: CausalLMModule, resume: s
 
 
 def evaluate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel, module: CausalLMModule, policy: Policy,
-             run_dir: Path, ckpt_path: str | None = None, restore: str | None = None) -> dict:
+             run_dir: Path, ckpt_path: str | None = None, restore: str | None = None,
+             plain: dict | None = None) -> dict:
     """Decode the evaluation split with ``policy`` (as ``settings.decode`` says) into ``run_dir`` and score it.
 
     ``ckpt_path``: the checkpoint evaluated (run.json, metrics.json); ``restore``: the one Lightning loads into
-    ``module`` first (None when its weights are already there).
+    ``module`` first (None when its weights are already there); ``plain``: the metrics of the plain Full run of
+    the same compare, which a lossless run's result line measures its speed against.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     done = {str(r["id"]) for r in read_run_predictions(run_dir)}  # resume: skip ids already written (any rank)
@@ -233,7 +277,7 @@ def evaluate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel, module: Ca
     # Warm-up first: one-time costs (allocator, first kernels) must not land in the first policy's tokens/s;
     # it runs once Lightning has put the model on this rank's device.
     callbacks = [WarmUpCallback(), skip, preds, TokenProgressCallback(decode.max_new_tokens)]
-    trainer = make_trainer(cfg, callbacks, run_dir, run_name=policy.label)
+    trainer = make_trainer(cfg, callbacks, run_dir, run_name=wandb_run_name(policy.label, decode))
     try:
         with checkpoint_must_fit(restore, module, lm.name):
             trainer.test(module, datamodule=dm, ckpt_path=restore, verbose=False, weights_only=True)
@@ -244,8 +288,7 @@ def evaluate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel, module: Ca
     m = preds.metrics or {}
     if not trainer.is_global_zero:  # DDP: rank 0 scores every rank's predictions
         return m
-    log.info("%s: Avg. Layer %.2f | R-L %.2f | BLEU-1 %.2f | %s tok/s", policy.label, m.get("avg_layers") or 0,
-             m.get("rougeL") or 0, m.get("bleu1") or 0, f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-")
+    log.info("%s", result_line(policy.label, m, decode.lossless, plain))
     return m
 
 

@@ -192,7 +192,8 @@ def metrics_for(policy: str, params: dict, layers: float, speed: float, scale: f
     """metrics.json as tasks.evaluate writes it for ``build_policy(policy, **params)``: quality = scale * full."""
     built = build_policy(policy, **params)
     return {**{k: v * scale for k, v in FULL_QUALITY.items()}, "bertscore_model": backbone,
-            "avg_layers": layers, "tokens_per_s": speed, "num_examples": 5, "num_layers": 30, "policy": policy,
+            "avg_layers": layers, "tokens_per_s": speed, "ms_per_step": 1000.0 / speed,  # one row per step: same ratio
+            "num_examples": 5, "num_layers": 30, "policy": policy,
             "policy_label": built.label, "policy_params": built.params(), "dataset": dataset,
             "split": "test", "model": model, "num_beams": 4, "ckpt_path": None, "complete": True}
 

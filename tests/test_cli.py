@@ -264,7 +264,9 @@ def test_cfg_job_prints_composed_config(tmp_path):
 # Cases that add model=phi2 (not cached, offline) prove the check runs before the model loads: were it
 # checked after, the run would fail on the model instead.
 BAD = {
-    "unknown-model": (["model=nope"], ["model", "nope"], None),
+    "unknown-model": (["model=nope"], ["model=nope is not in conf/model/", "smollm2-135m"], 2),
+    # a group typo: one line with the choices, not Hydra's listing of the search path and every group
+    "group-typo": (["policy=hds"], ["policy=hds", "did you mean policy=hsd?", "skipdecode_10_20"], 2),
     "missing-model-path": (["task=evaluate", "model=gpt2", "model.path=/nonexistent/gpt2", "dataset.path=sample"],
                            ["model.path=/nonexistent/gpt2"], 2),
     "offline-hub-id": (["task=evaluate", "model=phi2", "dataset.path=sample"], ["microsoft/phi-2"], 2),

@@ -62,10 +62,16 @@ def test_the_override_that_sets_max_new_tokens_is_named(tmp_path, overrides, key
     ("decode.num_beams=4", "decode=lossless needs num_beams=1"),
     ("decode.draft_len=0", "decode.draft_len=0 must be a positive integer"),
     ("decode.draft_confidence=1.5", "decode.draft_confidence=1.5 is out of range"),
+    # refused only inside generate() once the model had loaded
+    ("decode.repetition_penalty=1.3", r"decode=lossless does not apply decode.repetition_penalty=1.3: .*"
+                                      r"set decode.repetition_penalty=1.0"),
+    ("+decode.no_repeat_ngram_size=2", "decode=lossless does not apply decode.no_repeat_ngram_size=2"),
+    ("+decode.stop_strings=[x]", r"decode.stop_strings=\['x'\] is not supported"),
 ])
 def test_lossless_refuses_beams_and_bad_draft_len_before_loading(tmp_path, override, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         preflight.check(compose_config(tmp_path, *BASE, "policy=hsd", "policy.max=4", "decode=lossless", override))
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------- every task

@@ -7,6 +7,7 @@ from hsd_exp.flops import (
     decode_flops,
     kv_only_flops,
     layer_flops,
+    lossless_bound_flops,
     lossless_decode_flops,
     prefill_flops,
     routed_step_flops,
@@ -92,3 +93,26 @@ def test_lossless_flops_count_each_draft_step_and_each_verified_position(exact_b
         full = LosslessStats(drafted=2, verifications=1, exact_bottom=0)
         stats.lossless = full
         assert lossless_decode_flops(lm.model, P, rows, N, stats) > draft + verify + bottom
+
+
+@pytest.mark.parametrize("exact_bottom", [0, 2])
+def test_the_lossless_bound_counts_each_verify_forward_once(exact_bottom):
+    """A forward over k + 1 positions reads its weights once: the bound charges each verification what a
+    one-position forward at its depth costs (layers E+1..L and the head, plus the bottom-only pass), so measured
+    speed cannot beat it; the FLOP count (k + 1 positions each) measured runs beat by 1.3-1.9x."""
+    from hsd_exp.skip.lossless import LosslessStats
+
+    lm = load("tiny-llama")
+    per_layer, _, d, vocab = layer_flops(lm.model)
+    L, P, rows, N = 6, 5, 2, 9
+    runs = [(0, 1, 4, 5)] * 6 + [(0, 1, 5)] * 2  # 8 draft forwards, 4 per round
+    stats = SkipStats(num_layers=L, step_layers=runs, kv_only=[0] * 8, confidence_evals=[0] * 8)
+    stats.lossless = LosslessStats(drafted=8, verifications=2, exact_bottom=exact_bottom)
+    ctx = P + N // 2
+    draft = rows * sum(sum(per_layer[i] + 4 * ctx * d for i in run) + 2 * d * vocab for run in runs)
+    top = sum(f + 4 * ctx * d for f in per_layer[exact_bottom:]) + 2 * d * vocab
+    bottom = rows * 2 * sum(f + 4 * ctx * d for f in per_layer[:exact_bottom])
+    assert lossless_bound_flops(lm.model, P, rows, N, stats) == draft + rows * 2 * top + bottom
+    # the FLOP count charges the 8 drafted positions on top: the bound is lower by exactly that
+    assert lossless_decode_flops(lm.model, P, rows, N, stats) - lossless_bound_flops(lm.model, P, rows, N, stats) \
+        == rows * 8 * top

@@ -48,6 +48,19 @@ def test_bad_decoding_values_are_refused_before_the_model_loads(tmp_path, overri
     assert "microsoft/phi-2" not in msg
 
 
+@pytest.mark.parametrize("task", ["evaluate", "generate"])
+@pytest.mark.parametrize("policy", [["policy=full"], ["policy=skipdecode", "policy.min=6", "policy.max=6"]])
+def test_lossless_drafting_with_the_full_model_is_refused(tmp_path, task, policy):
+    """Every draft accepted, each round k full forwards plus a verification: decode=greedy's output, slower."""
+    with pytest.raises(ConfigError) as err:
+        preflight.check(cfg_of(tmp_path, f"task={task}", "model=tiny-llama", "dataset.path=sample", *policy,
+                               "decode=lossless"))
+    msg = str(err.value)
+    assert "drafts with the full model" in msg and "decode=greedy" in msg and "\n" not in msg, msg
+    preflight.check(cfg_of(tmp_path, f"task={task}", "model=tiny-llama", "dataset.path=sample", "policy=hsd",
+                           "policy.max=4", "decode=lossless"))  # a draft that skips: fine
+
+
 # ---------------------------------------------------------------------------------------------- model.path
 @pytest.fixture(scope="module")
 def saved_llama(tmp_path_factory) -> Path:
@@ -93,6 +106,26 @@ def test_model_path_family_is_checked_before_weights_load(tmp_path, saved_llama,
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", boom)
     with pytest.raises(ConfigError, match="model.family=gpt2"):
         tasks.run(cfg_of(tmp_path, "model=gpt2", f"model.path={saved_llama}", "policy=full"))
+
+
+def test_model_path_without_tokenizer_files_is_named_before_weights_load(tmp_path, saved_llama, monkeypatch):
+    """It failed inside transformers' AutoTokenizer, behind a Hydra wrapper, after the weights had loaded."""
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for f in saved_llama.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (weights_only / f.name).symlink_to(f)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("weights loaded before the tokenizer files were checked")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(ConfigError) as err:
+        tasks.run(cfg_of(tmp_path, "task=generate", "model=smollm2-135m", f"model.path={weights_only}",
+                         "model.chat=false", "policy=full", "decode.max_new_tokens=4"))
+    msg = str(err.value)
+    assert f"model.path={weights_only} has no tokenizer files" in msg and "save_pretrained" in msg, msg
+    assert "\n" not in msg
 
 
 # ---------------------------------------------------------------------------------------------- order

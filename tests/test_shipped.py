@@ -62,23 +62,44 @@ def test_the_shipped_adapters_have_a_card_and_stay_small():
 
 @pytest.mark.slow
 def test_the_shipped_skip_robust_smollm2_loads_offline_and_reads_well_at_its_headline_setting(tmp_path):
+    """The headline is the card's setting (layers 1-6 and 19-30, by its layer list); each decode step runs exactly
+    those 18 layers (counted by hooks on the layers' MLPs), so Avg. Layer is 18.0; the adapter changes the base
+    model's outputs; full depth and the headline both write the MR's name and type."""
     cfg = compose_config(tmp_path, "+experiment=smollm2_e2e_robust", "dataset.path=sample")
     lm = instantiate(cfg.model)
     assert lm.num_layers == 30 and cfg.model.adapter == "smollm2_e2e_robust"
-    headline = instantiate(cfg.policy)
-    assert headline.label == instantiate(cfg.compare_policies[-1]).label
+    headline, tmax = instantiate(cfg.policy), int(cfg.decode.max_new_tokens)
+    card = set(range(0, 6)) | set(range(18, 30))  # 0-based: layers 1-6 and 19-30
+    assert all(set(headline.layers(t, tmax, 30)) == card for t in range(tmax))
     prompt = build_prompt("name[Blue Spice], eatType[coffee shop], area[city centre]", cfg.dataset, lm.tokenizer,
                           lm.chat)
     enc = lm.tokenizer([prompt], return_tensors="pt")
     kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": lm.tokenizer.pad_token_id}
-    with torch.no_grad():
-        full = lm.model.generate(**enc, **kw)
-        with layer_skipping(lm.model, headline, max_new_tokens=int(cfg.decode.max_new_tokens)) as stats:
-            skipped = lm.model.generate(**enc, **kw)
+    steps = []  # per forward: the layers whose MLP ran (a skipped layer returns its input, its MLP never runs)
+    layers = lm.model.model.layers
+    handles = [lm.model.register_forward_pre_hook(lambda m, a: steps.append(set()))]
+    handles += [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: steps[-1].add(i))
+                for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            full = lm.model.generate(**enc, **kw)
+            steps.clear()
+            with layer_skipping(lm.model, headline, max_new_tokens=tmax) as stats:
+                skipped = lm.model.generate(**enc, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    new = skipped.shape[1] - enc["input_ids"].shape[1]
+    assert steps[0] == set(range(30)) and len(steps) == new  # the prefill runs every layer, then one step a token
+    assert all(s == card for s in steps[1:])
+    assert stats.avg_layers == 18.0
     texts = [lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) for out in (full, skipped)]
-    assert stats.avg_layers <= 18
     for text in texts:  # readable: the restaurant's name and what it is, in a sentence
         assert "Blue Spice" in text and "coffee shop" in text, texts
+    base = instantiate(cfg.model, adapter=None)  # the same base weights without the shipped adapter
+    with torch.no_grad():
+        tuned, plain = lm.model(**enc).logits[0, -1], base.model(**enc).logits[0, -1]  # (V,)
+    assert (tuned - plain).abs().max() > 1.0  # the merged adapter moved the next-token logits
 
 
 def test_an_adapter_with_a_router_decodes_policy_skiplayer_without_a_checkpoint(tmp_path):

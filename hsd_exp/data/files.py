@@ -86,13 +86,23 @@ def read_local(path: Path, split: str, cfg: dict) -> list[dict]:
     else:
         rows = read_release_dir(path, split, cfg)
         if rows is None:
-            raise ConfigError(
-                f"split {split!r} not found in dataset.path={str(path)!r}: it has the splits "
-                f"{_existing_splits(path)}; set dataset.split=<one of them>"
-            )
+            raise ConfigError(missing_split(path, split))
     for i, row in enumerate(rows):
         row.setdefault("_index", i)
     return rows
+
+
+def missing_split(path: Path, split: str) -> str:
+    """Why ``split`` cannot be read from the directory ``path``, and the fix. Fine-tuning always reads the train
+    split (dataset.split picks the evaluation split only), so for it the fix is a train file, not dataset.split."""
+    have = _existing_splits(path)
+    if split != "train":
+        return f"split {split!r} not found in dataset.path={str(path)!r}: it has the splits {have}; set " \
+               "dataset.split=<one of them>"
+    carve = f"dataset.split_fractions={{train:0.9,{have[0]}:0.1}} dataset.split_source={have[0]}" if have else ""
+    return (f"fine-tuning reads the train split, and dataset.path={str(path)!r} has none (it has {have}): add "
+            f"train.jsonl (or .json, .csv, .parquet; one row per example with the source and target fields)"
+            + (f", or carve one out of {have[0]} with {carve}" if carve else ""))
 
 
 def _json_lines(file: Path, text: str) -> list[dict]:

@@ -114,6 +114,16 @@ def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bo
     return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
 
 
+def prompt_format(dataset: Any, chat: bool) -> dict:
+    """The format task=generate gives its free prompt, as a dataset config ``build_prompt`` takes (and run results
+    record): evaluation's format of ``dataset``, but a chat model gets the prompt alone as its user turn (the
+    dataset's instruction asks for its task, not for a free prompt's); other models get ``prompt + separator``
+    (the source cut to ``max_source_tokens``), the format they were fine-tuned on."""
+    return {"chat": chat, "instruction": None if chat else _get(dataset, "instruction"),
+            "separator": None if chat else _get(dataset, "separator"),
+            "max_source_tokens": _get(dataset, "max_source_tokens")}
+
+
 def template_tokens(dataset_cfg: Any, tokenizer: Any, chat: bool) -> int:
     """Tokens a prompt holds besides its source: instruction, separator, chat template, BOS."""
     prompt = build_prompt("", dataset_cfg, tokenizer, chat)

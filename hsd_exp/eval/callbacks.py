@@ -21,6 +21,7 @@ from hsd_exp.decoding import DecodeSettings
 from hsd_exp.eval.layer_map import log_layer_map, write_layer_map
 from hsd_exp.eval.metrics import summarize_run
 from hsd_exp.eval.predictions import PredictionWriter, read_run_predictions, write_metrics
+from hsd_exp.eval.speed import SPEED_KEYS, SpeedLog, flop_ideal, lossless_layer_forwards
 from hsd_exp.run_folder import METRICS_FILE, predictions_file
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
@@ -179,37 +180,41 @@ class PredictionsCallback(pl.Callback):
         self.wandb_samples = wandb_samples
         self.writer: PredictionWriter | None = None
         self.metrics: dict | None = None
-        self.generated_tokens, self.generate_seconds = 0, 0.0  # this process's, summed over its batches
+        self.speed = SpeedLog()  # this process's batches: tokens, seconds, decode steps and their time
         self._t0 = 0.0
 
     def on_test_start(self, trainer, pl_module):
         self.writer = PredictionWriter(self.run_dir / predictions_file(trainer.global_rank, trainer.world_size))
-        self.generated_tokens, self.generate_seconds = 0, 0.0
+        self.speed = SpeedLog()
         self._t0 = time.perf_counter()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         for i, text in enumerate(outputs.texts):
-            self.writer.write(batch["ids"][i], batch["sources"][i], batch["references"][i], text, outputs.layers[i])
-        self.generated_tokens += outputs.tokens
-        self.generate_seconds += outputs.seconds
+            length = {"new_tokens": outputs.lengths[i]} if outputs.lengths else {}
+            self.writer.write(batch["ids"][i], batch["sources"][i], batch["references"][i], text, outputs.layers[i],
+                              **length)
+        self.speed.add(outputs, prompt_len=int(batch["input_ids"].shape[1]))
 
     def on_test_end(self, trainer, pl_module):
         if self.writer is not None:
             self.writer.close()
         # DDP: every rank generated its share in parallel, so throughput = all tokens / the slowest rank's time.
-        counts = pl_module.all_gather(torch.tensor([float(self.generated_tokens), self.generate_seconds]))
-        counts = counts.view(-1, 2)  # (world_size, 2)
-        generated, seconds = int(counts[:, 0].sum()), float(counts[:, 1].max())
+        sums = pl_module.all_gather(torch.tensor(self.speed.as_list(), dtype=torch.float64))
+        speed = SpeedLog.merged(sums.view(-1, len(SPEED_KEYS)).tolist())  # (world_size, keys)
         trainer.strategy.barrier()
         if trainer.global_rank != 0:
             return
         records = read_run_predictions(self.run_dir)  # every rank's file, each id once
         tokens = [n for r in records for n in r["layers_per_token"]]
+        stats = self.skip.stats if self.skip is not None else None
         self.metrics = summarize_run(
             records, self.bertscore,
             avg_layers=sum(tokens) / len(tokens) if tokens else None,
-            tokens_per_s=generated / seconds if seconds else None,
-            generated_tokens_this_run=generated,
+            **speed.summary(),  # tokens_per_s, ms_per_step, prefill_ms, decode_steps
+            # this process's steps (a resume: what it generated itself); rank 0's stats under DDP
+            flop_ideal=flop_ideal(pl_module.model, stats, speed.context) if speed.decode_steps else None,
+            layer_forwards_per_token=lossless_layer_forwards(stats),
+            generated_tokens_this_run=speed.tokens,
             wall_seconds=time.perf_counter() - self._t0,
             complete=True,
             **self.meta,

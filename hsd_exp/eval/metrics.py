@@ -270,10 +270,16 @@ def quality_retention(metrics: dict, full_metrics: dict) -> dict:
 def summarize_run(records: list[dict], bertscore: dict | None = None, **extra: Any) -> dict:
     """metrics.json content for one run: `score` over ``predictions.jsonl`` records + ``extra``.
 
-    ``extra`` passes through as given (avg_layers, tokens_per_s, num_layers, policy, dataset, model...).
+    ``extra`` passes through as given (avg_layers, tokens_per_s, ms_per_step, num_layers, policy, dataset, ...).
+    ``mean_new_tokens`` = mean over examples of the tokens each generated (its record's ``new_tokens``, up to and
+    including EOS); None when some record lacks it (written before it was recorded): the report compares it with
+    the Full run's, since a run that writes much longer or shorter outputs is not doing the same work.
     """
     metrics = score([r["prediction"] for r in records], [r["references"] for r in records], bertscore)
     metrics["num_examples"] = len(records)
     metrics["examples_hash"] = examples_hash(records)  # which examples: the report pairs runs on it
+    lengths = [r.get("new_tokens") for r in records]
+    complete = bool(lengths) and all(isinstance(n, int) for n in lengths)
+    metrics["mean_new_tokens"] = sum(lengths) / len(lengths) if complete else None
     metrics.update(extra)
     return metrics

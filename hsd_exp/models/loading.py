@@ -214,6 +214,23 @@ def local_num_layers(name: str, path: str, family: str, trust_remote_code: bool 
     return config.get_text_config().num_hidden_layers
 
 
+# What AutoTokenizer builds a tokenizer from (fast, SentencePiece, BPE, WordPiece, tiktoken); a folder with none of
+# them fails inside transformers, after the weights have loaded.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
+
+
+def check_tokenizer_files(name: str, path: str, trust_remote_code: bool = False) -> None:
+    """``model.path`` holds a tokenizer (remote code may name its files otherwise: not checked then)."""
+    p = Path(path).expanduser()
+    if trust_remote_code or not p.is_dir():  # a missing folder: local_num_layers names it
+        return
+    if any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken")):
+        return
+    raise ConfigError(f"model '{name}': model.path={path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}"
+                      "); save the tokenizer there too (tokenizer.save_pretrained(path)), as fine-tuning's hf_model/ does")
+
+
 def check_hub_model(name: str, hub_id: str | None, revision: str | None = None,
                     trust_remote_code: bool = False) -> None:
     """Before anything loads: a Hub model neither in the local cache nor downloadable is named now, not after the
@@ -238,6 +255,7 @@ def _from_dir(name: str, path: str, dtype: torch.dtype, trust_remote_code: bool,
     # before the weights load: a mismatch fails in milliseconds, not after the load
     got = local_num_layers(name, path, family, trust_remote_code, where)
     check_num_layers(name, got, num_layers)
+    check_tokenizer_files(name, path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )

@@ -16,7 +16,13 @@ W&B's files go into --out's wandb/ (WANDB_DIR, when set, wins).
 
 Columns:
   Avg. Layer  mean decoder layers run per generated token (prefill excluded)
-  Speedup     tokens/s / tokens/s(Full)
+  tokens/s    generated tokens (up to EOS) per second: output-length dependent, shown, not the Speedup
+  ms/step     one decode step of the batch, the prefill timed apart (metrics.json ms_per_step)
+  Speedup     ms/step(Full) / ms/step: output length cannot move it (lossless rows: tokens/s / tokens/s(Full),
+              wall time per token, their output being Full's; report.csv speedup_by says which)
+  FLOP ideal  the speedup the FLOPs of the layers run allow (metrics.json flop_ideal)
+  Flags       "length xR of Full" (tokens per example outside [0.67, 1.5] x Full's), "Speedup > FLOP ideal"
+              (above ideal x 1.10: the timing is off); a note under the table explains each
   % of full   mean over m in {R-1, R-2, R-L, BLEU-1, BERTScore} of m / m(Full) * 100
 
 Full is the full-decoding run of the same setting: same model.name and dataset.name, and the same
@@ -25,8 +31,8 @@ separator, max_source_tokens), decode.num_beams, do_sample and max_new_tokens (t
 sampling), read from each run's .hydra/config.yaml (the limit from metrics.json when it records one), that
 scored the same examples (metrics.json's examples_hash; for runs without one, as many examples). A complete
 Full run is preferred to a partial one. A row with no Full run of its own leaves Speedup and % of full
-blank, and a note under its table names what differs from the nearest Full run; a Full run without tokens/s
-(e.g. scored on resume) still gives % of full, only Speedup stays blank. A metric missing from either run,
+blank, and a note under its table names what differs from the nearest Full run; a Full run without timing
+(e.g. scored on resume) still gives % of full, only Speedup stays blank; so does a run without ms/step. A metric missing from either run,
 or whose Full value is 0, is left out of the mean; so is BERTScore when the two runs used different backbones. When the runs of one
 table span several settings, each row names its setting after the method ("HSD (s=1, 0, 18) [beams=1]",
 only the fields that differ), so no two rows look alike.

@@ -80,7 +80,11 @@ class RunRecord:
     bertscore_f1: Any = None
     bertscore_model: Any = None
     avg_layers: Any = None
-    tokens_per_s: Any = None
+    tokens_per_s: Any = None  # tokens up to EOS per second: output-length dependent, not the Speedup's measure
+    ms_per_step: Any = None  # one decode step of the batch (prefill apart): the Speedup's measure
+    prefill_ms: Any = None
+    flop_ideal: Any = None  # the speedup its layers allow (hsd_exp.eval.speed.flop_ideal)
+    mean_new_tokens: Any = None  # tokens generated per example, up to EOS
     num_examples: Any = None
     num_layers: Any = None
     lossless: Any = None  # decode=lossless: the policy drafted, the full model verified (quality = full's)
@@ -88,6 +92,7 @@ class RunRecord:
     draft_confidence: Any = None  # lossless: the adaptive draft length's threshold (None: always draft_len)
     acceptance: Any = None
     tokens_per_verification: Any = None
+    layer_forwards_per_token: Any = None  # lossless: decoder-layer forwards (drafts + verifications) per token
     config: dict = field(default_factory=dict, repr=False)  # raw (unresolved) .hydra/config.yaml
     built: Policy | None = field(default=None, repr=False)  # the policy rebuilt from (policy, params), if it can be
 

@@ -26,6 +26,7 @@ from hsd_exp.report.runs import (
     is_number,
     policy_name,
 )
+from hsd_exp.report.speedup import flags, length_ratio, speed_notes, speedup
 from hsd_exp.run_folder import PAIRED, REPORT_FILES
 
 __all__ = [
@@ -38,14 +39,16 @@ __all__ = [
 MD_COLUMNS = (
     ("Method", "method"), ("Avg. Layer", "avg_layers"), ("R-1", "rouge1"), ("R-2", "rouge2"),
     ("R-L", "rougeL"), ("BLEU-1", "bleu1"), ("BERTScore", "bertscore_f1"), ("tokens/s", "tokens_per_s"),
-    ("Speedup", "speedup"), ("% of full", "pct_full"), ("Status", "status"),
+    ("ms/step", "ms_per_step"), ("Speedup", "speedup"), ("FLOP ideal", "flop_ideal"), ("% of full", "pct_full"),
+    ("Flags", "flags"), ("Status", "status"),
 )
 PARAM_COLUMNS = ("s", "min", "max", "d", "criterion")  # the papers' parameters; a policy's others are in its row name
 CSV_COLUMNS = (  # the setting: model, dataset and every field a Full baseline must share (run_folder.SETTING)
     "model", "dataset", "method", "plot_line", "policy", *PARAM_COLUMNS, "setting", *(f.name for f in PAIRED),
     "examples_hash", "avg_layers", "num_layers",
-    *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "speedup", "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS),
-    "num_examples", "num_predictions", "status", "path",
+    *QUALITY_KEYS, "bertscore_model", "tokens_per_s", "ms_per_step", "prefill_ms", "speedup", "speedup_by",
+    "flop_ideal", "mean_new_tokens", "length_ratio", "flags", "layer_forwards_per_token",
+    "pct_full", *(f"{k}_pct_full" for k in QUALITY_KEYS), "num_examples", "num_predictions", "status", "path",
 )
 
 
@@ -117,9 +120,13 @@ def _row(run: RunRecord, full: RunRecord | None, setting_names: dict[tuple, str]
         "setting": setting, **{f.name: getattr(run, f.name) for f in PAIRED}, "examples_hash": run.examples_hash,
         "avg_layers": run.avg_layers, "num_layers": run.num_layers,
         **{k: getattr(run, k) for k in QUALITY_KEYS},
-        "bertscore_model": run.bertscore_model, "tokens_per_s": run.tokens_per_s,
-        "speedup": _ratio(run.tokens_per_s, full.tokens_per_s) if full else None,
+        "bertscore_model": run.bertscore_model, "tokens_per_s": run.tokens_per_s, "ms_per_step": run.ms_per_step,
+        "prefill_ms": run.prefill_ms, "flop_ideal": run.flop_ideal, "mean_new_tokens": run.mean_new_tokens,
+        "layer_forwards_per_token": run.layer_forwards_per_token,
     }
+    row["speedup"], row["speedup_by"] = speedup(run, full)
+    row["length_ratio"] = length_ratio(run, full)
+    row["flags"] = "; ".join(flags(run, row["length_ratio"], row["speedup"])) or None
     retention = retention_vs_full(run, full) if full else {}
     kept = [v for v in retention.values() if v is not None]
     row["pct_full"] = sum(kept) / len(kept) if kept else None
@@ -141,12 +148,6 @@ def retention_vs_full(run: RunRecord, full: RunRecord) -> dict[str, float | None
     if run.bertscore_model != full.bertscore_model:
         out["bertscore_f1"] = None
     return out
-
-
-def _ratio(a: Any, b: Any) -> float | None:
-    if not (is_number(a) and is_number(b)) or b == 0:
-        return None
-    return a / b
 
 
 # -----------------------------------------------------------------------------
@@ -194,10 +195,16 @@ def group_notes(rows: list[dict], runs: list[RunRecord]) -> list[str]:
     notes.extend(unpaired_notes(runs, rows, baselines))
     notes.extend(lossless_notes(runs, baselines))
     used = list({full.path: full for full in baselines.values()}.values())
-    no_speed = [f"`{full.path}`" for full in used if not is_number(full.tokens_per_s)]
+    no_speed = [f"`{full.path}`" for full in used if not (is_number(full.ms_per_step) or is_number(full.tokens_per_s))]
     if no_speed:
-        notes.append(f"Full run(s) without tokens/s (scored on resume) give % of full but no Speedup: "
+        notes.append(f"Full run(s) without timing (scored on resume) give % of full but no Speedup: "
                      f"{', '.join(no_speed)}")
+    # paired, timed in some way, yet no Speedup: a run (or its Full run) from before ms_per_step was recorded
+    by_path = {str(run.path): run for run in runs}
+    untimed = [row["method"] for row in rows if row["speedup"] is None and row["status"] == "complete"
+               and (full := baselines.get(by_path[row["path"]].path)) is not None
+               and f"`{full.path}`" not in no_speed]
+    notes.extend(speed_notes(rows, untimed))
     notes.extend(_example_count_notes(runs))
     partial = [row for row in rows if row["status"] != "complete"]
     if partial:
@@ -224,6 +231,11 @@ def lossless_notes(runs: list[RunRecord], baselines: dict) -> list[str]:
                          f"predictions differ from its Full run's (`{full.path}`), e.g. id {differ[0]}.**")
         else:
             notes.append(f"{run.method}: all {len(shared)} predictions identical to its Full run's, as promised.")
+        if is_number(run.layer_forwards_per_token):  # Avg. Layer is L (the depth that decided each token)
+            notes.append(f"{run.method}: Avg. Layer is the depth that decided each committed token (the verify "
+                         f"forward's, {as_text(run.num_layers) or 'L'}); its drafts and verifications ran "
+                         f"{run.layer_forwards_per_token:.2f} decoder-layer forwards per token "
+                         f"(report.csv layer_forwards_per_token).")
     return notes
 
 
@@ -243,7 +255,8 @@ def render_markdown(runs: list[RunRecord], rows: list[dict], title: str, png_nam
         parts += [f"## {key[0]} / {key[1]}", "", markdown_table(group_rows), ""]
         parts += [f"- {note}" for note in group_notes(group_rows, group_runs)] + [""]
     parts += [
-        "Speedup = tokens/s / tokens/s(full); % of full = mean over R-1, R-2, R-L, BLEU-1, BERTScore of "
+        "Speedup = ms/step(full) / ms/step(run), one decode step of the batch with the prefill timed apart (lossless "
+        "rows: tokens/s / tokens/s(full)); FLOP ideal = the speedup the FLOPs of the layers run allow; % of full = mean over R-1, R-2, R-L, BLEU-1, BERTScore of "
         "metric / metric(full) * 100 (per-metric values in report.csv). Full = the full-decoding run of the "
         "same model, dataset and setting (model.path, model.adapter, ckpt_path, split, limit, num_beams, do_sample, "
         "max_new_tokens, dataset.path, model.chat, instruction, separator, max_source_tokens; temperature and "
@@ -286,14 +299,22 @@ def write_report(runs: list[RunRecord], out_dir: str | os.PathLike, metric: str 
     paths = {k: out / name for k, name in REPORT_FILES.items()}
     rows = build_table(runs)
     write_csv(rows, paths["csv"])
+    title = title or default_title(runs)
     plot_quality_vs_layers(runs, rows, paths["png"], metric=metric, title=title)  # panels name model/dataset
-    paths["md"].write_text(render_markdown(runs, rows, title or default_title(runs), REPORT_FILES["png"]),
-                           encoding="utf-8")
+    paths["md"].write_text(render_markdown(runs, rows, title, REPORT_FILES["png"]), encoding="utf-8")
     return paths
 
 
 def default_title(runs: list[RunRecord]) -> str:
+    """What was run: model and dataset, and the adapter, split and n (examples scored) when every run shares
+    them ("Layer-skipping decoding: smollm2-135m + adapter smollm2_e2e_robust on e2e test, n=16")."""
     keys = sorted({group_key(r) for r in runs})
+    shared = {name: values.pop() if len(values := {as_text(getattr(r, name)) for r in runs}) == 1 else ""
+              for name in ("adapter", "split", "num_examples")}
+    model = f"{keys[0][0]} + adapter {shared['adapter']}" if shared["adapter"] else keys[0][0]
+    data = " ".join(x for x in (keys[0][1], shared["split"]) if x)
+    n = f", n={shared['num_examples']}" if shared["num_examples"] else ""
     if len(keys) == 1:
-        return f"Layer-skipping decoding: {keys[0][0]} on {keys[0][1]}"
-    return "Layer-skipping decoding comparison"
+        return f"Layer-skipping decoding: {model} on {data}{n}"
+    split = f" ({shared['split']} split)" if shared["split"] else ""
+    return f"Layer-skipping decoding comparison{split}{n}"

@@ -19,9 +19,12 @@ from hsd_exp.run_folder import flat_config
 
 def wandb_dir(out_dir: str | os.PathLike | None) -> str | None:
     """Where W&B writes its run folder: ``$WANDB_DIR`` when set, else the report's ``out_dir`` (None: W&B's own
-    default, the current folder)."""
-    if os.environ.get("WANDB_DIR") or out_dir is None:
-        return None  # wandb.init reads WANDB_DIR itself
+    default, the current folder). ``$WANDB_DIR`` is passed explicitly: W&B reads the environment once per process
+    (its first ``wandb.init``), so a later change of it was ignored."""
+    if os.environ.get("WANDB_DIR"):
+        return os.environ["WANDB_DIR"]
+    if out_dir is None:
+        return None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return str(out_dir)
 

@@ -71,8 +71,9 @@ class CALM(Policy):
 
     def validate(self, num_layers: int | None = None) -> None:
         check_number("d", self.d, "a number > 0 (the paper uses 0.02 and 0.005)")
-        if not self.d > 0:
-            raise ConfigError(f"policy.d={self.d} is out of range: must be > 0 (the paper uses 0.02 and 0.005)")
+        if not 0 < self.d <= 1:  # d > 1: lambda_1 = clip(1 - d, 0, 1) = 0, every token exits at first_exit
+            raise ConfigError(f"policy.d={self.d} is out of range: must be in (0, 1] (lambda_i = clip(1 - d*i, 0, "
+                              "1); at d = 1 every token already exits at first_exit); the paper uses 0.02 and 0.005")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"policy.criterion={self.criterion} is unknown; choose one of {', '.join(CRITERIA)}")
         first = self.first_exit

@@ -24,8 +24,9 @@ class Chooser:
     """How a round picks tokens from logits: greedy argmax, or sampling with generate()'s own warpers. EOS is
     masked while the token index < min_new_tokens, as generate()'s MinNewTokensLengthLogitsProcessor does."""
 
-    def __init__(self, gen: GenerationConfig, eos: list[int]):
+    def __init__(self, gen: GenerationConfig, eos: list[int], processors: LogitsProcessorList | None = None):
         self.gen, self.eos, self.sample = gen, eos, bool(gen.do_sample)
+        self.processors = processors  # generate(logits_processor=...): after min_new_tokens, before the warpers
         self.warpers = LogitsProcessorList()
         if self.sample:  # generate()'s order: temperature, top-k, top-p
             if gen.temperature is not None and gen.temperature != 1.0:
@@ -35,27 +36,35 @@ class Chooser:
             if gen.top_p is not None and gen.top_p < 1.0:
                 self.warpers.append(TopPLogitsWarper(gen.top_p))
 
-    def scores(self, logits: torch.Tensor, index: int) -> torch.Tensor:
-        """(B, V) logits of generated token ``index`` -> the processed scores generate() would choose from."""
+    def scores(self, logits: torch.Tensor, index: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) logits of generated token ``index`` -> the processed scores generate() would choose from;
+        ``ids`` (B, P + index): the tokens before it, which the call's own logits processors read."""
         if self.gen.min_new_tokens and self.eos and index < self.gen.min_new_tokens:
             logits = logits.clone()
             logits[:, self.eos] = float("-inf")
+        if self.processors:
+            logits = self.processors(ids, logits.float())
         return self.warpers(None, logits.float()) if self.sample else logits
 
-    def pick(self, logits: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pick(self, logits: torch.Tensor, index: int,
+             ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A draft token (B,) and, when sampling, its distribution q (B, V)."""
-        scores = self.scores(logits, index)
+        scores = self.scores(logits, index, ids)
         if not self.sample:
             return scores.argmax(-1), None
         q = scores.softmax(-1)
         return torch.multinomial(q, 1).squeeze(1), q
 
-    def accept(self, drafts: torch.Tensor, qs: list, logits: torch.Tensor, first: int):
-        """drafts (B, k), their q's, the full model's logits (B, k+1, V) for generated tokens first..first+k.
+    def accept(self, drafts: torch.Tensor, qs: list, logits: torch.Tensor, first: int,
+               ids: torch.Tensor | None = None):
+        """drafts (B, k), their q's, the full model's logits (B, k+1, V) for generated tokens first..first+k;
+        ``ids`` (B, P + first): the committed tokens before them.
         Returns (m, targets): each row's accepted prefix (B,) and the token to commit at each place (B, k+1):
         the accepted draft before m, the correction at m."""
         k = drafts.shape[1]
-        scores = [self.scores(logits[:, j], first + j) for j in range(k + 1)]
+        seq = None if ids is None else torch.cat([ids, drafts], dim=1)  # (B, P + first + k)
+        before = [None if seq is None else seq[:, :seq.shape[1] - k + j] for j in range(k + 1)]  # ids, d_1..d_j
+        scores = [self.scores(logits[:, j], first + j, before[j]) for j in range(k + 1)]
         if not self.sample:
             targets = torch.stack([s.argmax(-1) for s in scores], dim=1)  # (B, k+1)
             accepted = drafts == targets[:, :k]

@@ -9,6 +9,9 @@ LosslessStats, the call's max_new_tokens), with one attribute and one method:
                                   left entering layer E+1 (``Drafts.states``); 0: verification runs every layer
     draft(last, k, index, done)   up to k tokens after ``last`` (x_n, not yet in the cache), with their q's
 
+A strategy that scores its drafts through ``choose`` hands it the tokens before each one (``forwards.sequence``,
+the committed tokens, then its own drafts): the call's logits processors read them.
+
 ``PolicyDraft`` drafts with the skip policy itself (self-speculative decoding); ``SkipEngine.draft_class`` says
 which strategy a call uses. A new strategy (an early exit with a cheaper head, a reduced-vocabulary draft head)
 is a class beside it: the rounds, the verification and the engine stay as they are. (transformers'
@@ -63,11 +66,13 @@ class PolicyDraft:
 
     def draft(self, last: torch.Tensor, k: int, index: int, done: torch.Tensor) -> Drafts:
         out, tok, recorded = Drafts(), last, self.engine.stats.per_step
+        ids = self.forwards.sequence  # (B, P + index): the committed tokens, then the drafts so far
         with self.engine.run_layers(capture_at=self.exact_bottom or None) as states:  # the policy decides
             for j in range(k):
                 before = len(recorded)
                 logits = self.forwards(tok.unsqueeze(1))[:, -1]  # (B, V)
-                tok, q = self.choose.pick(logits, index + j)
+                tok, q = self.choose.pick(logits, index + j, ids)
+                ids = torch.cat([ids, tok[:, None]], dim=1)  # the call's logits processors read them
                 self.stats.draft_layers += recorded[before:]  # the layers the engine recorded for this token
                 out.tokens.append(tok)
                 out.qs.append(q)

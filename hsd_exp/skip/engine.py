@@ -50,10 +50,17 @@ from types import MethodType
 
 import torch
 
+from hsd_exp.errors import ConfigError
 from hsd_exp.models.layout import decoder_layers, layout_of, readout, submodule, unwrap
 from hsd_exp.skip.cache import SkipCache, cache_argument
 from hsd_exp.skip.drafts import PolicyDraft
-from hsd_exp.skip.lossless import LosslessSettings, LosslessStats, check_generation, effective_config
+from hsd_exp.skip.lossless import (
+    LosslessSettings,
+    LosslessStats,
+    check_arguments,
+    check_generation,
+    effective_config,
+)
 from hsd_exp.skip.policies import Policy
 from hsd_exp.skip.rounds import lossless_generate
 from hsd_exp.skip.runners import RUNNERS
@@ -126,16 +133,25 @@ class SkipEngine:
 
     def _generate(self, *args, **kwargs):
         gen_config = kwargs.get("generation_config") or self.model.generation_config
-        tmax = self.max_new_tokens or kwargs.get("max_new_tokens") or gen_config.max_new_tokens
+        asked = kwargs.get("max_new_tokens") or gen_config.max_new_tokens  # this call's own length
+        tmax = self.max_new_tokens or asked
         if not tmax:
             raise ValueError("layer_skipping needs max_new_tokens (the policies' Tmax): pass it to either")
+        if asked and asked > tmax:  # tokens T >= Tmax would run a schedule past its end (HSD's band below min)
+            raise ConfigError(f"generate(max_new_tokens={asked}) inside layer_skipping(max_new_tokens={tmax}): the "
+                              f"policy's schedule covers {tmax} tokens; pass layer_skipping(max_new_tokens={asked}) "
+                              f"(or None: each call's own length), or generate at most {tmax} tokens")
         with self._one_call(tmax):
             if self.lossless is not None:  # rounds of draft and verify (hsd_exp.skip.rounds) instead of generate()
-                gen, inputs = effective_config(self.model, dict(kwargs))
+                if len(args) > 1:
+                    raise ConfigError(f"lossless decoding takes generate()'s input ids alone by position (got "
+                                      f"{len(args)} positional arguments): pass the rest by keyword")
+                gen, rest = effective_config(self.model, dict(kwargs))
                 check_generation(gen)
-                input_ids = args[0] if args else inputs.pop("input_ids")
-                return lossless_generate(self, input_ids, inputs.get("attention_mask"), gen, self.lossless,
-                                         self.draft_class)
+                call = check_arguments(rest)
+                input_ids = args[0] if args else call.pop("input_ids")
+                return lossless_generate(self, input_ids, call.pop("attention_mask", None), gen, self.lossless,
+                                         self.draft_class, **call)
             use_cache = kwargs.get("use_cache", gen_config.use_cache)
             if use_cache is not False and kwargs.get(self.cache_kw) is None:  # None = generate()'s default: cached
                 # Layer 0 may be skipped: give generate() a cache that reports the true length.
@@ -229,7 +245,8 @@ def layer_skipping(model, policy: Policy, max_new_tokens: int | None = None, pro
                    draft_confidence: float | None = None):
     """Apply ``policy`` to every ``model.generate()`` (and forward) inside the block; yields SkipStats.
 
-    ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used.
+    ``max_new_tokens`` is the policies' Tmax; when None, each generate() call's own max_new_tokens is used. A
+    generate() call asking for more new tokens than it is refused (ConfigError): its schedule ends at Tmax.
     ``prompt_len`` fixes where generated tokens start for plain forwards (skip-aware training batches).
     ``lossless`` (True or a LosslessSettings; False / None: plain skipping): the policy drafts ``draft_len``
     tokens per round and the full model verifies them, so greedy generate() returns exactly plain generate()'s

@@ -45,14 +45,24 @@ from hsd_exp.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-# GenerationConfig fields that would change greedy tokens, with the values that leave them off: lossless mode does
-# not apply them, so it refuses anything else.
+# GenerationConfig fields that would change the tokens or the output's form, with the values that leave them off:
+# lossless mode does not apply them, so it refuses anything else. (Applied: max_new_tokens, min_new_tokens,
+# min_length, max_time, stop_strings, eos/pad; sampling's temperature, top_k, top_p.)
 UNSUPPORTED = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
                "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "forced_bos_token_id": (None,),
                "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
                "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
                "renormalize_logits": (None, False), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
-               "eta_cutoff": (None, 0.0), "min_p": (None, 0.0)}
+               "eta_cutoff": (None, 0.0), "min_p": (None, 0.0), "top_h": (None,), "guidance_scale": (None, 1.0),
+               "watermarking_config": (None,), "num_return_sequences": (None, 1),
+               "return_dict_in_generate": (None, False), "token_healing": (None, False)}
+
+# generate() arguments the rounds apply (beside the model inputs input_ids and attention_mask): the call's own logits
+# processors (after generate()'s, before the sampling warpers, at every scored position: drafts and verification),
+# stopping criteria (after each committed token), a streamer (the prompt, then each committed token), and the
+# tokenizer that stop_strings need. Anything else is refused by name.
+CALL_ARGUMENTS = ("logits_processor", "stopping_criteria", "streamer", "tokenizer")
+MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -119,10 +129,28 @@ def check_generation(gen: GenerationConfig) -> None:
     if not gen.max_new_tokens:  # generate()'s max_length rules (defaults, embeddings) are not reproduced
         raise ConfigError("lossless decoding needs max_new_tokens (pass generate(max_new_tokens=...) or set it in "
                           "the generation config); max_length alone is not supported")
-    changed = [f for f, off in UNSUPPORTED.items() if getattr(gen, f, None) not in off]
+    changed = unsupported(gen)
     if changed:
         raise ConfigError(f"lossless decoding does not apply {', '.join(changed)}: unset them (max_new_tokens, "
-                          "min_new_tokens, eos/pad, and for sampling temperature, top_k and top_p are supported)")
+                          "min_new_tokens, min_length, max_time, stop_strings, eos/pad, and for sampling "
+                          "temperature, top_k and top_p are supported)")
+
+
+def unsupported(gen: GenerationConfig) -> list[str]:
+    """The ``UNSUPPORTED`` fields ``gen`` sets (the ones lossless mode would not apply)."""
+    return [f for f, off in UNSUPPORTED.items() if getattr(gen, f, None) not in off]
+
+
+def check_arguments(rest: dict) -> dict:
+    """generate()'s keyword arguments beyond its GenerationConfig (``rest``, from ``effective_config``): the model
+    inputs and ``CALL_ARGUMENTS`` pass; anything else (inputs_embeds, prefix_allowed_tokens_fn, an assistant
+    model, ...) would be dropped, so it is refused. Returns ``rest`` without the None-valued ones."""
+    rest = {k: v for k, v in rest.items() if v is not None}
+    unknown = sorted(set(rest) - set(CALL_ARGUMENTS) - set(MODEL_INPUTS))
+    if unknown:
+        raise ConfigError(f"lossless decoding does not take generate({', '.join(f'{k}=...' for k in unknown)}): "
+                          f"drop it (it takes {', '.join(MODEL_INPUTS + CALL_ARGUMENTS)} and a GenerationConfig)")
+    return rest
 
 
 def effective_config(model, kwargs: dict) -> tuple[GenerationConfig, dict]:
@@ -151,4 +179,5 @@ def exact_bottom(policy, max_steps: int, num_layers: int, steps: int | None = No
     return bottom
 
 
-__all__ = ["LosslessSettings", "LosslessStats", "UNSUPPORTED", "check_generation", "effective_config", "exact_bottom"]
+__all__ = ["CALL_ARGUMENTS", "LosslessSettings", "LosslessStats", "MODEL_INPUTS", "UNSUPPORTED", "check_arguments",
+           "check_generation", "effective_config", "exact_bottom", "unsupported"]

@@ -9,13 +9,22 @@ hsd_exp.skip.lossless).
 
 The loop reaches the engine through ``engine.run_layers`` alone (which layers a forward runs; the states captured
 and fed at layer E); ``Forwards`` runs the model on the call's cache with the positions and mask generate() uses.
+
+generate()'s own hooks are applied as it applies them, so the output stays plain generate()'s with them: the call's
+logits processors score every position (prefill, drafts, verification) after min_new_tokens and before the
+sampling warpers, given the tokens before that position (so they must be functions of (input_ids, scores): one
+that counts its calls counts drafted and verified positions, not tokens); stopping criteria (the call's, and
+stop_strings / max_time from the config) run after each committed token and finish the rows they stop; a streamer
+gets the prompt, then each committed token (B,), then ``end()``.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import MaxTimeCriteria, StopStringCriteria
 
+from hsd_exp.errors import ConfigError
 from hsd_exp.skip.cache import SkipCache
 from hsd_exp.skip.choose import Chooser
 from hsd_exp.skip.drafts import PolicyDraft
@@ -30,6 +39,7 @@ class Forwards:
         self.model, self.stack, self.cache_kw = engine.model, engine.stack, engine.cache_kw
         self.B, self.P = input_ids.shape
         self.prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, P)
+        self.sequence = input_ids  # (B, P + g): the committed tokens (the last one not in the cache yet)
         self.cache = SkipCache(config=engine.model.config)
         self.cache.activate_past_recording()  # sliding-window layers (Gemma-3) keep what truncate() may go back to
 
@@ -68,48 +78,84 @@ def verify(engine, forwards: Forwards, ids: torch.Tensor, n: int, states: list, 
         cache.count_from = 0
 
 
+def stopping(gen: GenerationConfig, criteria, tokenizer) -> StoppingCriteriaList:
+    """The call's stopping criteria, with generate()'s own for ``stop_strings`` and ``max_time`` (EOS and the
+    length the rounds check themselves)."""
+    out = StoppingCriteriaList()
+    if gen.max_time is not None:
+        out.append(MaxTimeCriteria(max_time=gen.max_time))
+    if gen.stop_strings is not None:
+        if tokenizer is None:
+            raise ConfigError(f"stop_strings={gen.stop_strings!r} needs the tokenizer: pass "
+                              "generate(..., tokenizer=tokenizer), as plain generate() requires")
+        out.append(StopStringCriteria(stop_strings=gen.stop_strings, tokenizer=tokenizer))
+    return StoppingCriteriaList([*out, *(criteria or [])])
+
+
 def lossless_generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      gen: GenerationConfig, settings: LosslessSettings, draft_class=PolicyDraft) -> torch.Tensor:
+                      gen: GenerationConfig, settings: LosslessSettings, draft_class=PolicyDraft,
+                      logits_processor=None, stopping_criteria=None, streamer=None, tokenizer=None) -> torch.Tensor:
     """``generate()`` of ``engine.model`` (greedy or sampling): (B, P + new). ``draft_class`` (a DraftStrategy,
     hsd_exp.skip.drafts; default: drafts under ``engine.policy``) is built once per call as
-    ``draft_class(engine, forwards, choose, settings, stats, steps=max_new_tokens)``. Counts go into
-    ``engine.stats.lossless``."""
+    ``draft_class(engine, forwards, choose, settings, stats, steps=max_new_tokens)``. generate()'s
+    ``logits_processor``, ``stopping_criteria``, ``streamer`` (and ``tokenizer`` for stop_strings) are applied as
+    the module docstring says. Counts go into ``engine.stats.lossless``."""
     stats = engine.stats.lossless
     B, P = input_ids.shape
     eos = [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
     eos_ids = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
     pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
     limit = gen.max_new_tokens
-    choose = Chooser(gen, eos)
+    if gen.min_length and gen.min_length > P:  # min_length counts the prompt: EOS masked while P + index < it
+        gen.min_new_tokens = max(gen.min_new_tokens or 0, gen.min_length - P)  # gen is this call's own copy
+    choose = Chooser(gen, eos, LogitsProcessorList(logits_processor or []))
+    stop = stopping(gen, stopping_criteria, tokenizer)
     forwards = Forwards(engine, input_ids, attention_mask)
     draft = draft_class(engine, forwards, choose, settings, stats, steps=limit)
     E = stats.exact_bottom = draft.exact_bottom  # 0: verify at full depth
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    def commit(tok: torch.Tensor, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Append generated token ``tok`` (B,) (pad in finished rows), chosen from ``logits`` (B, V); the rows done
+        after it (EOS, or a stopping criterion)."""
+        before, index = forwards.sequence, forwards.sequence.shape[1] - P
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        forwards.sequence = torch.cat([before, tok[:, None]], dim=1)  # (B, P + index + 1)
+        if streamer is not None:
+            streamer.put(tok.cpu())
+        done = done | torch.isin(tok, eos_ids)
+        if stop:  # generate() hands its criteria the scores it chose from
+            done = done | stop(forwards.sequence, choose.scores(logits, index, before))
+        return done
 
     with engine.run_layers(range(engine.L)):  # the prefill, every layer: token 0
-        first, _ = choose.pick(forwards(input_ids)[:, -1], 0)
-    new = [first]
-    done = torch.isin(first, eos_ids)  # (B,) rows past their EOS
-    while len(new) < limit and not done.all():
-        g = len(new)  # generated tokens so far; new[-1] is not in the cache yet
+        logits = forwards(input_ids)[:, -1]  # (B, V)
+        first, _ = choose.pick(logits, 0, input_ids)
+    done = commit(first, logits, torch.zeros_like(first, dtype=torch.bool))  # (B,) rows past their EOS
+    g = 1  # generated tokens so far; the last one is not in the cache yet
+    while g < limit and not done.all():
         n = P + g - 1  # committed positions with K/V in the cache
-        drafts = draft.draft(new[-1], min(settings.draft_len, limit - g - 1), g, done)
+        last = forwards.sequence[:, -1]  # (B,)
+        drafts = draft.draft(last, min(settings.draft_len, limit - g - 1), g, done)
         k = len(drafts.tokens)
-        logits = verify(engine, forwards, torch.stack([new[-1], *drafts.tokens], dim=1), n, drafts.states, E,
+        logits = verify(engine, forwards, torch.stack([last, *drafts.tokens], dim=1), n, drafts.states, E,
                         stats)  # (B, k + 1, V)
-        proposed = torch.stack(drafts.tokens, dim=1) if k else first.new_empty(B, 0)  # (B, k)
-        m, targets = choose.accept(proposed, drafts.qs, logits, g)
+        proposed = torch.stack(drafts.tokens, dim=1) if k else last.new_empty(B, 0)  # (B, k)
+        m, targets = choose.accept(proposed, drafts.qs, logits, g, forwards.sequence)
         a = int(torch.where(done, torch.full_like(m, k), m).min())  # finished rows do not hold the batch back
         stats.drafted += k
         stats.accepted += a
         stats.committed += a + 1
         forwards.cache.truncate(n + a + 1)  # keep x_n, d_1..d_a (the full model's K/V); c_{a+1} is fed next round
         for j in range(a + 1):
-            tok = torch.where(done, torch.full_like(targets[:, j], pad), targets[:, j])
-            new.append(tok)
-            done = done | torch.isin(tok, eos_ids)
-            if done.all() or len(new) == limit:
+            done = commit(targets[:, j], logits[:, j], done)
+            g += 1
+            if done.all() or g == limit:
                 break
-    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)  # (B, P + new)
+    if streamer is not None:
+        streamer.end()
+    return forwards.sequence  # (B, P + new)
 
 
-__all__ = ["Forwards", "lossless_generate", "verify"]
+__all__ = ["Forwards", "lossless_generate", "stopping", "verify"]

@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from hsd_exp.console import StepTick
+from hsd_exp.eval.step_timer import StepTimer
 from hsd_exp.models.layout import decoder_layers, readout
 from hsd_exp.skip.engine import layer_skipping
 from hsd_exp.skip.policies import Policy
@@ -35,6 +36,10 @@ class GeneratedBatch(NamedTuple):
     layers: list[list[float]]  # per example, the decoder layers run for each generated token after the first
     tokens: int  # tokens generated, up to and including each row's EOS
     seconds: float  # generate()'s wall time
+    lengths: list[int] = []  # per example, its generated tokens (up to and including its EOS)
+    prefill_seconds: float | None = None  # StepTimer: the prompt pass; None where no timer rode along (lossless)
+    decode_steps: int = 0  # StepTimer: the batch's decode forwards (N - 1 for N generated positions)
+    decode_seconds: float = 0.0  # StepTimer: their time, t_N - t_1
 
 
 class CausalLMModule(pl.LightningModule):
@@ -202,31 +207,42 @@ class CausalLMModule(pl.LightningModule):
         """Predictions for one batch and, per example, the decoder layers run for each generated token."""
         gen, stats = self.generation_config, self.skip_stats
         lossless = stats is not None and stats.lossless is not None
-        # the progress tick rides on generate()'s logits processors; lossless decoding runs its own rounds (none)
-        tick = self.token_tick is not None and not lossless
-        ticks = {"logits_processor": LogitsProcessorList([self.token_tick])} if tick else {}
+        # The step timer and the progress tick ride on generate()'s logits processors, called once per step.
+        # Lossless decoding runs its own rounds (a round is not one step): it gets neither, and its speed is
+        # its wall time per token (its output is Full's, so the lengths match).
+        timer = None if lossless else StepTimer()
+        processors = [p for p in (timer, None if lossless else self.token_tick) if p is not None]
+        extra = {"logits_processor": LogitsProcessorList(processors)} if processors else {}
         start = time.perf_counter()
+        if timer is not None:
+            timer.start()
         out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  generation_config=gen, **ticks)
+                                  generation_config=gen, **extra)
         seconds = time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
-        # lossless: every token is the full model's (the drafts' cost: metrics' lossless entries)
-        per_step = list(stats.last_call) if stats is not None and not lossless else []
-        per_row = stats.last_call_rows if stats is not None else []
+        # Lossless: every committed token is the full model's, decided by a verify forward at full depth L, so
+        # each records L, the depth that decided it; the engine's per-step records are the drafts' (a router's
+        # per-row ones too) and must not stand for them. What drafts plus verifications ran per committed token
+        # is metrics.json's layer_forwards_per_token (hsd_exp.eval.speed.lossless_layer_forwards).
+        plain = stats is not None and not lossless
+        per_step = list(stats.last_call) if plain else []
+        per_row = stats.last_call_rows if plain else []
         beams = gen.num_beams or 1
-        texts, layers, tokens = [], [], 0
+        texts, layers, lengths = [], [], []
         for b, row in enumerate(new.tolist()):
             if per_row:  # a per-token policy (router): this example's own rows (its beams' mean), step by step
                 per_step = [sum(step[b * beams:(b + 1) * beams]) / beams for step in per_row]
             n = _generated_length(row, gen.eos_token_id, gen.pad_token_id)
-            tokens += n
+            lengths.append(n)
             texts.append(self.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
             # Token k (k >= 1) of this row came out of decode step k-1, the forward that fed token k-1 back;
             # token 0 came out of the prefill, which Avg. Layer leaves out. So the row's steps are 0..n-2,
             # whatever the other rows of the batch did: a row that ends early must not count the step that
             # fed its last token back only because a longer row kept the batch going.
             layers.append(per_step[:max(n - 1, 0)] if per_step else [self.num_layers] * max(n - 1, 0))
-        return GeneratedBatch(texts, layers, tokens, seconds)
+        timed = {} if timer is None else {"prefill_seconds": timer.prefill_seconds,
+                                          "decode_steps": timer.decode_steps, "decode_seconds": timer.decode_seconds}
+        return GeneratedBatch(texts, layers, sum(lengths), seconds, lengths, **timed)
 
     @torch.no_grad()
     def warm_up(self) -> None:

@@ -19,10 +19,15 @@ as at decode time; only target positions (generated-token index T >= 0) are skip
 - LayerSkip's early-exit loss (``exit_loss.scale`` = e_scale, eqs. 3-5): the LM head reads every layer's output,
 
       L = sum_l e~(t, l) * CE_l,   e~(t, l) = C(t, l) e(l) / sum_i C(t, i) e(i),
-      e(l) = e_scale * sum_{i=0}^{l} i  (l < L - 1),   e(L - 1) = L - 1,
+      e(l) = e_scale * sum_{i=0}^{l} i  (l < L - 1),   e(L - 1) = (L - 1) + e_scale * sum_{i=0}^{L-2} i,
 
   with the rotational curriculum C(t, l) = 1 iff l = L - 1 or l = t mod R (R = ``rotation``), or C = 1 for every
-  layer (``curriculum: none``). It also trains the early-exit drafts of lossless mode (``policy=early_exit``).
+  layer (``curriculum: none``). The last layer's e is the paper's eq. 4: L - 1 *on top of* the largest early
+  scale, so the final exit carries the largest weight whatever e_scale (torchtune's ``sum_l_loss_scale``,
+  torchtune/modules/early_exit_loss.py, likewise gives the last layer the cumulative sum of all the others';
+  facebookresearch/LayerSkip's Hugging Face recipe weighs the last layer 1 against e_scale for the exit). At
+  L = 30, e_scale = 1, no curriculum the last layer's share is 435 / 4495 = 9.7% (an e(L - 1) of L - 1 alone
+  gave it 29 / 4089 = 0.7%). It also trains the early-exit drafts of lossless mode (``policy=early_exit``).
 """
 
 from __future__ import annotations
@@ -122,9 +127,13 @@ class _DropStep(RunMasks):
 # ----------------------------------------------------------------------------------------------- early-exit loss
 def exit_weights(num_layers: int, step: int, scale: float, curriculum: str = "rotational",
                  rotation: int = 4) -> list[float]:
-    """e~(t, l) for l = 0..L-1 (they sum to 1): see the module docstring."""
-    e = [scale * i * (i + 1) / 2 for i in range(num_layers - 1)] + [float(num_layers - 1)]  # sum_{j<=i} j
-    on = [curriculum == "none" or i == num_layers - 1 or i % rotation == step % rotation for i in range(num_layers)]
+    """e~(t, l) for l = 0..L-1 (they sum to 1): see the module docstring (arXiv 2404.16710 eqs. 3-5)."""
+    L = num_layers
+    if L == 1:
+        return [1.0]  # the final CE alone (e(0) = 0 would leave nothing to normalise)
+    e = [scale * i * (i + 1) / 2 for i in range(L - 1)]  # e(l) = e_scale * sum_{i<=l} i
+    e.append((L - 1) + scale * (L - 2) * (L - 1) / 2)  # e(L-1) = L-1 + e_scale * sum_{i<=L-2} i: the largest
+    on = [curriculum == "none" or i == L - 1 or i % rotation == step % rotation for i in range(L)]
     total = sum(w for w, c in zip(e, on, strict=True) if c)
     return [w / total if c else 0.0 for w, c in zip(e, on, strict=True)]
 

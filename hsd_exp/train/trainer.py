@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from hsd_exp.console import lightning_info_shown
 from hsd_exp.errors import ConfigError
 from hsd_exp.run_folder import flat_config
 
@@ -36,14 +37,43 @@ def make_trainer(cfg: DictConfig, callbacks: list, run_dir: Path, fit: bool = Fa
     if not node.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false wins over the bar
         static = [c for c in static if not isinstance(c, pl.callbacks.ProgressBar)]
     loggers = [_logger(name, lg, run_dir, fit, run_name) for name, lg in cfg.logger.items()]
-    for lg in loggers:
-        lg.log_hyperparams(flat_config(OmegaConf.to_container(cfg, resolve=True)))
+    if loggers:
+        hyperparams = logged_config(cfg, evaluates=not fit or cfg.task == "finetune_evaluate")
+        for lg in loggers:
+            lg.log_hyperparams(hyperparams)
     _INTERRUPTED.clear()  # each Trainer starts uninterrupted (an interrupted one ends the process)
     node.update(callbacks=[*callbacks, *static, InterruptWatch()], logger=loggers or False,
                 default_root_dir=str(run_dir))
     if not fit:
         node["enable_checkpointing"] = False
+    # Lightning's model summary (12 lines, RichModelSummary prints past logging) is INFO: shown with -v only
+    if fit and "enable_model_summary" not in node and not lightning_info_shown():
+        node["enable_model_summary"] = False
     return _instantiate(node)
+
+
+def logged_config(cfg: DictConfig, evaluates: bool) -> dict:
+    """The run's config as the loggers record it: flat, resolved, and ``bertscore.model`` the backbone that will
+    score (``resolve_bertscore_backbone``: roberta-large when it is cached or downloadable, else the offline
+    fallback all-MiniLM-L6-v2), not the one the config asks for first; ``bertscore.requested`` keeps that."""
+    config = flat_config(OmegaConf.to_container(cfg, resolve=True))
+    if evaluates and config.get("bertscore.enabled"):
+        from hsd_exp.eval.metrics import resolve_bertscore_backbone
+
+        config["bertscore.requested"] = config.get("bertscore.model")
+        bertscore = OmegaConf.to_container(cfg.bertscore, resolve=True)
+        config["bertscore.model"] = resolve_bertscore_backbone(bertscore)[2]  # its recorded name, as metrics.json
+    return config
+
+
+def wandb_run_name(label: str, decode) -> str:
+    """A run's W&B name: the policy's label, plus the decoding mode when it is not the policy's own tokens
+    (``decode=lossless``: the policy only drafted), so a lossless and a plain run of one policy tell apart."""
+    lossless = getattr(decode, "lossless", None)
+    if lossless is None:
+        return label
+    conf = f",c={lossless.draft_confidence:g}" if lossless.draft_confidence is not None else ""
+    return f"{label} lossless(k={lossless.draft_len}{conf})"
 
 
 _INTERRUPTED: list[bool] = []

@@ -94,7 +94,11 @@ def test_tiny_multirun_then_report(tmp_path):
             assert float(by_policy[name]["pct_full"]) == pytest.approx(sum(kept) / len(kept)), name
         else:
             assert by_policy[name]["pct_full"] == "", name
-    speedup = metrics["1_hsd_s_1_0_12"]["tokens_per_s"] / metrics["0_full"]["tokens_per_s"]
-    assert float(by_policy["hsd"]["speedup"]) == speedup
+    # Speedup: one decode step of the batch against Full's (metrics.json's ms_per_step), not tokens/s
+    speedup = metrics["0_full"]["ms_per_step"] / metrics["1_hsd_s_1_0_12"]["ms_per_step"]
+    assert float(by_policy["hsd"]["speedup"]) == speedup and by_policy["hsd"]["speedup_by"] == "ms/step"
+    for m in metrics.values():  # 2 batches of 2, at most 6 tokens: at most 5 decode steps each
+        assert 0 < m["decode_steps"] <= 10 and m["prefill_ms"] > 0 and 0 < m["mean_new_tokens"] <= 6
+    assert metrics["0_full"]["flop_ideal"] == 1.0 and metrics["1_hsd_s_1_0_12"]["flop_ideal"] > 1.0
     assert (out / "quality_vs_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Avg. Layer" in (out / "report.md").read_text()

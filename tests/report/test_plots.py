@@ -13,10 +13,10 @@ from matplotlib.figure import Figure
 from hsd_exp.errors import ConfigError
 from hsd_exp.report.plots import VARIANT_COLORS, _plot_group
 from hsd_exp.report.runs import collect_runs
-from hsd_exp.report.tables import build_table, write_report
+from hsd_exp.report.tables import build_table, default_title, write_report
 from hsd_exp.skip.policies import POLICIES, Policy, build_policy
 
-from helpers import make_multirun, metrics_for, policy_yaml, write_run
+from helpers import make_multirun, metrics_for, policy_yaml, set_config, write_run
 
 
 def plot(rows, runs):
@@ -33,8 +33,9 @@ def test_variants_get_their_own_dashed_line_in_a_colour_no_family_uses(tmp_path)
     runs = collect_runs([tmp_path / "m"])
     ax = plot(build_table(runs), runs)
     lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
-    assert set(lines) == {"HSD s=1", "HSD s=1 (keep_first=1)"}  # Full: a star and an unlabelled axhline
-    paper, variant = lines["HSD s=1"], lines["HSD s=1 (keep_first=1)"]
+    # every run's parameters in its line's label; Full: a star and an unlabelled axhline
+    assert set(lines) == {"HSD (s=1, 0, 8), (s=1, 0, 18)", "HSD (s=1, 0, 18, keep_first=1)"}
+    paper, variant = lines["HSD (s=1, 0, 8), (s=1, 0, 18)"], lines["HSD (s=1, 0, 18, keep_first=1)"]
     assert list(paper.get_xdata()) == [17.2, 19.8] and list(variant.get_xdata()) == [21.4]
     assert paper.get_linestyle() == "-" and variant.get_linestyle() == "--"
     assert (paper.get_color(), paper.get_marker()) == build_policy("hsd", s=1).style
@@ -55,9 +56,14 @@ def test_one_line_per_setting_and_family(tmp_path):
     ax = plot(build_table(runs), runs)
     lines = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()
              if not line.get_label().startswith("_")}
-    assert lines == {"HSD s=1 [ckpt=/ckpt/a.ckpt]": [17.2, 19.8], "HSD s=1 [ckpt=/ckpt/b.ckpt]": [17.2, 19.8]}
+    assert lines == {"HSD (s=1, 0, 8), (s=1, 0, 18) [ckpt=/ckpt/a.ckpt]": [17.2, 19.8],
+                     "HSD (s=1, 0, 8), (s=1, 0, 18) [ckpt=/ckpt/b.ckpt]": [17.2, 19.8]}
     stars = {c.get_label() for c in ax.collections}
     assert stars == {"Full [ckpt=/ckpt/a.ckpt]", "Full [ckpt=/ckpt/b.ckpt]"}
+    # a colour per setting (the policy keeps its marker), so the two Full stars are two
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert len(set(colors.values())) == 2
+    assert len({tuple(c.get_facecolor()[0]) for c in ax.collections}) == 2
 
 
 # ----------------------------------------------------------------------------- a new policy
@@ -112,7 +118,7 @@ def test_a_new_static_policy_gets_its_row_and_line_with_no_other_change(tmp_path
         ax = Figure().subplots()
         _plot_group(ax, rows, "rougeL", runs)
         lines = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
-        assert lines["Every k-th"] == [10.0, 15.0]
+        assert lines["Every k-th (k=3), (k=2)"] == [10.0, 15.0]
 
         paths = write_report(runs, tmp_path / "out")
         assert "| Every k-th (k=3) | 10.00 |" in paths["md"].read_text()
@@ -120,3 +126,38 @@ def test_a_new_static_policy_gets_its_row_and_line_with_no_other_change(tmp_path
     assert "every_kth" not in POLICIES  # unregistered: nothing leaks into other tests
     with pytest.raises(ConfigError, match="policy.name=every_kth is unknown"):
         build_policy("every_kth")
+
+
+# ----------------------------------------------------------------------------- titles and legends name what ran
+def three_models(root: Path) -> list:
+    """`make demo`'s report: Full and one policy for each of three model settings (the released model and two
+    adapters), every run on the same 16 test examples."""
+    for adapter in (None, "smollm2_e2e_robust", "smollm2_e2e_skiplayer"):
+        for name, params, layers in (("full", {}, 30.0), ("skipdecode", {"min": 11, "max": 11, "keep_first": 6}, 17.0)):
+            folder = root / (adapter or "released") / name
+            write_run(folder, policy_yaml(name, params), {**metrics_for(name, params, layers, 100.0, 1.0),
+                                                          "num_examples": 16})
+            set_config(folder, model__adapter=adapter, dataset__split="test")
+    return collect_runs([root])
+
+
+def test_three_models_get_three_colours_and_the_legend_sits_outside(tmp_path):
+    runs = three_models(tmp_path / "demo")
+    ax = plot(build_table(runs), runs)
+    stars = {c.get_label(): tuple(c.get_facecolor()[0]) for c in ax.collections}
+    assert len(stars) == 3 and len(set(stars.values())) == 3  # three Full stars, three colours
+    assert all(label.startswith("Full [adapter=") for label in stars)
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert all(label.startswith("SkipDecode (11,11, keep_first=6) [adapter=") for label in labels), labels
+    assert len({line.get_marker() for line in ax.get_lines() if not line.get_label().startswith("_")}) == 1
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # right of the axes: it covers no point
+
+
+def test_default_title_names_adapter_split_and_n_when_shared(tmp_path):
+    runs = three_models(tmp_path / "demo")
+    assert default_title(runs) == "Layer-skipping decoding: smollm2-135m on e2e test, n=16"  # adapters differ
+    robust = [r for r in runs if r.adapter == "smollm2_e2e_robust"]
+    assert default_title(robust) == "Layer-skipping decoding: smollm2-135m + adapter smollm2_e2e_robust on e2e test, n=16"
+    paths = write_report(robust, tmp_path / "out")
+    assert paths["md"].read_text().startswith(f"# {default_title(robust)}\n")

@@ -159,18 +159,18 @@ def test_runs_of_one_setting_twice_get_distinct_rows(tmp_path):
     assert all(r["setting"] == "" for r in rows)
 
 
-def test_full_run_without_tokens_per_s_still_gives_percent_of_full(multirun):
-    """A Full run scored on resume has no tokens/s: it stays the quality baseline, only Speedup goes blank."""
+def test_full_run_without_timing_still_gives_percent_of_full(multirun):
+    """A Full run scored on resume has no timing: it stays the quality baseline, only Speedup goes blank."""
     path = multirun / "0_full" / "metrics.json"
     metrics = json.loads(path.read_text())
-    path.write_text(json.dumps({**metrics, "tokens_per_s": None}))
+    path.write_text(json.dumps({**metrics, "tokens_per_s": None, "ms_per_step": None}))
     runs = collect_runs([multirun])
     rows = {Path(r["path"]).name: r for r in report.build_table(runs)}
     for name, (*_, scale) in POLICIES.items():
         assert rows[name]["speedup"] is None
         assert rows[name]["pct_full"] == pytest.approx(scale * 100)
     notes = report.group_notes(list(rows.values()), runs)
-    assert any("without tokens/s" in n and "0_full" in n for n in notes)
+    assert any("without timing" in n and "0_full" in n for n in notes)
     assert not any("No full-decoding run" in n for n in notes)
 
 
@@ -260,7 +260,8 @@ def test_long_or_multiline_setting_values_stay_on_one_short_line(tmp_path):
 # ----------------------------------------------------------------------------- policies beyond the papers
 # A lossless run: named after its mode and acceptance, never the Full baseline, its promise checked (every
 # prediction equal to its Full run's).
-LOSSLESS = {"lossless": True, "draft_len": 4, "acceptance": 0.625, "tokens_per_verification": 2.5}
+LOSSLESS = {"lossless": True, "draft_len": 4, "acceptance": 0.625, "tokens_per_verification": 2.5,
+            "layer_forwards_per_token": 41.6}
 
 
 def make_lossless_runs(root):
@@ -276,6 +277,9 @@ def test_a_lossless_row_is_named_paired_with_full_and_checked(tmp_path):
     md = open(write_report(collect_runs([str(tmp_path / "grid")]), report)["md"]).read()
     row = next(line for line in md.splitlines() if "HSD (s=1, 0, 18) → lossless (k=4, acceptance 0.62)" in line)
     assert "| 1.40 |" in row and "| 100.00 |" in row  # Speedup over its Full run; quality = Full's
+    (note,) = [line for line in md.splitlines() if "Speedup by wall time per generated token" in line]
+    assert "HSD (s=1, 0, 18) → lossless" in note  # its Speedup is tokens/s(run) / tokens/s(Full), and says so
+    assert "ran 41.60 decoder-layer forwards per token" in md  # its real cost beside Avg. Layer = L
     assert "Full → lossless (k=4" in md  # a lossless run drafting with Full is not the baseline
     assert "all 5 predictions identical to its Full run's, as promised" in md
 
@@ -303,3 +307,52 @@ def test_skiplayer_rows_and_line(tmp_path):
     assert names.index("SkipLayer (threshold=0.5)") > names.index("HSD (s=2, 0, 12)")  # after the paper's methods
     skip = [r for r in rows if r["method"].startswith("SkipLayer")]
     assert {r["plot_line"] for r in skip} == {"SkipLayer"} and all(r["pct_full"] is not None for r in skip)
+
+
+# ----------------------------------------------------------------------------- speed that output length cannot fool
+HSD = ("hsd", {"s": 1, "min": 0, "max": 18})
+
+
+def speed_runs(root: Path, **hsd: float) -> list[dict]:
+    """A Full run (100 tokens/s, 20 ms per decode step, 10 tokens per example) and an HSD run with ``hsd``'s
+    numbers over those; the table's rows by folder name."""
+    full = {**metrics_for("full", {}, 30.0, 100.0, 1.0), "ms_per_step": 20.0, "mean_new_tokens": 10.0,
+            "flop_ideal": 1.0}
+    write_run(root / "0_full", policy_yaml("full"), full)
+    write_run(root / "1_hsd", policy_yaml(*HSD), {**metrics_for(*HSD, 16.7, 100.0, 0.9), "mean_new_tokens": 10.0,
+                                                  "flop_ideal": 1.37, **hsd})
+    runs = collect_runs([root])
+    rows = build_table(runs)
+    return {Path(r["path"]).name: r for r in rows}, report.group_notes(rows, runs)
+
+
+def test_garbage_that_writes_longer_at_slower_steps_is_not_a_speedup(tmp_path):
+    """The issue's case: HSD writes 4x longer outputs (every row busy while Full pads its finished ones), so its
+    tokens/s is 1.8x Full's, yet each decode step of the batch is slower (25 ms vs 20 ms): Speedup < 1, flagged."""
+    rows, notes = speed_runs(tmp_path / "m", tokens_per_s=180.0, ms_per_step=25.0, mean_new_tokens=40.0)
+    hsd = rows["1_hsd"]
+    assert hsd["tokens_per_s"] / rows["0_full"]["tokens_per_s"] == pytest.approx(1.8)  # what tokens/s would say
+    assert hsd["speedup"] == pytest.approx(0.8) and hsd["speedup_by"] == "ms/step"
+    assert hsd["length_ratio"] == pytest.approx(4.0) and hsd["flags"] == "length x4.00 of Full"
+    assert rows["0_full"]["flags"] is None and rows["0_full"]["speedup"] == 1.0
+    assert any("Flag `length`" in n and "HSD (s=1, 0, 18) (x4.00)" in n for n in notes)
+    assert any(n.startswith("Speedup = ms/step(Full) / ms/step(run)") for n in notes)
+
+
+@pytest.mark.parametrize(("ms", "flagged"), [(10.0, True), (14.0, False)])
+def test_a_speedup_above_its_flop_ideal_is_flagged(tmp_path, ms, flagged):
+    """20 / 10 = 2.0x against a FLOP ideal of 1.37 (x 1.10 = 1.51): flagged; 20 / 14 = 1.43x is within noise."""
+    rows, notes = speed_runs(tmp_path / "m", ms_per_step=ms)
+    hsd = rows["1_hsd"]
+    assert hsd["speedup"] == pytest.approx(20.0 / ms) and hsd["flop_ideal"] == 1.37
+    assert (hsd["flags"] == "Speedup > FLOP ideal 1.37") is flagged
+    assert any("Flag `Speedup > FLOP ideal`" in n and "HSD (s=1, 0, 18)" in n for n in notes) is flagged
+    md = write_report(collect_runs([tmp_path / "m"]), tmp_path / "out")["md"].read_text()
+    assert "| Flags |" in md and ("| Speedup > FLOP ideal 1.37 |" in md) is flagged
+
+
+def test_a_run_without_per_step_timing_gets_no_speedup_from_tokens_per_s(tmp_path):
+    """metrics.json from before ms_per_step: tokens/s alone is not turned into a Speedup, and a note says why."""
+    rows, notes = speed_runs(tmp_path / "m", ms_per_step=None, tokens_per_s=180.0)
+    assert rows["1_hsd"]["speedup"] is None and rows["1_hsd"]["pct_full"] == pytest.approx(90.0)
+    assert any(n.startswith("No per-step timing (ms_per_step)") and "HSD (s=1, 0, 18)" in n for n in notes)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hsd_exp.errors import ConfigError
 from hsd_exp.skip.calm import CalmExit, batch_exits, confidence
 from hsd_exp.skip.policies import build_policy
 
@@ -44,3 +45,12 @@ def test_a_step_runs_until_confident_and_checks_from_first_exit():
     assert not step.runs(4)
     assert step.record((0, 1, 2)) == CalmExit(step=0, exit_layer=3, confidences=pytest.approx([0.5, 1.0]),
                                                thresholds=pytest.approx([0.8, 0.7]))
+
+
+@pytest.mark.parametrize("d", [0, -0.1, 1.5, 20])
+def test_d_outside_0_1_is_refused(d):
+    """lambda_i = clip(1 - d*i, 0, 1): d > 1 passed and made every token exit at first_exit, silently."""
+    with pytest.raises(ConfigError, match=rf"policy.d={d} is out of range: must be in \(0, 1\]") as err:
+        build_policy("calm", d=d)
+    assert "\n" not in str(err.value)
+    build_policy("calm", d=1.0)  # the edge of the range: accepted

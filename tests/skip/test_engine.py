@@ -5,8 +5,9 @@ import inspect
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
+from hsd_exp.errors import ConfigError
 from hsd_exp.models.layout import decoder_layers, layout_of, submodule
 from hsd_exp.skip.engine import SkipCache, SkipEngine, cache_argument, layer_skipping
 from hsd_exp.skip.policies import build_policy
@@ -115,6 +116,23 @@ def test_one_context_many_calls_each_starts_with_its_prompt(tiny):
         assert torch.equal(inside, outside)
         if not policy.static:
             assert [e.step for e in stats.calm_exits] == list(range(T - 1)) * 2
+
+
+def test_generate_longer_than_the_contexts_tmax_is_refused():
+    """layer_skipping(max_new_tokens=4) around generate(max_new_tokens=8) ran T = 4..7 past the schedule's Tmax
+    (HSD's band below its min); a call of the context's length or shorter runs the schedule as it is."""
+    lm = load("tiny-llama")
+    enc = lm.tokenizer(PROMPTS[:1], return_tensors="pt")
+    policy = build_policy("hsd", s=1, min=0, max=4)
+    with layer_skipping(lm.model, policy, max_new_tokens=4) as stats:
+        for longer in ({"max_new_tokens": 8}, {"generation_config": GenerationConfig(max_new_tokens=8)}):
+            with pytest.raises(ConfigError, match=r"generate\(max_new_tokens=8\) inside layer_skipping\("
+                                                  r"max_new_tokens=4\)") as err:
+                lm.model.generate(**enc, do_sample=False, **longer)
+            assert "\n" not in str(err.value)
+        for n in (4, 3):
+            lm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    assert stats.step_layers == [policy.layers(t, 4, 6) for t in (0, 1, 2, 0, 1)]  # Tmax = 4 in both calls
 
 
 def test_cache_less_forwards_outside_generate_each_start_at_their_prompt(tiny):

@@ -1,8 +1,9 @@
 """Lossless mode: whatever the draft policy, greedy generate() inside layer_skipping(..., lossless=True) returns
-plain greedy generate()'s tokens, EOS and padding included, at batch 1 and batch 3 (left-padded)."""
+plain greedy generate()'s tokens, EOS and padding included, at batch 1 and batch 3 (left-padded). Sampling:
+tests/skip/test_lossless_sampling.py."""
 
 import copy
-from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -59,31 +60,62 @@ def test_lossless_output_is_plain_greedy_output(name, batch, draft):
         assert s.acceptance == 1.0 and s.tokens_per_verification > 3
 
 
+@contextmanager
+def forward_log(model):
+    """Every forward of the decoder stack while inside, as the model saw it: {"width": query positions, "head":
+    whether the LM head ran (a model forward, not a stack-only one), "layers": the layers whose MLP ran}. Read off
+    hooks on the modules, not off the engine's counters."""
+    calls, in_model = [], [False]
+    stack, layers = model.model, model.model.layers
+    handles = [model.register_forward_pre_hook(lambda m, a: in_model.__setitem__(0, True)),
+               model.register_forward_hook(lambda m, a, o: in_model.__setitem__(0, False)),
+               stack.register_forward_pre_hook(lambda m, a, kw: calls.append(
+                   {"width": kw["input_ids"].shape[1], "head": in_model[0], "layers": set()}), with_kwargs=True)]
+    for i, layer in enumerate(layers):  # a layer's MLP runs only when the layer does (a skip returns its input)
+        handles.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls[-1]["layers"].add(i)))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("draft", ["early_exit", "skipdecode_keep_first", "hsd", "calm", "full"])
 def test_verification_runs_only_the_layers_above_the_drafts_exact_bottom(draft):
     """Drafts that run layers 1..E at every T left the full model's K/V and state there: verification runs
-    layers E+1..L on those states, so layer 1 never sees more than one new position after the prompt."""
+    layers E+1..L on those states, so layer 1 never sees more than one new position after the prompt.
+
+    The counts are the model's, from hooks: after the prefill (width P) a model forward is a draft (width 1) or a
+    verification (width k + 1 after its round's k drafts), so with N model forwards of total width W the
+    verifications number V = 2 (N - 1) - (W - P) and the drafts D = N - 1 - V; T - 1 tokens in V rounds of
+    a + 1 accepted: the accepted drafts number T - 1 - V."""
     model, tokenizer = float64("tiny-llama")
     L, policy = model.config.num_hidden_layers, DRAFTS[draft](model)
     E = exact_bottom(policy, T, L)
     assert E == {"early_exit": 3, "skipdecode_keep_first": 1, "hsd": 0, "calm": 0, "full": L - 1}[draft]
-    widths = []  # query positions of each forward that computes layer 1 (its MLP runs only when the layer does)
-    hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
     plain = greedy(model, tokenizer, 3)
-    widths.clear()
-    try:
-        with layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=3) as stats:
-            out = greedy(model, tokenizer, 3)
-    finally:
-        hook.remove()
-    assert torch.equal(out, plain)
+    with forward_log(model) as calls, \
+            layer_skipping(model, policy, max_new_tokens=T, lossless=True, draft_len=3) as stats:
+        out = greedy(model, tokenizer, 3)
+    assert torch.equal(out, plain) and (out[:, -T:] != tokenizer.pad_token_id).all()  # no row ended early
+    heads, bottoms = [c for c in calls if c["head"]], [c for c in calls if not c["head"]]
+    P = heads[0]["width"]
+    assert heads[0]["layers"] == set(range(L))  # the prefill: every layer
+    N, W = len(heads), sum(c["width"] for c in heads)
+    V = 2 * (N - 1) - (W - P)
+    verifies = [c for c in heads[1:] if c["width"] > 1]  # the ones a width tells apart (k >= 1)
+    assert V >= len(verifies) >= 1
+    assert all(c["layers"] == set(range(E, L)) for c in verifies)  # layers E+1..L, nothing below
+    assert bottoms == [{"width": 1, "head": False, "layers": set(range(E))}] * (V if E else 0)  # d_k's bottom pass
     s = stats.lossless
-    assert s.verified_layers == s.verifications * (L - E)
+    assert s.verifications == V and s.verified_layers == V * (L - E)
+    assert s.drafted == N - 1 - V and s.accepted == T - 1 - V
     assert s.summary(3)["verify_avg_layers"] == L - E
+    widths_at_layer_1 = [c["width"] for c in calls[1:] if 0 in c["layers"]]
     if E:
-        assert max(widths[1:]) == 1  # after the prefill: drafts and d_k's bottom pass, one position each
+        assert max(widths_at_layer_1) == 1  # after the prefill: drafts and d_k's bottom pass, one position each
     else:
-        assert max(widths[1:]) > 1  # the verify forwards run layer 1 on x_n, d_1..d_k
+        assert max(widths_at_layer_1) > 1  # the verify forwards run layer 1 on x_n, d_1..d_k
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -179,36 +211,3 @@ def test_smollm2_lossless_output_is_plain_greedy_output(smollm2, batch, draft):
         out = smollm2.model.generate(**enc, **kw)
     assert torch.equal(out, plain)
     assert stats.lossless.drafted > 0 and stats.lossless.verifications <= 23  # (acceptance is a benchmark figure)
-
-
-def test_lossless_sampling_follows_the_full_models_distribution():
-    """Speculative sampling: the first two sampled tokens' joint distribution matches plain sampling's (total
-    variation within sampling noise), while the draft policy alone samples a clearly different one; a full-depth
-    draft accepts everything (the bonus-token path)."""
-    lm = load("tiny-llama")
-    n = 1200
-    enc = lm.tokenizer(["Hello"] * n, return_tensors="pt")
-    kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": True, "top_k": 4,
-          "pad_token_id": lm.tokenizer.pad_token_id}
-    start = enc["input_ids"].shape[1]
-
-    def joint(seed, policy=None, **engine):
-        torch.manual_seed(seed)
-        if policy is None:
-            out = lm.model.generate(**enc, **kw)
-        else:
-            with layer_skipping(lm.model, policy, max_new_tokens=3, **engine) as joint.stats:
-                out = lm.model.generate(**enc, **kw)
-        counts = Counter(map(tuple, out[:, start:start + 2].tolist()))  # (token 1, token 2) -> rows
-        return {pair: c / n for pair, c in counts.items()}
-
-    def tv(a, b):  # total variation distance of two empirical distributions
-        return sum(abs(a.get(k, 0) - b.get(k, 0)) for k in set(a) | set(b)) / 2
-
-    hsd = build_policy("hsd", s=1, min=0, max=3)
-    plain = joint(0)
-    assert tv(plain, joint(1)) < 0.1  # two plain runs: the noise level
-    assert tv(plain, joint(2, hsd)) > 0.3  # the draft alone samples something else...
-    assert tv(plain, joint(3, hsd, lossless=True, draft_len=2)) < 0.1  # ...lossless mode does not
-    assert tv(plain, joint(4, build_policy("full"), lossless=True, draft_len=2)) < 0.1
-    assert joint.stats.lossless.acceptance == 1.0

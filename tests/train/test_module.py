@@ -6,7 +6,6 @@ and LoRA wraps the model, so the session-cached models of conftest.load must not
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -347,8 +346,12 @@ def test_layer_record_of_a_row_does_not_depend_on_the_rest_of_its_batch(tmp_path
 
     def records(prompts: list[str]) -> list[list[int]]:
         batch = tok(prompts, return_tensors="pt", padding=True)
-        forced = LogitsProcessorList([_EndRowZeroAt(batch["input_ids"].shape[1], at=2, eos=tok.eos_token_id)])
-        monkeypatch.setattr(module.model, "generate", functools.partial(generate, logits_processor=forced))
+        forced = _EndRowZeroAt(batch["input_ids"].shape[1], at=2, eos=tok.eos_token_id)
+
+        def forcing(*args, logits_processor=(), **kwargs):  # before the module's own (its step timer)
+            return generate(*args, logits_processor=LogitsProcessorList([forced, *logits_processor]), **kwargs)
+
+        monkeypatch.setattr(module.model, "generate", forcing)
         with layer_skipping(module.model, policy, max_new_tokens=8) as stats:
             module.skip_stats = stats
             return module.generate_batch(batch)[1]
@@ -400,3 +403,38 @@ def test_router_trains_toward_the_density_is_saved_and_evaluates(tmp_path, mode)
     assert len(layer_map["by_token"]) == 6 and 1 <= len(layer_map["by_token"][0]) <= 7  # T = 0 .. Tmax-2
     rates = list(layer_map["per_layer"].values())
     assert all(0 <= r <= 1 for r in rates) and 0 < sum(rates) < 6
+
+
+# ---------------------------------------------------------------------------------------------- speed
+def test_step_timer_brackets_prefill_and_decode_steps():
+    """Calls at t = 3, 5, 6, 7 after a start at t = 1: prefill 2 s, then 3 decode forwards in 2 s."""
+    from hsd_exp.eval.step_timer import StepTimer
+
+    ticks = iter([1.0, 3.0, 5.0, 6.0, 7.0])
+    timer = StepTimer(clock=lambda: next(ticks))
+    assert timer.prefill_seconds is None and timer.decode_steps == 0 and timer.decode_seconds == 0.0
+    timer.start()
+    scores = torch.randn(2, 5)
+    for _ in range(4):
+        assert timer(torch.zeros(2, 1, dtype=torch.long), scores) is scores  # the scores as they came
+    assert (timer.prefill_seconds, timer.decode_steps, timer.decode_seconds) == (2.0, 3, 4.0)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_batch_times_each_decode_step_of_the_batch(tmp_path, beams):
+    """One StepTimer call per generate() step (greedy and beam search): N generated positions give N - 1 decode
+    steps, however long each row's own output is; the tokens are those of a run without the timer."""
+    cfg = make_cfg(tmp_path, "finetune=full")
+    lm, module = make_module(cfg)
+    gen = module.generation_config
+    gen.max_new_tokens, gen.num_beams, gen.min_new_tokens = 6, beams, 6
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    batch = tok(["name[The Eagle], food[French]", "name[Blue Spice], area[riverside]"], return_tensors="pt",
+                padding=True)
+    out = module.generate_batch(batch)
+    assert out.decode_steps == 5 and out.prefill_seconds > 0 and out.decode_seconds > 0
+    assert out.lengths == [6, 6] and out.tokens == 12
+    plain = module.model.generate(**batch, generation_config=gen)
+    assert out.texts == [tok.decode(row, skip_special_tokens=True).strip()
+                         for row in plain[:, batch["input_ids"].shape[1]:].tolist()]

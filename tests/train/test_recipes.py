@@ -141,13 +141,36 @@ def test_a_dropped_layer_passes_the_state_through_exactly(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- early-exit loss
 def test_exit_weights_follow_layerskip_and_sum_to_one():
-    # e(l) = e_scale * sum_{i<=l} i for l < L-1, L-1 for the last: L=4, scale 1 -> [0, 1, 3, 3]
-    assert exit_weights(4, 0, 1.0, "none") == pytest.approx([0, 1 / 7, 3 / 7, 3 / 7])
-    assert exit_weights(4, 0, 2.0, "none") == pytest.approx([0, 2 / 11, 6 / 11, 3 / 11])
+    # arXiv 2404.16710 eq. 4: e(l) = e_scale * (0 + 1 + .. + l) for l < L-1, e(L-1) = L-1 + e_scale * (0 + .. + L-2).
+    # L=4, scale 1: e = [0, 1, 3, 3 + 3] -> / 10
+    assert exit_weights(4, 0, 1.0, "none") == pytest.approx([0, 1 / 10, 3 / 10, 6 / 10])
+    # scale 2: e = [0, 2, 6, 3 + 2 * 3] -> / 17
+    assert exit_weights(4, 0, 2.0, "none") == pytest.approx([0, 2 / 17, 6 / 17, 9 / 17])
     # rotational, R=2: step t enables l = t mod 2 (and the last layer)
-    assert exit_weights(4, 1, 1.0, "rotational", 2) == pytest.approx([0, 1 / 4, 0, 3 / 4])
-    assert exit_weights(4, 2, 1.0, "rotational", 2) == pytest.approx([0, 0, 1 / 2, 1 / 2])  # l = 0, 2 on; e(0) = 0
+    assert exit_weights(4, 1, 1.0, "rotational", 2) == pytest.approx([0, 1 / 7, 0, 6 / 7])
+    assert exit_weights(4, 2, 1.0, "rotational", 2) == pytest.approx([0, 0, 3 / 9, 6 / 9])  # l = 0, 2 on; e(0) = 0
     assert exit_weights(6, 3, 0.0, "none") == pytest.approx([0, 0, 0, 0, 0, 1])  # scale 0: the final CE alone
+    assert exit_weights(1, 0, 1.0, "none") == [1.0]
+
+
+def test_at_smollm2s_depth_the_last_layer_carries_the_largest_exit_weight():
+    """L = 30, e_scale = 1 (finetune=layerskip). By hand: e(l) = l(l+1)/2 for l <= 28, whose sum over l = 0..28 is
+    the tetrahedral number 28 * 29 * 30 / 6 = 4060; e(29) = 29 + 28 * 29 / 2 = 29 + 406 = 435; total 4495."""
+    w = exit_weights(30, 0, 1.0, "none")
+    assert sum(w) == pytest.approx(1.0)
+    assert w[29] == pytest.approx(435 / 4495)  # 9.7% (L - 1 alone for the last layer gave 29 / 4089 = 0.7%)
+    assert w[28] == pytest.approx(406 / 4495) and w[10] == pytest.approx(55 / 4495)
+    assert w[29] == max(w) and w.index(max(w)) == 29
+    # rotational, R = 4: step 1 enables l = 1, 5, .., 25 (e = 1 + 15 + 45 + 91 + 153 + 231 + 325 = 861) and 29
+    rot = exit_weights(30, 1, 1.0, "rotational", 4)
+    assert rot[29] == pytest.approx(435 / (861 + 435)) and rot[25] == pytest.approx(325 / 1296)
+    assert [i for i, x in enumerate(rot) if x] == [1, 5, 9, 13, 17, 21, 25, 29]
+    for step in range(4):  # every rotation: the weights sum to 1 and the last layer's is the largest
+        rot = exit_weights(30, step, 1.0, "rotational", 4)
+        assert sum(rot) == pytest.approx(1.0) and max(rot[:29]) < rot[29]
+    for scale in (0.1, 1.0, 5.0):  # whatever e_scale: e(L-1) exceeds e(L-2) by L - 1
+        w = exit_weights(30, 0, scale, "none")
+        assert w[29] > w[28] and (w[29] - w[28]) * (4060 * scale + 29 + 406 * scale) == pytest.approx(29)
 
 
 @torch.no_grad()

@@ -91,11 +91,11 @@ SETTING = (
     SettingField("do_sample", "decode.do_sample", "sample", resumes=True),
     SettingField("max_new_tokens", "decode.max_new_tokens", "max_new_tokens", resumes=True),
     SettingField("dataset_path", "dataset.path", "data", resumes=True, path=True),
-    # The prompt format. Not in run.json (its format predates them): a resume does not compare them.
-    SettingField("chat", "model.chat", "chat"),
-    SettingField("instruction", "dataset.instruction", "instruction"),
-    SettingField("separator", "dataset.separator", "separator"),
-    SettingField("max_source_tokens", "dataset.max_source_tokens", "max_source_tokens"),
+    # The prompt format (a run.json from before these fields lacks them: the resume adopts them, hsd_exp.eval.resume).
+    SettingField("chat", "model.chat", "chat", resumes=True),
+    SettingField("instruction", "dataset.instruction", "instruction", resumes=True),
+    SettingField("separator", "dataset.separator", "separator", resumes=True),
+    SettingField("max_source_tokens", "dataset.max_source_tokens", "max_source_tokens", resumes=True),
     SettingField("temperature", "decode.temperature", "temperature", resumes=True, sampling_only=True),
     SettingField("top_p", "decode.top_p", "top_p", resumes=True, sampling_only=True),
 )

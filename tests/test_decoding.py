@@ -85,7 +85,10 @@ def test_lossless_predictions_are_full_decodings(tmp_path):
     assert metrics["lossless"] is True and metrics["draft_len"] == 3
     assert 0 <= metrics["acceptance"] <= 1 and metrics["tokens_per_verification"] >= 1
     assert metrics["draft_avg_layers"] < 6  # the drafts skipped; the output did not
-    assert out["avg_layers"] == full["avg_layers"] == 6
+    # Avg. Layer names the depth that decided each token; what ran is layer_forwards_per_token (counted against
+    # forward hooks in tests/eval/test_speed.py): each committed token cost a draft share and a verify share.
+    assert out["avg_layers"] == full["avg_layers"]
+    assert metrics["draft_avg_layers"] < metrics["layer_forwards_per_token"] <= 6 * (1 + metrics["draft_len"])
     assert out["rougeL"] == full["rougeL"]
     report = Path(write_report(collect_runs([str(tmp_path)]), tmp_path / "report")["md"]).read_text()
     assert "HSD (s=1, 0, 4) → lossless (k=3, acceptance " in report  # the mode is named, the policy drafted

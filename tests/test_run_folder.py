@@ -4,7 +4,9 @@ config (the format DEVELOPERS.md "Run directory format" documents; folders writt
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -89,8 +91,16 @@ def test_run_json_is_the_format_earlier_runs_wrote():
                       "ckpt_path": None, "dataset": "e2e", "dataset_path": "sample", "split": "test",
                       "decode": {"num_beams": 1, "do_sample": False, "max_new_tokens": 32, "temperature": 1.0,
                                  "top_p": 1.0}}
-    key = resume_key(config(), "hsd(s=1,0,4)", model="tiny-gpt2", ckpt_path=None)
-    assert json.loads(json.dumps(key)) == written_before
+    key = json.loads(json.dumps(resume_key(config(), "hsd(s=1,0,4)", model="tiny-gpt2", ckpt_path=None)))
+    prompt_format = {"chat", "instruction", "separator", "max_source_tokens"}  # recorded since issue 26
+    assert set(key) - set(written_before) == prompt_format
+    assert {k: v for k, v in key.items() if k not in prompt_format} == written_before
+    # ... and a folder an earlier version wrote still resumes, adopting the prompt format
+    from hsd_exp.eval.resume import check_resume_setting
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "run.json").write_text(json.dumps(written_before))
+    check_resume_setting(folder, key, resuming=True)
 
 
 def test_run_json_resolves_paths_and_ignores_what_changes_no_prediction(tmp_path, monkeypatch):

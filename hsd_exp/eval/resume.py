@@ -29,15 +29,17 @@ def check_resume_limit(run_dir: Path, limit: int | None, scored: int) -> None:
 def check_resume_setting(run_dir: Path, key: dict, resuming: bool) -> None:
     """Refuse to resume ``run_dir`` with another ``key`` (``run_folder.resume_key``: one metrics.json would mix
     two settings' predictions); otherwise record ``key`` in its ``run.json``. A folder from before run.json
-    adopts the current key."""
+    adopts the current key, and a run.json from before a field (the prompt format) adopts that field's value."""
     path = Path(run_dir) / RUN_FILE
     if resuming and path.is_file():
         before = json.loads(path.read_text())
         now = json.loads(json.dumps(key))  # the types JSON gives back (tuples as lists)
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        # A key the folder's run.json lacks predates that field (the prompt format came later): adopt it.
+        diff = [k for k in sorted(before) if before[k] != now.get(k)]
         if diff:
             what = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in diff)
             raise ConfigError(f"{run_dir} holds predictions of another setting ({what}): resuming would mix them. "
                               f"Give this run its own folder (hydra.run.dir=...), or delete {run_dir} to start over")
-        return
+        if all(now[k] is None for k in set(now) - set(before)):  # a missing key reads as null: the same key
+            return
     write_atomic(path, json.dumps(key, indent=1) + "\n")  # DDP: every rank writes the same content

@@ -50,6 +50,7 @@ KEEP = "e2e_full_keepfirst"
 PLAIN_200 = "Full [adapter=outputs/study/e2e_plain/hf_model]"
 ROBUST = "[adapter=outputs/study/e2e_robust/hf_model]"
 PLAIN = "[adapter=outputs/study/e2e_plain/hf_model]"
+SHIPPED = "e2e_robust_shipped"  # the compare of +experiment=smollm2_e2e_robust with the shipped files
 HEADLINE = ("skipdecode", {"min": 11, "max": 11, "keep_first": 6})
 B100 = "100 steps x 8, first 600 train MRs"
 B200 = "200 steps x 8, whole train split"
@@ -59,6 +60,12 @@ LORA100 = Pick("e2e_lora", "Full")  # the plain fine-tune of the 100-step budget
 def _robust(method: str, policy=None) -> Line:
     return Line("skip-robust LoRA, all linear layers", B200, Pick("e2e_robust", f"{method} {ROBUST}"),
                 Pick("e2e_robust", f"Full {ROBUST}"), Pick("e2e_robust", PLAIN_200), policy)
+
+
+def _shipped(method: str, policy=None) -> Line:
+    """The shipped fp16 files themselves (+experiment=smollm2_e2e_robust), not the fp32 training output."""
+    return Line("skip-robust LoRA, shipped fp16 adapter", B200, Pick(SHIPPED, method), Pick(SHIPPED, "Full"),
+                Pick("e2e_robust", PLAIN_200), policy)
 
 
 def _plain200(method: str, policy=None) -> Line:
@@ -80,6 +87,7 @@ TABLES: dict[str, list[Line] | Grid] = {
         Line("SkipLayer router, LoRA q/k/v/o + router", B100, Pick("e2e_router", "SkipLayer (threshold=0.7)"),
              Pick("e2e_router", "Full"), LORA100),
         _robust("SkipDecode (11,11, keep_first=6)", HEADLINE),
+        _shipped("SkipDecode (11,11, keep_first=6)", HEADLINE),
         _plain200("SkipDecode (11,11, keep_first=6)", HEADLINE),
         Line("Gemma-3-270M (Q4_K_M GGUF, dequantised), plain LoRA q/k/v/o", B100, Pick("gemma_e2e_lora", "HSD (s=1, 0, 10.8)"),
              Pick("gemma_e2e_lora", "Full")),
@@ -100,7 +108,9 @@ TABLES: dict[str, list[Line] | Grid] = {
                                 "keep_first": k}) for n, k in ((11, 8), (11, 6), (9, 8), (13, 4), (9, 6), (11, 4))))],
     "robust_test": [_plain200("Full"), _plain200("SkipDecode (11,11, keep_first=6)", HEADLINE),
                     _plain200("HSD (s=1, 0, 18)"), _robust("Full"), _robust("SkipDecode (11,11, keep_first=6)",
-                                                                          HEADLINE), _robust("HSD (s=1, 0, 18)")],
+                                                                          HEADLINE), _robust("HSD (s=1, 0, 18)"),
+                    _shipped("Full"), _shipped("SkipDecode (11,11, keep_first=6)", HEADLINE),
+                    _shipped("HSD (s=1, 0, 18)")],
     "recipes": [
         *_recipe("plain LoRA (q/k/v/o)", B100, LORA100, Pick("e2e_lora", "HSD (s=1, 0, 18)"),
                  Pick("e2e_lora", "SkipDecode (10,24)")),

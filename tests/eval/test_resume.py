@@ -56,6 +56,15 @@ def test_a_resume_of_another_key_is_refused_naming_what_differs(tmp_path, field,
     assert (tmp_path / RUN_FILE).read_text() == before
 
 
+def test_a_run_json_from_before_the_prompt_format_adopts_it_then_holds_it(tmp_path):
+    (tmp_path / RUN_FILE).write_text(json.dumps(KEY))  # written before run.json recorded the prompt format
+    now = {**KEY, "chat": False, "separator": "\n"}
+    check_resume_setting(tmp_path, now, resuming=True)
+    assert json.loads((tmp_path / RUN_FILE).read_text()) == now
+    with pytest.raises(ConfigError, match=r"chat: False there, True now"):
+        check_resume_setting(tmp_path, {**now, "chat": True}, resuming=True)
+
+
 def test_a_folder_from_before_run_json_adopts_the_current_key(tmp_path):
     check_resume_setting(tmp_path, KEY, resuming=True)
     assert json.loads((tmp_path / RUN_FILE).read_text()) == KEY

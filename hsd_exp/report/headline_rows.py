@@ -41,6 +41,24 @@ class Grid:
     rows: tuple[tuple[str, dict], ...]  # (label, {header: method | Pick})
 
 
+@dataclass(frozen=True)
+class Bench:
+    """Rows of ``docs/results/<result>/bench.csv`` (what ``python -m hsd_exp.bench`` wrote) whose columns equal
+    ``where``, in file order, shown as ``columns`` ((header, bench.csv column) pairs)."""
+    result: str
+    columns: tuple[tuple[str, str], ...]
+    where: tuple[tuple[str, str], ...] = ()
+
+
+BENCH_LOSSLESS = (("batch", "batch_size"), ("length", "length"), ("draft", "policy"), ("tokens", "tokens"),
+                  ("acceptance", "acceptance"), ("speedup vs plain `generate()`", "measured_speedup"),
+                  ("decode: measured", "decode_measured_speedup"), ("decode: bound", "decode_ideal_speedup"),
+                  ("identical", "identical"), ("above ideal", "above_ideal"))
+BENCH_STATIC = (("batch", "batch_size"), ("policy", "policy"), ("Avg. Layer", "avg_layers"),
+                ("speedup vs plain `generate()`", "measured_speedup"), ("decode: measured", "decode_measured_speedup"),
+                ("decode: FLOP ideal", "decode_ideal_speedup"), ("above ideal", "above_ideal"))
+
+
 PAPER = ("Full", "SkipDecode (10,24)", "SkipDecode (10,20)", "HSD (s=1, 0, 18)", "HSD (s=1, 0, 12)",
          "HSD (s=1, 0, 8)", "HSD (s=2, 0, 18)", "HSD (s=2, 0, 12)", "HSD (s=2, 0, 8)", "CALM (d=0.005)",
          "CALM (d=0.02)")
@@ -79,7 +97,9 @@ def _recipe(what: str, budget: str, own: Pick, hsd: Pick | None, best: Pick, amo
     return rows + [Line(what, budget, best, own, plain, best_at_most=22, among=among)]
 
 
-TABLES: dict[str, list[Line] | Grid] = {
+TABLES: dict[str, list[Line] | Grid | Bench] = {
+    "bench_robust_static": Bench("bench_robust", BENCH_STATIC, (("decode", "greedy"), ("length", "fixed"))),
+    "bench_robust_lossless": Bench("bench_robust", BENCH_LOSSLESS, (("decode", "lossless"),)),
     "readme": [
         Line("the paper's schedules, plain LoRA q/k/v/o", B100, Pick("e2e_lora", "HSD (s=1, 0, 18)"), LORA100),
         Line("the paper's schedules, plain LoRA q/k/v/o", B100, Pick("e2e_lora", "SkipDecode (10,20)"), LORA100),
@@ -128,7 +148,8 @@ TABLES: dict[str, list[Line] | Grid] = {
                  Pick("e2e_robust", f"SkipDecode (11,11, keep_first=6) {ROBUST}"), plain=Pick("e2e_robust", PLAIN_200)),
     ],
 }
-PAGES = {"README.md": ("readme",), "docs/results.md": ("summary", "robust_val", "robust_test", "recipes")}
+PAGES = {"README.md": ("readme",), "docs/results.md": ("summary", "robust_val", "robust_test", "recipes",
+                                                       "bench_robust_static", "bench_robust_lossless")}
 COLUMNS = {  # table -> its columns (keys of headlines.HEADERS)
     "readme": ("what", "budget", "setting", "avg", "own", "plain", "from"),
     "robust_val": ("setting", "avg", "rougeL", "own_rl", "own5"),

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from hsd_exp.errors import ConfigError, exit_on_config_error
 from hsd_exp.eval.metrics import QUALITY_KEYS, quality_retention
-from hsd_exp.report.headline_rows import COLUMNS, PAGES, TABLES, Grid, Line, Pick
+from hsd_exp.report.headline_rows import COLUMNS, PAGES, TABLES, Bench, Grid, Line, Pick
 
 __all__ = ["COLUMNS", "PAGES", "TABLES", "Grid", "Line", "Pick", "layer_label", "main", "render", "retention",
            "update"]
@@ -203,8 +203,33 @@ def render_grid(grid: Grid, results: Results) -> str:
     return "\n".join(out)
 
 
+def render_bench(bench: Bench, root: Path) -> str:
+    """The rows of a bench.csv that match ``bench.where``, as written (numbers to 3 places, as bench.md)."""
+    path = root / "docs" / "results" / bench.result / "bench.csv"
+    if not path.is_file():
+        raise ConfigError(f"headline table reads {path}, which does not exist: run python -m hsd_exp.bench and copy "
+                          f"its bench.csv to docs/results/{bench.result}/, or drop the table from headline_rows.py")
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if all(r.get(k) == v for k, v in bench.where)]
+    if not rows:
+        raise ConfigError(f"{path} has no row with {dict(bench.where)}: fix the Bench in headline_rows.py")
+
+    def cell(value: str) -> str:
+        try:
+            return value if value.isdigit() else f"{float(value):.3f}"
+        except ValueError:
+            return value
+
+    out = ["| " + " | ".join(h for h, _ in bench.columns) + " |", "|" + "---|" * len(bench.columns)]
+    out += ["| " + " | ".join(cell(r.get(c, "")) for _, c in bench.columns) + " |" for r in rows]
+    out.append(f"\n(`docs/results/{bench.result}/bench.csv`)")
+    return "\n".join(out)
+
+
 def render(name: str, results: Results, page: str) -> str:
     table = TABLES[name]
+    if isinstance(table, Bench):
+        return render_bench(table, results.root)
     return render_grid(table, results) if isinstance(table, Grid) else render_lines(name, table, results, page)
 
 

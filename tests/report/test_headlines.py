@@ -124,3 +124,20 @@ def test_every_page_that_publishes_smollm2_numbers_says_they_are_for_the_dequant
     block = f"{PROVENANCE[0]}\n{provenance(preset, preset['hub_id'])}\n{PROVENANCE[1]}"
     for name in shipped():  # the cards carry exactly what the export writes for a run of the preset
         assert block in (WEIGHTS / name / "README.md").read_text(), name
+
+
+def test_a_bench_table_shows_the_rows_of_its_csv_that_match_and_refuses_none(tmp_path):
+    from hsd_exp.report.headline_rows import Bench
+
+    folder = tmp_path / "docs" / "results" / "b"
+    folder.mkdir(parents=True)
+    with (folder / "bench.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["batch_size", "decode", "policy", "measured_speedup"])
+        w.writerows([["1", "greedy", "full", "0.98765"], ["1", "lossless", "hsd lossless", "1.2345"],
+                     ["4", "lossless", "hsd lossless", "0.5"]])
+    table = headlines.render_bench(Bench("b", (("batch", "batch_size"), ("speedup", "measured_speedup")),
+                                         (("decode", "lossless"),)), tmp_path)
+    assert table.splitlines()[2:4] == ["| 1 | 1.234 |", "| 4 | 0.500 |"]  # file order, 3 places, greedy left out
+    with pytest.raises(ConfigError, match="no row with"):
+        headlines.render_bench(Bench("b", (("batch", "batch_size"),), (("decode", "beam"),)), tmp_path)

@@ -50,3 +50,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_console(monkeypatch):
+    """quiet_libraries changes process-wide state: put it back after the test."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from hsd_exp import console
+
+    levels = {name: logging.getLogger(name).level for name in console.LIBRARY_LOGGERS}
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    hook = hf_logging.set_tqdm_hook(None)
+    hf_logging.set_tqdm_hook(hook)
+    with warnings.catch_warnings():
+        yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    hf_logging.set_tqdm_hook(hook)

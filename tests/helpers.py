@@ -240,3 +240,38 @@ def dataset_cfg(name: str, **overrides):
     for k, v in overrides.items():
         conf[k] = v
     return conf
+
+
+# A task run on the tiny model, in a few seconds (tests/test_tasks.py, tests/test_newcomer.py)
+TASK_BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=4", "decode.batch_size=2",
+             "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu", "callbacks=plain"]
+TASK_FULL = "{_target_:hsd_exp.build_policy,name:full}"
+TASK_HSD = "{_target_:hsd_exp.build_policy,name:hsd,s:1,min:0,max:4}"
+
+
+def cli_in_process(args: list[str]) -> int:
+    """``python -m hsd_exp ARGS`` in this process (runpy runs __main__.py, its pre-checks included); its exit code.
+    Hydra's job logging handlers are removed afterwards, the root logger put back."""
+    import logging
+    import runpy
+    import sys
+    from unittest import mock
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with mock.patch.object(sys, "argv", ["hsd_exp", *args]):
+            runpy.run_module("hsd_exp", run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        GlobalHydra.instance().clear()
+        for h in root.handlers[:]:  # Hydra's job logging handlers
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)

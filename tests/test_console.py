@@ -56,22 +56,6 @@ def test_progress_bar_off_a_terminal_only_counts():
 
 
 # ---------------------------------------------------------------------------------------------- quiet_libraries
-@pytest.fixture
-def restore_console(monkeypatch):
-    """quiet_libraries changes process-wide state: put it back after the test."""
-    from transformers.utils import logging as hf_logging
-
-    levels = {name: logging.getLogger(name).level for name in console.LIBRARY_LOGGERS}
-    monkeypatch.delenv("WANDB_SILENT", raising=False)
-    hook = hf_logging.set_tqdm_hook(None)
-    hf_logging.set_tqdm_hook(hook)
-    with warnings.catch_warnings():
-        yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    hf_logging.set_tqdm_hook(hook)
-
-
 def test_quiet_libraries_silences_boilerplate_and_keeps_warnings(restore_console, tmp_path, capfd):
     lm = load("tiny-llama")
     lm.model.save_pretrained(tmp_path, safe_serialization=True)

@@ -10,48 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import runpy
-import sys
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
 from hsd_exp import console, tasks
 from hsd_exp.errors import ConfigError
 
+from helpers import TASK_BASE as BASE
+from helpers import TASK_FULL as FULL
+from helpers import TASK_HSD as HSD
+from helpers import cli_in_process as cli
 from helpers import compose_config, load, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=4", "decode.batch_size=2",
-        "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu", "callbacks=plain"]
-FULL = "{_target_:hsd_exp.build_policy,name:full}"
-HSD = "{_target_:hsd_exp.build_policy,name:hsd,s:1,min:0,max:4}"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(args: list[str]) -> int:
-    """``python -m hsd_exp ARGS`` in this process (runpy runs __main__.py, its pre-checks included)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        with mock.patch.object(sys, "argv", ["hsd_exp", *args]):
-            runpy.run_module("hsd_exp", run_name="__main__", alter_sys=True)
-        return 0
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        GlobalHydra.instance().clear()
-        for h in root.handlers[:]:  # Hydra's job logging handlers
-            if h not in handlers:
-                root.removeHandler(h)
-                h.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------- lossless compare
@@ -219,21 +195,13 @@ def test_fine_tuning_without_a_train_file_says_what_is_missing(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- noise
 @pytest.fixture
-def quiet(monkeypatch):
-    """console.quiet_libraries for one test, its process-wide state put back."""
-    from transformers.utils import logging as hf_logging
-
-    levels = {name: logging.getLogger(name).level for name in console.LIBRARY_LOGGERS}
-    monkeypatch.delenv("WANDB_SILENT", raising=False)
-    hook = hf_logging.set_tqdm_hook(None)
-    hf_logging.set_tqdm_hook(hook)
+def quiet(restore_console):
+    """console.quiet_libraries for one test (restore_console, tests/conftest.py, puts its state back); the warnings
+    raised meanwhile are recorded."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         console.quiet_libraries(verbose=False)
         yield caught
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    hf_logging.set_tqdm_hook(hook)
 
 
 def test_lora_runs_without_the_gradient_checkpointing_future_warning(quiet):

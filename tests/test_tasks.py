@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import runpy
 import sys
 from pathlib import Path
 from unittest import mock
@@ -12,7 +10,6 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from hydra.core.global_hydra import GlobalHydra
 
 from hsd_exp import preflight, tasks
 from hsd_exp.errors import ConfigError
@@ -20,13 +17,12 @@ from hsd_exp.eval.predictions import read_predictions
 from hsd_exp.run_settings import bertscore_config
 from hsd_exp.train.trainer import make_trainer, world_size
 
-from helpers import compose_config
+from helpers import TASK_BASE as BASE
+from helpers import TASK_FULL as FULL
+from helpers import TASK_HSD as HSD
+from helpers import cli_in_process, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["model=tiny-llama", "dataset.path=sample", "dataset.limit=4", "decode.batch_size=2",
-        "decode.max_new_tokens=8", "bertscore.enabled=false", "trainer.accelerator=cpu", "callbacks=plain"]
-FULL = "{_target_:hsd_exp.build_policy,name:full}"
-HSD = "{_target_:hsd_exp.build_policy,name:hsd,s:1,min:0,max:4}"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,22 +34,7 @@ def make_cfg(tmp: Path, *overrides: str):
 
 def cli(args: list[str], run_dir: Path) -> int:
     """``python -m hsd_exp ARGS hydra.run.dir=RUN_DIR`` in this process (runpy runs __main__.py)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        with mock.patch.object(sys, "argv", ["hsd_exp", *args, f"hydra.run.dir={run_dir}"]):
-            runpy.run_module("hsd_exp", run_name="__main__", alter_sys=True)
-        return 0
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        GlobalHydra.instance().clear()
-        for h in root.handlers[:]:  # Hydra's job logging handlers (console + file in the run dir)
-            if h not in handlers:
-                root.removeHandler(h)
-                h.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    return cli_in_process([*args, f"hydra.run.dir={run_dir}"])
 
 
 # ---------------------------------------------------------------------------------------------- generate

@@ -182,8 +182,8 @@ def generate(cfg: DictConfig, settings: RunSettings, lm: LoadedModel) -> dict:
     """One completion of ``cfg.prompt`` under the policy, decoded as ``settings.decode`` says (lossless too).
 
     The prompt is formatted as evaluation formats a source (``prompt_format``): a chat model gets it as its user
-    turn, any other model ``prompt + dataset.separator`` (its source cut to ``dataset.max_source_tokens``), the
-    format the shipped E2E adapters were trained on; without the separator they answered with EOS at once."""
+    turn, any other model ``prompt + dataset.separator`` (never cut: too long is refused), the format the shipped
+    E2E adapters were trained on; without the separator they answered with EOS at once."""
     policy, decode = settings.policy, settings.decode
     fmt = prompt_format(cfg.dataset, lm.chat)
     prompt = build_prompt(cfg.prompt, fmt, lm.tokenizer, lm.chat)

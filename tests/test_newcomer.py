@@ -124,7 +124,7 @@ def test_generate_formats_a_non_chat_prompt_as_evaluation_and_explains_an_empty_
     assert expected.endswith("\n\nDescription:")
     assert eos_first == [tok(expected)["input_ids"]]  # evaluation's prompt, token for token
     assert result["prompt_format"] == {"chat": False, "instruction": cfg.dataset.instruction,
-                                       "separator": "\n\nDescription:", "max_source_tokens": 128}
+                                       "separator": "\n\nDescription:", "max_source_tokens": None}
     assert result["completion"] == "" and result["avg_layers"] is None  # not nan: there was no decode step
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "end-of-sequence token first" in warned[0], warned

@@ -117,11 +117,11 @@ def build_prompt(example_source: str, dataset_cfg: Any, tokenizer: Any, chat: bo
 def prompt_format(dataset: Any, chat: bool) -> dict:
     """The format task=generate gives its free prompt, as a dataset config ``build_prompt`` takes (and run results
     record): evaluation's format of ``dataset``, but a chat model gets the prompt alone as its user turn (the
-    dataset's instruction asks for its task, not for a free prompt's); other models get ``prompt + separator``
-    (the source cut to ``max_source_tokens``), the format they were fine-tuned on."""
+    dataset's instruction asks for its task, not for a free prompt's); other models get ``prompt + separator``,
+    the format they were fine-tuned on. A free prompt is never cut (``max_source_tokens`` None): one that does not
+    fit the context is refused (hsd_exp.data.context.check_prompt_fits), not silently shortened."""
     return {"chat": chat, "instruction": None if chat else _get(dataset, "instruction"),
-            "separator": None if chat else _get(dataset, "separator"),
-            "max_source_tokens": _get(dataset, "max_source_tokens")}
+            "separator": None if chat else _get(dataset, "separator"), "max_source_tokens": None}
 
 
 def template_tokens(dataset_cfg: Any, tokenizer: Any, chat: bool) -> int:

@@ -107,6 +107,12 @@ class RunRecord:
         return name
 
     @property
+    def batch_size(self) -> Any:
+        """decode.batch_size from the run's config (None without one): a step's time depends on it."""
+        decode = self.config.get("decode") if isinstance(self.config, dict) else None
+        return decode.get("batch_size") if isinstance(decode, dict) else None
+
+    @property
     def plot_line(self) -> str:
         """Plot line / sort group (``Policy.plot_line``, e.g. "HSD s=1"), else the policy class's title or name."""
         if self.lossless:

@@ -31,6 +31,8 @@ def speedup(run: RunRecord, full: RunRecord | None) -> tuple[float | None, str |
     """(Speedup, its measure) against ``full``; (None, None) without a Full run or the numbers it needs."""
     if full is None:
         return None, None
+    if run.batch_size is not None and full.batch_size is not None and run.batch_size != full.batch_size:
+        return None, None  # a batch's step (and a token's share of it) costs what its batch size makes it cost
     if run.lossless:
         value = _ratio(run.tokens_per_s, full.tokens_per_s)
         return value, TOKEN if value is not None else None

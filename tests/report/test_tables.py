@@ -356,3 +356,15 @@ def test_a_run_without_per_step_timing_gets_no_speedup_from_tokens_per_s(tmp_pat
     rows, notes = speed_runs(tmp_path / "m", ms_per_step=None, tokens_per_s=180.0)
     assert rows["1_hsd"]["speedup"] is None and rows["1_hsd"]["pct_full"] == pytest.approx(90.0)
     assert any(n.startswith("No per-step timing (ms_per_step)") and "HSD (s=1, 0, 18)" in n for n in notes)
+
+
+def test_a_full_run_of_another_batch_size_gives_no_speedup():
+    """A step of 16 rows costs more than one of 8: ms/step compares runs of one batch size only."""
+    from hsd_exp.report.runs import RunRecord
+    from hsd_exp.report.speedup import speedup
+
+    def run(batch, ms):
+        return RunRecord(Path("r"), "complete", ms_per_step=ms, config={"decode": {"batch_size": batch}})
+
+    assert speedup(run(8, 10.0), run(8, 20.0)) == (2.0, "ms/step")
+    assert speedup(run(8, 10.0), run(16, 20.0)) == (None, None)

@@ -184,6 +184,7 @@ def test_bench_prompts_are_built_in_the_adapters_format_not_the_models():
     lm = load("tiny-llama")
     tok = lm.tokenizer
     chat_lm = dataclasses.replace(lm, chat=True)  # as the bench's model config says for SmolLM2
+    before = tok.chat_template  # the session-cached tokenizer: put back what it had (deleting it breaks save_pretrained)
     tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
     try:
         fmt = prompt_format(True, "smollm2_e2e_robust", chat_overridden=False)
@@ -191,7 +192,7 @@ def test_bench_prompts_are_built_in_the_adapters_format_not_the_models():
                              fmt=fmt, adapter="smollm2_e2e_robust")
         chat_rows = bench_setting(chat_lm, [build_policy("full")], batch_size=1, beams=1, new_tokens=2, repeats=1)
     finally:
-        del tok.chat_template
+        tok.chat_template = before
     from hsd_exp.data.loaders import load_examples
 
     source = load_examples(fmt.dataset, split="test", limit=1)[0].source
